@@ -1,0 +1,205 @@
+"""A compiled bundle: library + manifest + reference input/output, and how to run it.
+
+This file must run on a board that has only NumPy and the TVM *runtime*: no torch, no
+compiler imports, nothing from the rest of the package. ``compile`` copies it into every
+bundle as ``runner.py``, so over SSH a board runs::
+
+    python3 runner.py BUNDLE_DIR --input in.npy --output out.npy [--check] [--time]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REFERENCE = "reference.npz"
+RUNNER = "runner.py"
+ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
+REQUIRED_FIELDS = ("format_version", "model", "config", "library", "library_sha256", "input", "outputs",
+                   "target", "arch", "tvm_version")
+
+
+class BundleError(Exception):
+    """A bundle is missing, incomplete or does not match this machine or input."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def elf_arch(path: Path) -> str:
+    """The machine an ELF shared library was built for (x86_64, aarch64, arm or unknown)."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return "not-elf"
+    order = "little" if head[5] == 1 else "big"
+    return ELF_MACHINES.get(int.from_bytes(head[18:20], order), "unknown")
+
+
+def host_arch() -> str:
+    machine = os.uname().machine
+    return {"armv7l": "arm", "armv8l": "arm", "arm64": "aarch64"}.get(machine, machine)
+
+
+def load_manifest(bundle_dir: Path) -> dict[str, Any]:
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle {bundle_dir} does not exist or is not a folder")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"bundle {bundle_dir} has no {MANIFEST}; compile it with `mnv2-tvm compile`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e.__class__.__name__}); recompile the bundle") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path} is not a manifest object; recompile the bundle")
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise BundleError(f"{path} lacks fields {', '.join(missing)}; recompile the bundle")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"{path} has format {manifest['format_version']}, this runner reads {FORMAT_VERSION}")
+    return manifest
+
+
+def verify_library(bundle_dir: Path, manifest: dict[str, Any], expect_arch: str | None = None) -> Path:
+    """Check the library exists, is intact and is for ``expect_arch`` (the manifest's by default)."""
+    lib = Path(bundle_dir) / manifest["library"]
+    if not lib.is_file():
+        raise BundleError(f"bundle {bundle_dir} lacks its library {manifest['library']}; recompile the bundle")
+    if sha256(lib) != manifest["library_sha256"]:
+        raise BundleError(f"{lib} does not match the digest in {MANIFEST} (changed or truncated); recompile")
+    arch = elf_arch(lib)
+    want = expect_arch or manifest["arch"]
+    if arch != want:
+        raise BundleError(f"{lib} is built for {arch}, not {want}; compile the bundle for this device's target")
+    return lib
+
+
+class Runner:
+    """Loads a bundle into the Relax VM on one device and runs it."""
+
+    def __init__(self, bundle_dir: Path, device: str = "cpu") -> None:
+        import tvm
+        from tvm import relax
+
+        self.dir = Path(bundle_dir)
+        self.manifest = load_manifest(self.dir)
+        lib = verify_library(self.dir, self.manifest, expect_arch=host_arch())
+        self.device = tvm.device(device, 0)
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
+
+    def check_input(self, x: Any) -> Any:
+        import numpy as np
+
+        spec = self.manifest["input"]
+        x = np.asarray(x)
+        if tuple(x.shape) != tuple(spec["shape"]):
+            raise BundleError(f"input has shape {tuple(x.shape)}, the bundle expects {tuple(spec['shape'])}")
+        return np.ascontiguousarray(x, dtype=spec["dtype"])
+
+    def run(self, x: Any) -> Any:
+        import tvm
+
+        out = self.vm["main"](tvm.runtime.tensor(self.check_input(x), self.device))
+        return out.numpy()
+
+    def time(self, x: Any, number: int = 10, repeat: int = 5, min_repeat_ms: int = 0) -> list[float]:
+        """Per-run seconds for each repeat, as TVM's time_evaluator measures them."""
+        import tvm
+
+        f = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        return list(f(tvm.runtime.tensor(self.check_input(x), self.device)).results)
+
+
+def reference(bundle_dir: Path) -> tuple[Any, Any]:
+    """The fixed input and PyTorch's output on it, stored at compile time."""
+    import numpy as np
+
+    path = Path(bundle_dir) / REFERENCE
+    try:
+        with np.load(path) as ref:
+            return ref["input"], ref["output"]
+    except FileNotFoundError:
+        raise BundleError(f"bundle {bundle_dir} has no {REFERENCE}; recompile the bundle") from None
+    except (ValueError, KeyError, OSError) as e:
+        raise BundleError(f"{path} is unreadable ({e.__class__.__name__}); recompile the bundle") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run a compiled mnv2-tvm bundle with the TVM runtime only.")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--input", type=Path, help=".npy input (default: the bundle's reference input)")
+    p.add_argument("--output", type=Path, help="where to write the output .npy")
+    p.add_argument("--check", action="store_true", help="compare with the stored PyTorch output")
+    p.add_argument("--time", action="store_true", help="time the model with time_evaluator")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        import numpy as np
+
+        runner = Runner(args.bundle, args.device)
+        ref_in, ref_out = reference(args.bundle) if (args.check or args.input is None) else (None, None)
+        x = ref_in if args.input is None else np.load(args.input)
+        out = runner.run(x)
+        result: dict[str, Any] = {"model": runner.manifest["model"], "output_shape": list(out.shape), "arch": host_arch()}
+        if args.output:
+            buf = _npy_bytes(out)
+            write_atomic(args.output, buf)
+        if args.check:
+            result["max_abs_error"] = float(np.abs(out - ref_out).max())
+        if args.time:
+            t0 = time.perf_counter()
+            result["times_ms"] = [s * 1e3 for s in runner.time(x)]
+            result["timing_wall_s"] = time.perf_counter() - t0
+        print(json.dumps(result))
+        return 0
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"error: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+def _npy_bytes(array: Any) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Device descriptions: ``targets/<name>.toml`` → a validated :class:`TargetSpec`.
+
+This is the one place that maps a target name to a TVM target object, to the records
+folder of that target and to the figures the MAd comparison needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import tvm
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TARGETS_DIR = Path(os.environ.get("MNV2_TVM_TARGETS", REPO_ROOT / "targets"))
+SCHEDULES_DIR = Path(os.environ.get("MNV2_TVM_SCHEDULES", REPO_ROOT / "schedules"))
+HOST_ALIAS = "host"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str  # the file's stem: also the records folder name and default RPC key
+    title: str
+    target: Any  # a tag string or a JSON-able dict
+    host: Any | None
+    arch: str  # x86_64, aarch64, arm: what the compiled library's ELF must say
+    device_kind: str  # cpu or opencl
+    cross_compiler: str | None
+    ndk: bool
+    rpc_key: str
+    cores: int
+    clock_ghz: float
+    peak_gflops: float | None
+    peak_source: str
+    bandwidth_gbs: float | None
+    bandwidth_source: str
+    path: Path = field(compare=False)
+
+    @property
+    def records_dir(self) -> Path:
+        return SCHEDULES_DIR / self.name
+
+    @property
+    def is_host(self) -> bool:
+        return self.cross_compiler is None and not self.ndk and self.arch == os.uname().machine
+
+    def tvm_target(self) -> "tvm.target.Target":
+        import tvm
+
+        def make(spec: Any) -> "tvm.target.Target":
+            if isinstance(spec, dict) and spec.get("kind") == "llvm":
+                # MetaSchedule needs the core count to size its parallel loops.
+                spec = {"num-cores": self.cores, **spec}
+            return tvm.target.Target(spec)
+
+        try:
+            if self.host is None:
+                return make(self.target)
+            return tvm.target.Target(make(self.target), host=make(self.host))
+        except Exception as e:  # TVM raises ValueError/TVMError with a C++ trace
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{self.path}: field 'target' is not a valid TVM target: {msg}") from None
+
+    def target_json(self) -> str:
+        """A stable text form for manifests and records metadata."""
+        return json.dumps({"target": self.target, "host": self.host}, sort_keys=True)
+
+    def summary(self) -> str:
+        peak = f"{self.peak_gflops:.0f} GFLOP/s" if self.peak_gflops else "peak unknown"
+        link = "NDK" if self.ndk else (self.cross_compiler or "host cc")
+        return f"{self.name:16s} {self.arch:8s} {self.device_kind:6s} {self.cores}x{self.clock_ghz:.2f} GHz  {peak:>14s}  link: {link:24s} {self.title}"
+
+
+def host_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def host_clock_ghz() -> float:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":")[1]) / 1000.0
+    except OSError:
+        pass
+    return 2.0
+
+
+def _host_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":")[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_target_name() -> str:
+    """Which targets/ file describes this machine."""
+    machine = os.uname().machine
+    if machine == "x86_64":
+        return "x86-64-avx512" if "avx512f" in _host_flags() else "x86-64-avx2"
+    raise UserError(f"no targets/ file describes a {machine} host yet; add one (see targets/x86-64-avx2.toml)")
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+def load(name: str) -> TargetSpec:
+    """Load a target by name (``host``, a file stem in targets/) or by a path to a TOML file."""
+    if name == HOST_ALIAS:
+        name = host_target_name()
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = TARGETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(f"unknown target {name!r}; choose one of {HOST_ALIAS}, {', '.join(available())} "
+                        f"or give a path to a .toml file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    return _parse(path, data)
+
+
+def _parse(path: Path, data: dict) -> TargetSpec:
+    def need(table: dict, key: str, kinds: type | tuple, where: str = "") -> Any:
+        full = f"{where}.{key}" if where else key
+        if key not in table:
+            raise UserError(f"{path}: missing field '{full}'")
+        value = table[key]
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise UserError(f"{path}: field '{full}' has the wrong type ({type(value).__name__})")
+        return value
+
+    title = need(data, "name", str)
+    target = need(data, "target", (str, dict))
+    host = data.get("host")
+    if host is not None and not isinstance(host, (str, dict)):
+        raise UserError(f"{path}: field 'host' must be a tag or a table")
+    arch = need(data, "arch", str)
+    if arch not in ("x86_64", "aarch64", "arm"):
+        raise UserError(f"{path}: field 'arch' must be x86_64, aarch64 or arm, not {arch!r}")
+    device_kind = data.get("device_kind", "cpu")
+    if device_kind not in ("cpu", "opencl"):
+        raise UserError(f"{path}: field 'device_kind' must be cpu or opencl, not {device_kind!r}")
+    build = data.get("build", {})
+    rpc = data.get("rpc", {})
+    device = need(data, "device", dict)
+    cores = device.get("cores")
+    cores = host_cores() if cores == "host" else need(device, "cores", int, "device")
+    clock = device.get("clock_ghz")
+    clock = host_clock_ghz() if clock == "host" else float(need(device, "clock_ghz", (int, float), "device"))
+    if cores < 1 or clock <= 0:
+        raise UserError(f"{path}: fields 'device.cores' and 'device.clock_ghz' must be positive")
+    peak = device.get("peak_gflops")
+    if peak is None and "flops_per_cycle" in device:
+        peak = cores * clock * float(need(device, "flops_per_cycle", (int, float), "device"))
+    if peak is not None and (not isinstance(peak, (int, float)) or peak <= 0):
+        raise UserError(f"{path}: field 'device.peak_gflops' must be a positive number")
+    bandwidth = device.get("bandwidth_gbs")
+    if bandwidth is not None and (not isinstance(bandwidth, (int, float)) or bandwidth <= 0):
+        raise UserError(f"{path}: field 'device.bandwidth_gbs' must be a positive number")
+    cross = build.get("cross_compiler")
+    if cross is not None and not isinstance(cross, str):
+        raise UserError(f"{path}: field 'build.cross_compiler' must be a command name")
+    return TargetSpec(
+        name=path.stem, title=title, target=target, host=host, arch=arch, device_kind=device_kind,
+        cross_compiler=cross, ndk=bool(build.get("ndk", False)), rpc_key=str(rpc.get("key", path.stem)),
+        cores=cores, clock_ghz=clock, peak_gflops=float(peak) if peak else None,
+        peak_source=str(device.get("peak_source", "")), bandwidth_gbs=float(bandwidth) if bandwidth else None,
+        bandwidth_source=str(device.get("bandwidth_source", "")), path=path,
+    )

@@ -1,0 +1,1158 @@
+"""MetaSchedule tuning (TVM 0.27) with durable, resumable records shared per target.
+
+Records live in one directory per target, in the two JSON-lines files of MetaSchedule's
+``JSONDatabase`` (``database_workload.json``, ``database_tuning_record.json``), so the stock
+``ms.database.JSONDatabase`` can read them. Next to them: ``meta.json`` (TVM version and
+target), ``tune.log`` (TVM's own logging) and ``.lock`` (one tuning process at a time).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+__all__ = [
+    "ApplyReport",
+    "RecordsDatabase",
+    "RecordsError",
+    "RecordsWarning",
+    "RunnerSpec",
+    "TaskReport",
+    "TuneReport",
+    "allocate_trials",
+    "compile_with_records",
+    "open_records",
+    "prune",
+    "tune",
+]
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+META_FILE = "meta.json"
+LOG_FILE = "tune.log"
+LOCK_FILE = ".lock"
+RECORDS_FORMAT = "mnv2-tvm-records/1"
+
+#: Trials every task gets before the rest of the budget is split by importance.
+MIN_TRIALS_PER_TASK = 8
+#: Upper bound of candidates per MetaSchedule iteration (one build+run batch).
+TRIALS_PER_ITER = 16
+#: MetaSchedule's stub run time for failed measurements (``kMaxMeanTime``).
+_FAILED_RUN_SECS = 1e10
+
+_log = logging.getLogger(__name__)
+
+
+class RecordsError(Exception):
+    """A records directory can't be used (other target/TVM version, unwritable, locked, ...)."""
+
+
+class RecordsWarning(UserWarning):
+    """A line of a records file was skipped."""
+
+
+# --------------------------------------------------------------------------- targets, meta
+
+
+def _as_target(target: tvm.target.Target | str | dict) -> tvm.target.Target:
+    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+
+
+def _target_config(target: tvm.target.Target) -> dict:
+    return json.loads(str(target))
+
+
+def _target_key(target: tvm.target.Target | dict) -> str:
+    """Identity of a target for records; ``num-cores`` (a tuning hint) is left out."""
+
+    def strip(cfg: dict) -> dict:
+        cfg = {k: v for k, v in cfg.items() if k != "num-cores"}
+        if isinstance(cfg.get("host"), dict):
+            cfg["host"] = strip(cfg["host"])
+        return cfg
+
+    cfg = target if isinstance(target, dict) else _target_config(target)
+    return json.dumps(strip(cfg), sort_keys=True)
+
+
+def _with_num_cores(target: tvm.target.Target, local: bool) -> tvm.target.Target:
+    """MetaSchedule needs ``num-cores``; add this machine's count for local runs."""
+    cfg = _target_config(target)
+    if "num-cores" in cfg:
+        return target
+    if not local:
+        raise ValueError(
+            f"target {target} has no 'num-cores'; MetaSchedule needs the board's core count, "
+            'e.g. add "num-cores": 4 to the target'
+        )
+    cfg["num-cores"] = ms.utils.cpu_count(logical=False)
+    return tvm.target.Target(cfg)
+
+
+def _tvm_release(version: str) -> str:
+    """``0.27.0.post1`` -> ``0.27.0``: post/dev/local suffixes don't change the record format."""
+    m = re.match(r"\d+(?:\.\d+)*", version)
+    return m.group(0) if m else version
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write via temp file + fsync + rename: readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _read_meta(records_dir: Path) -> dict | None:
+    path = records_dir / META_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise RecordsError(f"cannot read {path}: {e.strerror}") from e
+    try:
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise RecordsError(f"{path} is not valid JSON ({e}); refusing to use {records_dir}") from e
+    return meta
+
+
+def _new_meta(target: tvm.target.Target) -> dict:
+    return {
+        "format": RECORDS_FORMAT,
+        "tvm_version": tvm.__version__,
+        "target": _target_config(target),
+        "target_str": str(target),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _check_meta(meta: dict, target: tvm.target.Target | None, records_dir: Path) -> None:
+    fmt = meta.get("format")
+    if fmt != RECORDS_FORMAT:
+        raise RecordsError(f"{records_dir}: unknown records format {fmt!r} in {META_FILE}")
+    theirs = str(meta.get("tvm_version", "?"))
+    if _tvm_release(theirs) != _tvm_release(tvm.__version__):
+        raise RecordsError(
+            f"{records_dir} holds records of TVM {theirs}, this is TVM {tvm.__version__}; "
+            "use another records dir"
+        )
+    if target is not None and _target_key(meta.get("target", {})) != _target_key(target):
+        raise RecordsError(
+            f"{records_dir} holds records for target {meta.get('target_str', meta.get('target'))}, "
+            f"not {target}; use one records dir per target"
+        )
+
+
+# --------------------------------------------------------------------------- database
+
+
+def _split_lines(path: Path) -> tuple[list[tuple[int, bytes]], bytes, int, bytes]:
+    """Return (complete lines with 1-based numbers, torn tail, size of the complete part, raw)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return [], b"", 0, b""
+    cut = raw.rfind(b"\n") + 1
+    body, tail = raw[:cut], raw[cut:]
+    lines = [(i + 1, ln) for i, ln in enumerate(body.split(b"\n")[:-1])] if body else []
+    return lines, tail, cut, raw
+
+
+def _mean_secs(record: ms.database.TuningRecord) -> float:
+    secs = record.run_secs
+    if not secs:
+        return _FAILED_RUN_SECS
+    vals = [float(s.value) if hasattr(s, "value") else float(s) for s in secs]
+    return sum(vals) / len(vals)
+
+
+def _is_valid(record: ms.database.TuningRecord) -> bool:
+    """Mirror of C++ ``TuningRecordNode::IsValid``."""
+    insts = record.trace.insts
+    if len(insts) == 0 or insts[0].kind.name == "EnterPostproc":
+        return False
+    secs = record.run_secs
+    if not secs:
+        return False
+    return any((float(s.value) if hasattr(s, "value") else float(s)) != _FAILED_RUN_SECS for s in secs)
+
+
+def _short(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@derived_object
+class RecordsDatabase(ms.database.PyDatabase):
+    """MetaSchedule database on JSONDatabase-format files; each commit is fsync'd at once.
+
+    Loading skips (with a :class:`RecordsWarning` naming file and line) lines that don't parse,
+    including an incomplete last line left by a killed process. When writable, such a torn tail
+    is cut off before appending. ``writable=False`` keeps new commits in memory only.
+    """
+
+    def __init__(self, records_dir: str | os.PathLike, writable: bool = True) -> None:
+        super().__init__()
+        self.records_dir = Path(records_dir)
+        self.writable = writable
+        self.path_workload = self.records_dir / WORKLOAD_FILE
+        self.path_tuning_record = self.records_dir / RECORD_FILE
+        self._workloads: list[ms.database.Workload | None] = []  # by line index in the file
+        self._canon: list[int] = []  # line index -> index of the first equal workload
+        self._by_hash: dict[int, list[int]] = {}
+        self._records: dict[int, list[tuple[float, int, ms.database.TuningRecord]]] = {}
+        self._n_records = 0
+        self._seq = 0
+        self._last: tuple[Any, int] | None = None
+        self._fd_workload: int | None = None
+        self._fd_record: int | None = None
+        self.skipped_lines = 0
+        self.digest = ""
+        self._load()
+
+    # ---- loading
+    def _warn(self, path: Path, lineno: int, what: str) -> None:
+        self.skipped_lines += 1
+        warnings.warn(f"{path}:{lineno}: {what}; line skipped", RecordsWarning, stacklevel=4)
+
+    def _load(self) -> None:
+        digest = hashlib.sha256()
+        wl_lines, wl_tail, wl_size, wl_raw = _split_lines(self.path_workload)
+        rec_lines, rec_tail, rec_size, rec_raw = _split_lines(self.path_tuning_record)
+        digest.update(wl_raw)
+        digest.update(b"\0")
+        digest.update(rec_raw)
+        self.digest = digest.hexdigest()
+        for lineno, raw in wl_lines:
+            wkl = None
+            try:
+                wkl = ms.database.Workload.from_json(json.loads(raw))
+            except Exception as e:  # noqa: BLE001 - any parse failure means "skip this line"
+                self._warn(self.path_workload, lineno, f"unreadable workload ({_short(e)})")
+            self._add_workload(wkl)
+        if wl_tail:
+            self._warn(self.path_workload, len(wl_lines) + 1, "incomplete last line")
+        for lineno, raw in rec_lines:
+            try:
+                obj = json.loads(raw)
+                if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)):
+                    raise ValueError("expected [workload_index, record]")
+                idx = obj[0]
+                if not 0 <= idx < len(self._workloads) or self._workloads[idx] is None:
+                    raise ValueError(f"no readable workload #{idx}")
+                idx = self._canon[idx]
+                record = ms.database.TuningRecord.from_json(obj[1], self._workloads[idx])
+            except Exception as e:  # noqa: BLE001
+                self._warn(self.path_tuning_record, lineno, f"unreadable tuning record ({_short(e)})")
+                continue
+            self._add_record(idx, record)
+        if rec_tail:
+            self._warn(self.path_tuning_record, len(rec_lines) + 1, "incomplete last line")
+        if self.writable:
+            self._open_for_append(self.path_workload, wl_size, bool(wl_tail))
+            self._open_for_append(self.path_tuning_record, rec_size, bool(rec_tail))
+
+    def _open_for_append(self, path: Path, good_size: int, torn: bool) -> None:
+        created = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if torn:  # cut the incomplete line a killed writer left, so appends start clean
+            os.ftruncate(fd, good_size)
+            os.fsync(fd)
+        if created:
+            _fsync_dir(path.parent)
+        if path.name == WORKLOAD_FILE:
+            self._fd_workload = fd
+        else:
+            self._fd_record = fd
+
+    def _add_workload(self, wkl: ms.database.Workload | None) -> int:
+        idx = len(self._workloads)
+        self._workloads.append(wkl)
+        self._canon.append(idx)
+        if wkl is not None:
+            h = tvm_ffi.structural_hash(wkl.mod)
+            same = self._lookup(wkl.mod, h)
+            if same is not None:
+                self._canon[idx] = same
+            else:
+                self._by_hash.setdefault(h, []).append(idx)
+        return idx
+
+    def _add_record(self, idx: int, record: ms.database.TuningRecord) -> None:
+        key = _mean_secs(record) if _is_valid(record) else math.inf
+        self._seq += 1
+        bisect.insort(self._records.setdefault(idx, []), (key, self._seq, record), key=lambda t: t[:2])
+        self._n_records += 1
+
+    def _lookup(self, mod: tvm.IRModule, h: int | None = None) -> int | None:
+        h = tvm_ffi.structural_hash(mod) if h is None else h
+        for idx in self._by_hash.get(h, ()):
+            if tvm_ffi.structural_equal(self._workloads[idx].mod, mod):
+                return idx
+        return None
+
+    def _index_of(self, workload: ms.database.Workload) -> int | None:
+        if self._last is not None and self._last[0].same_as(workload):
+            return self._last[1]
+        idx = self._lookup(workload.mod)
+        if idx is not None:
+            self._last = (self._workloads[idx], idx)
+        return idx
+
+    @staticmethod
+    def _append(fd: int | None, obj: Any) -> None:
+        if fd is None:
+            return
+        data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+
+    # ---- MetaSchedule Database interface
+    def has_workload(self, mod: tvm.IRModule) -> bool:
+        return self._lookup(mod) is not None
+
+    def commit_workload(self, mod: tvm.IRModule) -> ms.database.Workload:
+        idx = self._lookup(mod)
+        if idx is None:
+            wkl = ms.database.Workload(mod)
+            self._append(self._fd_workload, wkl.as_json())
+            idx = self._add_workload(wkl)
+        return self._workloads[idx]
+
+    def commit_tuning_record(self, record: ms.database.TuningRecord) -> None:
+        idx = self._index_of(record.workload)
+        if idx is None:
+            self.commit_workload(record.workload.mod)
+            idx = self._index_of(record.workload)
+        self._append(self._fd_record, [idx, record.as_json()])
+        self._add_record(idx, record)
+
+    def get_top_k(self, workload: ms.database.Workload, top_k: int) -> list[ms.database.TuningRecord]:
+        if top_k < 0:
+            raise ValueError("top_k must be non-negative")
+        idx = self._index_of(workload)
+        if idx is None or top_k == 0:
+            return []
+        return [r for key, _, r in self._records.get(idx, [])[:top_k] if key != math.inf]
+
+    def get_all_tuning_records(self) -> list[ms.database.TuningRecord]:
+        return [r for idx in sorted(self._records) for _, _, r in self._records[idx]]
+
+    def __len__(self) -> int:
+        return self._n_records
+
+    # ---- helpers for this package
+    def workload_stats(self, mod: tvm.IRModule) -> tuple[int, float | None]:
+        """(number of records, best valid mean run time in seconds or None) for a workload."""
+        idx = self._lookup(mod)
+        if idx is None:
+            return 0, None
+        recs = self._records.get(idx, [])
+        best = recs[0][0] if recs and recs[0][0] != math.inf else None
+        return len(recs), best
+
+    def close(self) -> None:
+        for name in ("_fd_workload", "_fd_record"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+    def rewrite_top_k(self, top_k: int) -> tuple[int, int]:
+        """Keep the best ``top_k`` valid records per workload; atomically rewrite the record file."""
+        if not self.writable:
+            raise RecordsError("database opened read-only")
+        lines, kept = [], 0
+        for idx in sorted(self._records):
+            best = [t for t in self._records[idx] if t[0] != math.inf][:top_k]
+            self._records[idx] = best
+            kept += len(best)
+            lines += [json.dumps([idx, r.as_json()], separators=(",", ":")) + "\n" for _, _, r in best]
+        before = self._n_records
+        if self._fd_record is not None:
+            os.close(self._fd_record)
+            self._fd_record = None
+        _atomic_write(self.path_tuning_record, "".join(lines).encode())
+        self._fd_record = os.open(self.path_tuning_record, os.O_WRONLY | os.O_APPEND)
+        self._n_records = kept
+        return before, kept
+
+
+class _Records:
+    """An opened records dir: database + lock (when writable)."""
+
+    def __init__(self, db: Any, lock_fd: int | None) -> None:
+        self.db = db
+        self.lock_fd = lock_fd
+
+    def close(self) -> None:
+        self.db.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # releases the flock
+            self.lock_fd = None
+
+
+def _has_files(records_dir: Path) -> bool:
+    return any((records_dir / n).exists() and (records_dir / n).stat().st_size > 0 for n in (WORKLOAD_FILE, RECORD_FILE))
+
+
+def open_records(
+    records_dir: str | os.PathLike, target: tvm.target.Target | None, *, writable: bool
+) -> _Records:
+    """Open (and, if writable, create and lock) a records dir; check its meta.json first.
+
+    Raises :class:`RecordsError` for another target/TVM version, an unwritable dir, or a dir that
+    another tuning process holds. Nothing is written before the checks pass.
+    """
+    records_dir = Path(records_dir)
+    target = _as_target(target) if target is not None else None
+    lock_fd = None
+    if writable:
+        try:
+            records_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RecordsError(f"cannot create records dir {records_dir}: {e.strerror or e}") from e
+        if not os.access(records_dir, os.W_OK | os.X_OK):
+            raise RecordsError(f"records dir {records_dir} is not writable")
+    elif not records_dir.is_dir():
+        raise RecordsError(f"records dir {records_dir} does not exist")
+    meta = _read_meta(records_dir)
+    if meta is not None:
+        _check_meta(meta, target, records_dir)
+    if writable:
+        try:
+            lock_fd = os.open(records_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RecordsError(f"records dir {records_dir} is not writable: {e.strerror}") from e
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(lock_fd)
+            raise RecordsError(f"records dir {records_dir} is in use by another tuning process") from e
+    try:
+        db = RecordsDatabase(str(records_dir), writable=writable)
+        if meta is None:
+            if target is not None:
+                foreign = {
+                    _target_key(r.target) for r in db.get_all_tuning_records() if r.target is not None
+                } - {_target_key(target)}
+                if foreign:
+                    db.close()
+                    raise RecordsError(
+                        f"{records_dir} has records for another target ({sorted(foreign)[0]}) "
+                        f"and no {META_FILE}; use another records dir"
+                    )
+            if writable:
+                if target is None:
+                    raise RecordsError(f"{records_dir} has no {META_FILE}")
+                _atomic_write(records_dir / META_FILE, json.dumps(_new_meta(target), indent=2).encode())
+    except OSError as e:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise RecordsError(f"cannot use records dir {records_dir}: {e.strerror or e}") from e
+    except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise
+    return _Records(db, lock_fd)
+
+
+# --------------------------------------------------------------------------- module, tasks
+
+
+def _prepare(mod: tvm.IRModule, params: dict[str, Any] | None) -> tvm.IRModule:
+    """Bind params (name -> numpy/Tensor) and decompose inference ops; same for tune and compile."""
+    if params:
+        bound = {k: (tvm.runtime.tensor(np.asarray(v)) if not isinstance(v, tvm.runtime.Tensor) else v) for k, v in params.items()}
+        mod = relax.transform.BindParams("main", bound)(mod)
+    return relax.transform.DecomposeOpsForInference()(mod)
+
+
+@dataclass
+class _Task:
+    name: str
+    weight: int
+    flops: float
+    mod: tvm.IRModule  # normalized workload module (what MetaSchedule commits)
+    target: tvm.target.Target
+
+
+def _extract(mod: tvm.IRModule, target: tvm.target.Target) -> list[_Task]:
+    fused = relax.get_pipeline("zero")(mod)
+    tasks = []
+    for t in ms.relax_integration.extract_tasks(fused, target):
+        wmod = ms.tune_context._normalize_mod(t.dispatched[0])  # noqa: SLF001 - same as TuneContext
+        if wmod["main"].attrs and wmod["main"].attrs.get("tirx.is_scheduled", False):
+            continue
+        try:
+            flops = float(tvm.s_tir.analysis.estimate_tir_flops(wmod))
+        except Exception:  # noqa: BLE001 - flops only steer the budget split
+            flops = 1.0
+        tasks.append(_Task(t.task_name, int(t.weight), max(flops, 1.0), wmod, t.target))
+    return tasks
+
+
+def allocate_trials(total: int, importance: list[float], min_per_task: int = MIN_TRIALS_PER_TASK) -> list[int]:
+    """Split ``total`` trials over tasks, one at a time (so it is monotone in ``total``).
+
+    First every task is brought to ``min_per_task`` (round-robin, most important first), then
+    each further trial goes to the task with the highest ``sqrt(importance) / (trials + 0.5)``.
+    """
+    n = len(importance)
+    alloc = [0] * n
+    if n == 0 or total <= 0:
+        return alloc
+    pri = [math.sqrt(max(float(x), 0.0)) + 1e-12 for x in importance]
+    order = sorted(range(n), key=lambda i: -pri[i])
+    left = total
+    while left > 0 and min(alloc) < min_per_task:
+        for i in order:
+            if left == 0:
+                break
+            if alloc[i] < min_per_task:
+                alloc[i] += 1
+                left -= 1
+    while left > 0:
+        i = max(range(n), key=lambda j: pri[j] / (alloc[j] + 0.5))
+        alloc[i] += 1
+        left -= 1
+    return alloc
+
+
+# --------------------------------------------------------------------------- runner, builder
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """Where candidates are measured: ``local`` (this machine) or ``rpc`` (via an RPC tracker)."""
+
+    kind: Literal["local", "rpc"] = "local"
+    tracker_host: str | None = None
+    tracker_port: int | None = None
+    key: str | None = None
+    session_timeout_sec: int = 60
+    number: int = 3
+    repeat: int = 1
+    min_repeat_ms: int = 100
+    enable_cpu_cache_flush: bool = False
+    timeout_sec: float = 30.0  # local runs
+    max_workers: int = 1  # parallel RPC sessions (boards under the key)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("local", "rpc"):
+            raise ValueError(f"runner kind must be 'local' or 'rpc', not {self.kind!r}")
+        if self.kind == "rpc" and not (self.tracker_host and self.tracker_port and self.key):
+            raise ValueError("an RPC runner needs tracker_host, tracker_port and key")
+
+    @classmethod
+    def rpc(cls, tracker_host: str, tracker_port: int, key: str, **kw: Any) -> RunnerSpec:
+        """RPC-tracker runner spec."""
+        return cls(kind="rpc", tracker_host=tracker_host, tracker_port=int(tracker_port), key=key, **kw)
+
+    @property
+    def artifact_format(self) -> str:
+        """``tar`` for RPC (the server links it), ``so`` locally."""
+        return "tar" if self.kind == "rpc" else "so"
+
+    def evaluator_config(self) -> ms.runner.EvaluatorConfig:
+        return ms.runner.EvaluatorConfig(
+            number=self.number,
+            repeat=self.repeat,
+            min_repeat_ms=self.min_repeat_ms,
+            enable_cpu_cache_flush=self.enable_cpu_cache_flush,
+        )
+
+    def make_runner(self) -> ms.runner.Runner:
+        """Create the MetaSchedule runner."""
+        if self.kind == "rpc":
+            return ms.runner.RPCRunner(
+                ms.runner.RPCConfig(
+                    tracker_host=self.tracker_host,
+                    tracker_port=self.tracker_port,
+                    tracker_key=self.key,
+                    session_timeout_sec=int(self.session_timeout_sec),
+                ),
+                evaluator_config=self.evaluator_config(),
+                max_workers=self.max_workers,
+            )
+        return ms.runner.LocalRunner(timeout_sec=self.timeout_sec, evaluator_config=self.evaluator_config())
+
+
+def _builder_worker_init() -> None:
+    """Runs once per builder worker: the slow import (~20 s) that LocalBuilder repeats per batch."""
+    import tvm.s_tir.tensor_intrin  # noqa: F401
+
+
+def _builder_worker_noop() -> int:
+    return os.getpid()
+
+
+def _builder_worker_build(mod: Any, target: Any, fmt: str) -> str:
+    """Build one candidate (as MetaSchedule's default_build) and export it; return the path."""
+    import os as _os
+    import tempfile as _tempfile
+
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+
+    rt_mod = default_build(mod, target, None)
+    out_dir = _tempfile.mkdtemp(prefix="mnv2tvm-build-")
+    if fmt == "tar":
+        from tvm.support import tar
+
+        path = _os.path.join(out_dir, "tvm_tmp_mod.tar")
+        rt_mod.export_library(path, fcompile=tar.tar)
+    else:
+        path = _os.path.join(out_dir, "tvm_tmp_mod.so")
+        rt_mod.export_library(path)
+    return path
+
+
+def _build_one(args: tuple) -> str:
+    return _builder_worker_build(*args)
+
+
+@derived_object
+class PersistentBuilder(ms.builder.PyBuilder):
+    """Builder whose worker processes live across batches and import tensor intrinsics once."""
+
+    def __init__(self, max_workers: int = 2, timeout_sec: float = 60.0, artifact_format: str = "so") -> None:
+        import cloudpickle
+
+        from tvm.support.popen_pool import PopenPoolExecutor
+
+        super().__init__()
+        # Workers unpickle our functions by value, so they need not import this package.
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        self.max_workers = max(1, int(max_workers))
+        self.timeout_sec = timeout_sec
+        self.artifact_format = artifact_format
+        self.pool = PopenPoolExecutor(
+            max_workers=self.max_workers, timeout=timeout_sec, initializer=_builder_worker_init
+        )
+        # Start all workers now so their import overlaps with task preparation.
+        self._warm = [self.pool.submit(_builder_worker_noop) for _ in range(self.max_workers)]
+
+    def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
+        from tvm.support.popen_pool import StatusKind
+
+        results = []
+        args = [(bi.mod, bi.target, self.artifact_format) for bi in build_inputs]
+        for res in self.pool.map_with_error_catching(_build_one, args):
+            if res.status == StatusKind.COMPLETE:
+                results.append(ms.builder.BuilderResult(res.value, None))
+            elif res.status == StatusKind.TIMEOUT:
+                results.append(ms.builder.BuilderResult(None, f"PersistentBuilder: timeout after {self.timeout_sec} s"))
+            else:
+                results.append(ms.builder.BuilderResult(None, f"PersistentBuilder: {res.value!r}"))
+        return results
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass
+class TaskReport:
+    """One tuning task of the module."""
+
+    name: str
+    weight: int
+    flops: float
+    trials: int  # measured in this session
+    trials_total: int  # records in the database for this workload (all sessions, all models)
+    best_us: float | None  # best valid measured mean, µs
+    build_errors: int = 0
+    run_errors: int = 0
+
+    @property
+    def weighted_us(self) -> float | None:
+        return None if self.best_us is None else self.best_us * self.weight
+
+
+@dataclass
+class TuneReport:
+    """Outcome of :func:`tune`."""
+
+    target: str
+    records_dir: str
+    trials_requested: int
+    tasks: list[TaskReport]
+    trials_run: int
+    trials_in_db_before: int
+    trials_in_db_after: int
+    tasks_covered_before: int
+    wall_time_s: float
+    interrupted: bool = False
+    already_done: bool = False
+    first_trial_s: float | None = None  # from the call to the first measured batch
+    message: str = ""
+
+    @property
+    def estimated_e2e_us(self) -> float | None:
+        """Sum over tasks of weight × best; None until every task has a valid measurement."""
+        parts = [t.weighted_us for t in self.tasks]
+        return None if not parts or any(p is None for p in parts) else float(sum(parts))
+
+    @property
+    def tasks_without_measurement(self) -> int:
+        return sum(t.best_us is None for t in self.tasks)
+
+    def table(self) -> str:
+        """Per-task table: trials, best µs and share of the estimated end-to-end time."""
+        known = sum(t.weighted_us or 0.0 for t in self.tasks)
+        head = f"{'#':>3}  {'task':<40} {'wt':>3} {'trials':>11} {'best µs':>10} {'share':>6}"
+        rows = [head, "-" * len(head)]
+        for i, t in enumerate(self.tasks):
+            best = f"{t.best_us:10.2f}" if t.best_us is not None else f"{'-':>10}"
+            share = f"{100 * t.weighted_us / known:5.1f}%" if t.weighted_us and known else f"{'-':>6}"
+            trials = f"{t.trials}/{t.trials_total}"
+            rows.append(f"{i:>3}  {t.name[:40]:<40} {t.weight:>3} {trials:>11} {best} {share}")
+        rows.append("-" * len(head))
+        est = self.estimated_e2e_us
+        est_s = f"{est:.1f} µs" if est is not None else f"n/a ({self.tasks_without_measurement} task(s) unmeasured)"
+        rows.append(
+            f"trials run {self.trials_run} (this session/in db: {self.trials_in_db_before} -> "
+            f"{self.trials_in_db_after}); estimated end-to-end {est_s}; {self.wall_time_s:.0f} s"
+            + (" [interrupted]" if self.interrupted else "")
+        )
+        return "\n".join(rows)
+
+
+@dataclass
+class ApplyReport:
+    """What :func:`compile_with_records` applied."""
+
+    tuned: list[str]
+    fallback: list[str]
+    records_digest: str | None  # sha256 of workload file + NUL + record file as read
+    records_dir: str | None
+    untuned: bool = field(default=False)
+
+
+# --------------------------------------------------------------------------- progress, logging
+
+
+def _fmt_dur(sec: float | None) -> str:
+    if sec is None or not math.isfinite(sec):
+        return "--:--"
+    sec = int(round(sec))
+    h, rem = divmod(sec, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class _Progress:
+    """One live line on stderr (TTY), or a line per batch at most every 10 s otherwise."""
+
+    def __init__(self, stream: io.TextIOBase | None, total: int, t0: float) -> None:
+        self.stream = stream
+        self.total = total
+        self.t0 = t0
+        self.done = 0
+        self.first: float | None = None
+        self.est_us: float | None = None
+        self.unmeasured = 0
+        self.task = ""
+        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self._last_print = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        if self.stream is not None and self.tty:
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+
+    def _line(self) -> str:
+        now = time.monotonic()
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = None
+        if self.first is not None and self.done:
+            eta = (now - self.first) / self.done * (self.total - self.done)
+        est = "--" if self.est_us is None else f"{self.est_us:.1f}µs"
+        if self.unmeasured and self.est_us is not None:
+            est += f" (+{self.unmeasured} untimed)"
+        return (
+            f"[tune] {self.done}/{self.total} trials {pct:3.0f}% | {_fmt_dur(now - self.t0)} elapsed"
+            f" | ETA {_fmt_dur(eta)} | est {est} | {self.task[:28]}"
+        )
+
+    def _write(self, final: bool = False) -> None:
+        if self.stream is None:
+            return
+        with self._lock:
+            try:
+                if self.tty:
+                    self.stream.write("\r\x1b[2K" + self._line() + ("\n" if final else ""))
+                else:
+                    now = time.monotonic()
+                    if final or now - self._last_print >= 10.0:
+                        self.stream.write(self._line() + "\n")
+                        self._last_print = now
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self._write()
+
+    def update(self, **kw: Any) -> None:
+        for k, v in kw.items():
+            setattr(self, k, v)
+        self._write()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        self._write(final=True)
+
+
+@contextlib.contextmanager
+def _tvm_logs_to(log_path: Path, want_console: bool) -> Iterator[io.TextIOBase | None]:
+    """Send TVM's Python and C++ (fd 2) logging to ``log_path``; yield a stream to the real stderr."""
+    handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    own_logger = logging.getLogger(__name__)
+    saved = [(lg, lg.level, lg.propagate) for lg in (ms_logger, own_logger)]
+    for lg in (ms_logger, own_logger):
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    console: io.TextIOBase | None = None
+    saved_fd = None
+    try:
+        stderr_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        stderr_fd = None
+    try:
+        if stderr_fd == 2:
+            sys.stderr.flush()
+            saved_fd = os.dup(2)
+            if want_console:
+                console = os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding="utf-8", errors="replace")
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.dup2(log_fd, 2)
+            os.close(log_fd)
+        elif want_console:
+            console = sys.stderr
+        yield console
+    finally:
+        if saved_fd is not None:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+        if console is not None and console is not sys.stderr:
+            console.close()
+        for lg, level, prop in saved:
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = prop
+        handler.close()
+
+
+@derived_object
+class _BatchCallback(ms.measure_callback.PyMeasureCallback):
+    def __init__(self, fn: Callable[[list, list], None]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:  # noqa: ANN001
+        self.fn(list(builder_results), list(runner_results))
+
+
+# --------------------------------------------------------------------------- tune
+
+
+def _is_keyboard_interrupt(err: BaseException) -> bool:
+    if isinstance(err, KeyboardInterrupt):
+        return True
+    return "KeyboardInterrupt" in type(err).__name__ or "KeyboardInterrupt" in str(err)[:400]
+
+
+def tune(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    records_dir: Path,
+    trials: int,
+    *,
+    params: dict | None = None,
+    runner: RunnerSpec | None = None,
+    num_builder_workers: int = 2,
+    progress: bool = True,
+    seed: int | None = None,
+) -> TuneReport:
+    """Tune all tasks of ``mod`` with MetaSchedule (XGBoost cost model) until the records dir
+    holds ``trials`` measurements for them; only the remainder is run, split over the tasks.
+
+    A task's share counts records of its workload (also from other models) up to that share.
+    Ctrl-C stops after what is already committed; the report then has ``interrupted=True``.
+    """
+    t0 = time.monotonic()
+    if trials < 0:
+        raise ValueError("trials must be >= 0")
+    runner = runner or RunnerSpec()
+    target = _with_num_cores(_as_target(target), runner.kind == "local")
+    records_dir = Path(records_dir)
+    opened = open_records(records_dir, target, writable=True)
+    db = opened.db
+    builder = run = None
+    try:
+        prepared = _prepare(mod, params)
+        tasks = _extract(prepared, target)
+        stats = [db.workload_stats(t.mod) for t in tasks]
+        existing = [n for n, _ in stats]
+        best = [b for _, b in stats]
+        covered_before = sum(b is not None for b in best)
+        shares = allocate_trials(trials, [t.weight * t.flops for t in tasks])
+        budgets = [max(0, s - e) for s, e in zip(shares, existing)]
+        session_total = sum(budgets)
+        per_task_run = [0] * len(tasks)
+        errors = [[0, 0] for _ in tasks]
+        state = {"first": None, "interrupted": False}
+
+        def report(message: str) -> TuneReport:
+            after = [db.workload_stats(t.mod) for t in tasks]
+            return TuneReport(
+                target=str(target),
+                records_dir=str(records_dir),
+                trials_requested=trials,
+                tasks=[
+                    TaskReport(
+                        name=t.name,
+                        weight=t.weight,
+                        flops=t.flops,
+                        trials=per_task_run[i],
+                        trials_total=after[i][0],
+                        best_us=None if after[i][1] is None else after[i][1] * 1e6,
+                        build_errors=errors[i][0],
+                        run_errors=errors[i][1],
+                    )
+                    for i, t in enumerate(tasks)
+                ],
+                trials_run=sum(per_task_run),
+                trials_in_db_before=sum(existing),
+                trials_in_db_after=sum(n for n, _ in after),
+                tasks_covered_before=covered_before,
+                wall_time_s=time.monotonic() - t0,
+                interrupted=state["interrupted"],
+                already_done=session_total == 0,
+                first_trial_s=state["first"],
+                message=message,
+            )
+
+        if not tasks:
+            return report("no tunable tasks in this module")
+        if session_total == 0:
+            rep = report(
+                f"already tuned: {sum(min(s, e) for s, e in zip(shares, existing))}/{trials} trials "
+                f"for {len(tasks)} tasks are in {records_dir}; nothing to do"
+            )
+            if progress:
+                print(rep.message, file=sys.stderr)
+            return rep
+
+        with _tvm_logs_to(records_dir / LOG_FILE, progress) as console:
+            _log.info(
+                "tune %d tasks, %d trials requested, %d in db, running %d: %s",
+                len(tasks), trials, sum(existing), session_total, budgets,
+            )
+            builder = PersistentBuilder(num_builder_workers, artifact_format=runner.artifact_format)
+            run = runner.make_runner()
+            ncores = os.cpu_count() or 1
+            cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=ncores, tree_method="auto")
+            bar = _Progress(console, session_total, t0) if progress else None
+            current = {"i": 0}
+
+            def est() -> tuple[float | None, int]:
+                known = [tasks[i].weight * b * 1e6 for i, b in enumerate(best) if b is not None]
+                return (sum(known) if known else None), sum(b is None for b in best)
+
+            def on_batch(builder_results: list, runner_results: list) -> None:
+                i = current["i"]
+                if state["first"] is None:
+                    state["first"] = time.monotonic() - t0
+                per_task_run[i] += len(runner_results)
+                for br, rr in zip(builder_results, runner_results):
+                    if br.error_msg is not None:
+                        errors[i][0] += 1
+                    elif rr.error_msg is not None:
+                        errors[i][1] += 1
+                best[i] = db.workload_stats(tasks[i].mod)[1]
+                if bar is not None:
+                    e, unmeasured = est()
+                    bar.update(done=sum(per_task_run), first=bar.first or time.monotonic(), est_us=e, unmeasured=unmeasured)
+
+            callbacks = [
+                ms.measure_callback.AddToDatabase(),
+                ms.measure_callback.RemoveBuildArtifact(),
+                ms.measure_callback.UpdateCostModel(),
+                _BatchCallback(on_batch),
+            ]
+            seeds = ms.utils.fork_seed(seed, n=len(tasks))
+            order = sorted(range(len(tasks)), key=lambda i: -tasks[i].weight * tasks[i].flops)
+            try:
+                for i in order:
+                    if budgets[i] <= 0:
+                        continue
+                    task = tasks[i]
+                    current["i"] = i
+                    if bar is not None:
+                        e, unmeasured = est()
+                        bar.update(task=task.name, est_us=e, unmeasured=unmeasured)
+                    ctx = ms.TuneContext(
+                        mod=task.mod,
+                        target=task.target,
+                        space_generator="post-order-apply",
+                        search_strategy="evolutionary",
+                        task_name=task.name,
+                        logger=logging.getLogger(f"tvm.s_tir.meta_schedule.mnv2_tvm.{i:02d}_{task.name[:60]}"),
+                        rand_state=seeds[i],
+                        num_threads=ncores,
+                    ).clone()
+                    ms.task_scheduler.RoundRobin().tune(
+                        tasks=[ctx],
+                        task_weights=[float(task.weight)],
+                        max_trials_global=budgets[i],
+                        max_trials_per_task=budgets[i],
+                        num_trials_per_iter=min(budgets[i], TRIALS_PER_ITER),
+                        builder=builder,
+                        runner=run,
+                        measure_callbacks=callbacks,
+                        database=db,
+                        cost_model=cost_model,
+                    )
+                    _log.info("task %s done: %d trials", task.name, per_task_run[i])
+            except BaseException as err:  # noqa: BLE001
+                if not _is_keyboard_interrupt(err):
+                    raise
+                state["interrupted"] = True
+                _log.warning("interrupted by the user")
+            finally:
+                if bar is not None:
+                    bar.close()
+        msg = "interrupted; records so far are kept, run again to resume" if state["interrupted"] else "done"
+        rep = report(msg)
+        if progress:
+            print(rep.table(), file=sys.stderr)
+            if rep.interrupted:
+                print(f"[tune] {msg}", file=sys.stderr)
+        return rep
+    finally:
+        if builder is not None:
+            builder.shutdown()
+        if run is not None and hasattr(run, "pool"):
+            with contextlib.suppress(Exception):
+                run.pool.shutdown(wait=False)
+        opened.close()
+
+
+# --------------------------------------------------------------------------- prune, compile
+
+
+def prune(records_dir: Path, top_k: int = 1) -> tuple[int, int]:
+    """Keep the best ``top_k`` valid records per workload (atomic rewrite); return (before, after).
+
+    Pruning also drops failed records, so the next :func:`tune` counts fewer trials as done.
+    """
+    if top_k < 1:
+        raise ValueError("top_k must be >= 1")
+    records_dir = Path(records_dir)
+    if _read_meta(records_dir) is None and not _has_files(records_dir):
+        raise RecordsError(f"{records_dir} holds no records")
+    opened = open_records(records_dir, None, writable=True)
+    try:
+        return opened.db.rewrite_top_k(top_k)
+    finally:
+        opened.close()
+
+
+def compile_with_records(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    records_dir: Path | None,
+    params: dict | None = None,
+) -> tuple[relax.VMExecutable, ApplyReport]:
+    """Compile ``mod`` applying the best records (``ms.relax_integration.compile_relax``).
+
+    Without records (``records_dir`` None, missing or empty) it legalises, fuses and calls
+    ``tvm.compile``; the report then says ``untuned``.
+    """
+    target = _as_target(target)
+    prepared = _prepare(mod, params)
+    fused = relax.get_pipeline("zero")(prepared)
+    prim_names = sorted(gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+    rdir = Path(records_dir) if records_dir is not None else None
+    if rdir is None or not rdir.is_dir() or not _has_files(rdir):
+        if rdir is not None and rdir.is_dir():
+            meta = _read_meta(rdir)
+            if meta is not None:
+                _check_meta(meta, target, rdir)
+        ex = tvm.compile(fused, target=target)
+        return ex, ApplyReport([], prim_names, None, None if rdir is None else str(rdir), untuned=True)
+    opened = open_records(rdir, target, writable=False)
+    try:
+        db = opened.db
+        with target, db, tvm.transform.PassContext(opt_level=3):
+            applied = relax.transform.MetaScheduleApplyDatabase()(fused)
+        tuned = sorted(
+            gv.name_hint
+            for gv, f in applied.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False)
+        )
+        ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
+        fallback = [n for n in prim_names if n not in set(tuned)]
+        return ex, ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned)
+    finally:
+        opened.close()

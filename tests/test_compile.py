@@ -1,0 +1,82 @@
+"""Lowering and host compile: parity with PyTorch for every model through both frontends."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import SMALL
+from mnv2_tvm import bundle, targets
+from mnv2_tvm.bundle import BundleError, Runner
+from mnv2_tvm.compile import compile_bundle
+from mnv2_tvm.models import ModelConfig
+
+TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("model", list(SMALL))
+def test_torch_frontend_bundle_matches_pytorch(model, host_bundles):
+    path = host_bundles(model)
+    x, expected = bundle.reference(path)
+    assert np.abs(expected).max() > 0.05  # a vanishing reference would make parity vacuous
+    out = Runner(path).run(x)
+    assert out.shape == expected.shape
+    assert np.abs(out - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("model", list(SMALL))
+def test_onnx_frontend_bundle_matches_pytorch(model, tmp_path):
+    cfg = ModelConfig(**SMALL[model])
+    compile_bundle(cfg, targets.load("host"), tmp_path, frontend="onnx", records_dir=tmp_path / "none", seed=3)
+    x, expected = bundle.reference(tmp_path)
+    assert np.abs(Runner(tmp_path).run(x) - expected).max() <= TOLERANCE
+    assert json.loads((tmp_path / "manifest.json").read_text())["frontend"] == "onnx"
+
+
+def test_manifest_describes_the_bundle(host_bundles):
+    path = host_bundles("deeplabv3")
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["model"] == "deeplabv3" and m["config"]["resolution"] == 129
+    assert m["input"] == {"name": "input", "shape": [1, 3, 129, 129], "dtype": "float32"}
+    assert m["outputs"][0]["shape"] == [1, 21, 129, 129]
+    assert m["arch"] == "x86_64" == bundle.elf_arch(path / m["library"])
+    assert m["tvm_version"].startswith("0.27") and m["madds"] > 0 and m["params"] > 0
+    assert m["tuning"]["tuned"] == [] and m["tuning"]["fallback"]
+
+
+def test_runner_script_runs_alone_with_the_runtime(host_bundles, tmp_path):
+    # The copy inside the bundle must work without the package: run it from another folder.
+    path = host_bundles("ssdlite")
+    x, expected = bundle.reference(path)
+    np.save(tmp_path / "in.npy", x)
+    proc = subprocess.run([sys.executable, str(path / "runner.py"), str(path), "--input", str(tmp_path / "in.npy"),
+                           "--output", str(tmp_path / "out.npy"), "--check"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["max_abs_error"] <= TOLERANCE
+    assert np.abs(np.load(tmp_path / "out.npy") - expected).max() <= TOLERANCE
+
+
+def test_wrong_input_shape_is_refused(host_bundles):
+    with pytest.raises(BundleError, match=r"shape \(1, 3, 64, 64\), the bundle expects \(1, 3, 96, 96\)"):
+        Runner(host_bundles("mobilenet_v2")).run(np.zeros((1, 3, 64, 64), np.float32))
+
+
+def test_damaged_bundles_are_refused(host_bundles, tmp_path):
+    import shutil
+
+    src = host_bundles("mobilenet_v2")
+    broken = tmp_path / "b"
+    shutil.copytree(src, broken)
+    lib = broken / "model.so"
+    lib.write_bytes(lib.read_bytes()[:1000])
+    with pytest.raises(BundleError, match="does not match the digest"):
+        Runner(broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Runner(broken)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        Runner(broken)
