@@ -87,6 +87,31 @@ def cmd_compile(args: argparse.Namespace) -> None:
         print("note: OpenCL kernels are embedded in the library; no OpenCL device here can run them")
 
 
+def _tracker(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--rpc-tracker takes HOST:PORT, not {value!r}")
+    return host, int(port)
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    if args.trials <= 0:
+        raise UserError(f"--trials must be positive, not {args.trials}")
+    from . import targets
+    from .tune import tune_model
+
+    spec = targets.load(args.target)
+    tracker = _tracker(args.rpc_tracker)
+    if tracker is None and not spec.is_host:
+        raise UserError(f"target {spec.name} is not this machine: measure on the board with "
+                        f"--rpc-tracker HOST:PORT --rpc-key {spec.rpc_key}")
+    records = args.tuning_records if args.tuning_records is not None else spec.records_dir
+    tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
+               tracker=tracker, rpc_key=args.rpc_key or spec.rpc_key, seed=args.seed)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from .run import run_bundle
 
@@ -119,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records folder (default: schedules/<target>/)")
     p.add_argument("-o", "--output", type=Path, help="bundle folder (default: build/<model>-<target>)")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="tune a model's tasks with MetaSchedule into the target's records")
+    _add_model_args(p)
+    p.add_argument("--target", default="host", help="a targets/ name, 'host', or a .toml path")
+    p.add_argument("--trials", type=int, default=800, help="total measurements for this model (resumes)")
+    p.add_argument("--frontend", default="torch", choices=("torch", "onnx"))
+    p.add_argument("--tuning-records", "--records", type=Path, dest="tuning_records",
+                   help="records folder (default: schedules/<target>/)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on boards behind this RPC tracker")
+    p.add_argument("--rpc-key", help="the boards' key at the tracker (default: the target's)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("run", help="run a bundle on this machine")
     p.add_argument("bundle", type=Path)

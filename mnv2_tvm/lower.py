@@ -7,6 +7,7 @@ constants, so the compiled library is self-contained: one file to ship to a boar
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,8 @@ def export_onnx(model: "torch.nn.Module", cfg: ModelConfig, path: Path) -> Path:
     fold_batchnorm(model)
     x = torch.zeros(cfg.input_shape)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
                               input_names=[INPUT_NAME], output_names=[cfg.info.output_name])
     except OSError as e:
@@ -47,7 +49,9 @@ def to_relax(model: "torch.nn.Module", cfg: ModelConfig, frontend: str = "torch"
     if frontend == "torch":
         from tvm.relax.frontend.torch import from_exported_program
 
-        with torch.no_grad():
+        # torch.export warns about its own internals (pytree API changes); nothing a user can act on.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             ep = torch.export.export(model, (torch.zeros(cfg.input_shape),))
         mod = from_exported_program(ep, unwrap_unit_return_tuple=True)
     else:

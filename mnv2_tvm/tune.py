@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -59,8 +60,12 @@ RECORDS_FORMAT = "mnv2-tvm-records/1"
 
 #: Trials every task gets before the rest of the budget is split by importance.
 MIN_TRIALS_PER_TASK = 8
-#: Upper bound of candidates per MetaSchedule iteration (one build+run batch).
-TRIALS_PER_ITER = 16
+#: Upper bound of candidates per MetaSchedule iteration (one build+run batch). Each iteration
+#: costs a full evolutionary search (seconds), so a task's budget is mostly run in one or two.
+TRIALS_PER_ITER = 32
+#: Keyword arguments of ``ms.search_strategy.EvolutionarySearch`` (MetaSchedule defaults when
+#: empty); tests shrink the population to keep tiny runs fast.
+SEARCH_KWARGS: dict[str, Any] = {}
 #: MetaSchedule's stub run time for failed measurements (``kMaxMeanTime``).
 _FAILED_RUN_SECS = 1e10
 
@@ -227,6 +232,18 @@ def _short(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 @derived_object
 class RecordsDatabase(ms.database.PyDatabase):
     """MetaSchedule database on JSONDatabase-format files; each commit is fsync'd at once.
@@ -346,13 +363,15 @@ class RecordsDatabase(ms.database.PyDatabase):
 
     @staticmethod
     def _append(fd: int | None, obj: Any) -> None:
+        """Append one JSON line and fsync; SIGINT waits until the line is complete."""
         if fd is None:
             return
         data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        with _sigint_deferred():
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
 
     # ---- MetaSchedule Database interface
     def has_workload(self, mod: tvm.IRModule) -> bool:
@@ -658,26 +677,56 @@ def _build_one(args: tuple) -> str:
     return _builder_worker_build(*args)
 
 
+_POOLS: dict[tuple[int, float], Any] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _shared_pool(max_workers: int, timeout_sec: float) -> Any:
+    """A process-wide builder pool per (workers, timeout): later tune() calls skip the warm-up."""
+    import atexit
+
+    import cloudpickle
+
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    key = (max_workers, float(timeout_sec))
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            # Workers unpickle our functions by value, so they need not import this package.
+            cloudpickle.register_pickle_by_value(sys.modules[__name__])
+            pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, initializer=_builder_worker_init)
+            if not _POOLS:
+                atexit.register(_shutdown_pools)
+            _POOLS[key] = pool
+            # Start every worker now so the slow import overlaps with task preparation.
+            for _ in range(max_workers):
+                pool.submit(_builder_worker_noop)
+        return pool
+
+
+def _shutdown_pools(key: tuple[int, float] | None = None) -> None:
+    """Kill builder workers (all pools, or one)."""
+    with _POOLS_LOCK:
+        keys = list(_POOLS) if key is None else [key]
+        for k in keys:
+            pool = _POOLS.pop(k, None)
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    pool.shutdown(wait=False)
+
+
 @derived_object
 class PersistentBuilder(ms.builder.PyBuilder):
-    """Builder whose worker processes live across batches and import tensor intrinsics once."""
+    """Builder whose worker processes live across batches (and tune() calls) and import
+    ``tvm.s_tir.tensor_intrin`` once, in the pool initializer."""
 
     def __init__(self, max_workers: int = 2, timeout_sec: float = 60.0, artifact_format: str = "so") -> None:
-        import cloudpickle
-
-        from tvm.support.popen_pool import PopenPoolExecutor
-
         super().__init__()
-        # Workers unpickle our functions by value, so they need not import this package.
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])
         self.max_workers = max(1, int(max_workers))
-        self.timeout_sec = timeout_sec
+        self.timeout_sec = float(timeout_sec)
         self.artifact_format = artifact_format
-        self.pool = PopenPoolExecutor(
-            max_workers=self.max_workers, timeout=timeout_sec, initializer=_builder_worker_init
-        )
-        # Start all workers now so their import overlaps with task preparation.
-        self._warm = [self.pool.submit(_builder_worker_noop) for _ in range(self.max_workers)]
+        self.pool = _shared_pool(self.max_workers, self.timeout_sec)
 
     def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
         from tvm.support.popen_pool import StatusKind
@@ -693,8 +742,9 @@ class PersistentBuilder(ms.builder.PyBuilder):
                 results.append(ms.builder.BuilderResult(None, f"PersistentBuilder: {res.value!r}"))
         return results
 
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=False)
+    def discard(self) -> None:
+        """Kill this builder's workers (after an interruption: they may be mid-build)."""
+        _shutdown_pools((self.max_workers, self.timeout_sec))
 
 
 # --------------------------------------------------------------------------- reports
@@ -798,7 +848,7 @@ class _Progress:
         self.total = total
         self.t0 = t0
         self.done = 0
-        self.first: float | None = None
+        self._mark: tuple[float, int] | None = None  # (time, done) at the first measured batch
         self.est_us: float | None = None
         self.unmeasured = 0
         self.task = ""
@@ -815,8 +865,10 @@ class _Progress:
         now = time.monotonic()
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta = None
-        if self.first is not None and self.done:
-            eta = (now - self.first) / self.done * (self.total - self.done)
+        if self._mark is not None and self.done > self._mark[1]:
+            eta = (now - self._mark[0]) / (self.done - self._mark[1]) * (self.total - self.done)
+        elif self.done >= self.total:
+            eta = 0.0
         est = "--" if self.est_us is None else f"{self.est_us:.1f}µs"
         if self.unmeasured and self.est_us is not None:
             est += f" (+{self.unmeasured} untimed)"
@@ -846,8 +898,11 @@ class _Progress:
             self._write()
 
     def update(self, **kw: Any) -> None:
-        for k, v in kw.items():
-            setattr(self, k, v)
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, v)
+            if self._mark is None and self.done:
+                self._mark = (time.monotonic(), self.done)
         self._write()
 
     def close(self) -> None:
@@ -915,10 +970,28 @@ class _BatchCallback(ms.measure_callback.PyMeasureCallback):
 # --------------------------------------------------------------------------- tune
 
 
-def _is_keyboard_interrupt(err: BaseException) -> bool:
-    if isinstance(err, KeyboardInterrupt):
-        return True
-    return "KeyboardInterrupt" in type(err).__name__ or "KeyboardInterrupt" in str(err)[:400]
+class _SigintFlag:
+    """Remember that SIGINT arrived: a KeyboardInterrupt raised inside a Python callback that C++
+    called comes back from tvm_ffi as a bare ``RuntimeError``."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _SigintFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def tune(
@@ -933,11 +1006,12 @@ def tune(
     progress: bool = True,
     seed: int | None = None,
 ) -> TuneReport:
-    """Tune all tasks of ``mod`` with MetaSchedule (XGBoost cost model) until the records dir
-    holds ``trials`` measurements for them; only the remainder is run, split over the tasks.
+    """Tune every task of ``mod`` (MetaSchedule, XGBoost cost model) until ``records_dir`` holds
+    ``trials`` measurements for them; only the remainder is run.
 
-    A task's share counts records of its workload (also from other models) up to that share.
-    Ctrl-C stops after what is already committed; the report then has ``interrupted=True``.
+    ``trials`` is split over the tasks (:func:`allocate_trials`); records of a task's workload
+    already in the database (from any run or model) count toward that task's share, up to the
+    share. Ctrl-C stops the run; committed records stay and the report has ``interrupted=True``.
     """
     t0 = time.monotonic()
     if trials < 0:
@@ -948,6 +1022,7 @@ def tune(
     opened = open_records(records_dir, target, writable=True)
     db = opened.db
     builder = run = None
+    interrupted = False
     try:
         prepared = _prepare(mod, params)
         tasks = _extract(prepared, target)
@@ -956,11 +1031,11 @@ def tune(
         best = [b for _, b in stats]
         covered_before = sum(b is not None for b in best)
         shares = allocate_trials(trials, [t.weight * t.flops for t in tasks])
-        budgets = [max(0, s - e) for s, e in zip(shares, existing)]
+        budgets = [max(0, sh - ex) for sh, ex in zip(shares, existing)]
         session_total = sum(budgets)
         per_task_run = [0] * len(tasks)
         errors = [[0, 0] for _ in tasks]
-        state = {"first": None, "interrupted": False}
+        first_trial: list[float] = []
 
         def report(message: str) -> TuneReport:
             after = [db.workload_stats(t.mod) for t in tasks]
@@ -986,43 +1061,37 @@ def tune(
                 trials_in_db_after=sum(n for n, _ in after),
                 tasks_covered_before=covered_before,
                 wall_time_s=time.monotonic() - t0,
-                interrupted=state["interrupted"],
+                interrupted=interrupted,
                 already_done=session_total == 0,
-                first_trial_s=state["first"],
+                first_trial_s=first_trial[0] if first_trial else None,
                 message=message,
             )
 
         if not tasks:
             return report("no tunable tasks in this module")
         if session_total == 0:
-            rep = report(
-                f"already tuned: {sum(min(s, e) for s, e in zip(shares, existing))}/{trials} trials "
-                f"for {len(tasks)} tasks are in {records_dir}; nothing to do"
-            )
+            done = sum(min(sh, ex) for sh, ex in zip(shares, existing))
+            rep = report(f"already tuned: {done}/{trials} trials for {len(tasks)} tasks in {records_dir}; nothing to run")
             if progress:
-                print(rep.message, file=sys.stderr)
+                print(f"[tune] {rep.message}", file=sys.stderr)
             return rep
 
-        with _tvm_logs_to(records_dir / LOG_FILE, progress) as console:
+        with _tvm_logs_to(records_dir / LOG_FILE, progress) as console, _SigintFlag() as sigint:
             _log.info(
-                "tune %d tasks, %d trials requested, %d in db, running %d: %s",
-                len(tasks), trials, sum(existing), session_total, budgets,
+                "tuning %d tasks for %s: %d trials requested, %d in db, running %d (per task %s)",
+                len(tasks), target, trials, sum(existing), session_total, budgets,
             )
-            builder = PersistentBuilder(num_builder_workers, artifact_format=runner.artifact_format)
-            run = runner.make_runner()
-            ncores = os.cpu_count() or 1
-            cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=ncores, tree_method="auto")
             bar = _Progress(console, session_total, t0) if progress else None
-            current = {"i": 0}
+            current = [0]
 
             def est() -> tuple[float | None, int]:
                 known = [tasks[i].weight * b * 1e6 for i, b in enumerate(best) if b is not None]
                 return (sum(known) if known else None), sum(b is None for b in best)
 
             def on_batch(builder_results: list, runner_results: list) -> None:
-                i = current["i"]
-                if state["first"] is None:
-                    state["first"] = time.monotonic() - t0
+                i = current[0]
+                if not first_trial:
+                    first_trial.append(time.monotonic() - t0)
                 per_task_run[i] += len(runner_results)
                 for br, rr in zip(builder_results, runner_results):
                     if br.error_msg is not None:
@@ -1032,22 +1101,26 @@ def tune(
                 best[i] = db.workload_stats(tasks[i].mod)[1]
                 if bar is not None:
                     e, unmeasured = est()
-                    bar.update(done=sum(per_task_run), first=bar.first or time.monotonic(), est_us=e, unmeasured=unmeasured)
+                    bar.update(done=sum(per_task_run), est_us=e, unmeasured=unmeasured)
 
-            callbacks = [
-                ms.measure_callback.AddToDatabase(),
-                ms.measure_callback.RemoveBuildArtifact(),
-                ms.measure_callback.UpdateCostModel(),
-                _BatchCallback(on_batch),
-            ]
-            seeds = ms.utils.fork_seed(seed, n=len(tasks))
-            order = sorted(range(len(tasks)), key=lambda i: -tasks[i].weight * tasks[i].flops)
             try:
-                for i in order:
+                builder = PersistentBuilder(num_builder_workers, artifact_format=runner.artifact_format)
+                run = runner.make_runner()
+                ncores = ms.utils.cpu_count(logical=True)
+                cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=ncores, tree_method="auto")
+                callbacks = [
+                    ms.measure_callback.AddToDatabase(),
+                    ms.measure_callback.RemoveBuildArtifact(),
+                    ms.measure_callback.UpdateCostModel(),
+                    _BatchCallback(on_batch),
+                ]
+                seeds = ms.utils.fork_seed(seed, n=len(tasks))
+                # Most important first: an interrupted run has spent its time where it matters.
+                for i in sorted(range(len(tasks)), key=lambda j: -tasks[j].weight * tasks[j].flops):
                     if budgets[i] <= 0:
                         continue
                     task = tasks[i]
-                    current["i"] = i
+                    current[0] = i
                     if bar is not None:
                         e, unmeasured = est()
                         bar.update(task=task.name, est_us=e, unmeasured=unmeasured)
@@ -1055,9 +1128,9 @@ def tune(
                         mod=task.mod,
                         target=task.target,
                         space_generator="post-order-apply",
-                        search_strategy="evolutionary",
+                        search_strategy=ms.search_strategy.EvolutionarySearch(**SEARCH_KWARGS),
                         task_name=task.name,
-                        logger=logging.getLogger(f"tvm.s_tir.meta_schedule.mnv2_tvm.{i:02d}_{task.name[:60]}"),
+                        logger=logging.getLogger(f"tvm.s_tir.meta_schedule.mnv2_tvm.task{i:02d}_{task.name[:60]}"),
                         rand_state=seeds[i],
                         num_threads=ncores,
                     ).clone()
@@ -1073,25 +1146,25 @@ def tune(
                         database=db,
                         cost_model=cost_model,
                     )
-                    _log.info("task %s done: %d trials", task.name, per_task_run[i])
-            except BaseException as err:  # noqa: BLE001
-                if not _is_keyboard_interrupt(err):
+                    _log.info("task %s: %d trials this session", task.name, per_task_run[i])
+            except BaseException as err:  # noqa: BLE001 - KeyboardInterrupt may arrive as RuntimeError
+                if not (sigint.hit or isinstance(err, KeyboardInterrupt)):
                     raise
-                state["interrupted"] = True
-                _log.warning("interrupted by the user")
+                interrupted = True
+                _log.warning("interrupted by the user after %d trials", sum(per_task_run))
+                if builder is not None:
+                    builder.discard()
             finally:
                 if bar is not None:
                     bar.close()
-        msg = "interrupted; records so far are kept, run again to resume" if state["interrupted"] else "done"
+        msg = "interrupted; records so far are kept, run again to resume" if interrupted else "done"
         rep = report(msg)
         if progress:
             print(rep.table(), file=sys.stderr)
-            if rep.interrupted:
+            if interrupted:
                 print(f"[tune] {msg}", file=sys.stderr)
         return rep
     finally:
-        if builder is not None:
-            builder.shutdown()
         if run is not None and hasattr(run, "pool"):
             with contextlib.suppress(Exception):
                 run.pool.shutdown(wait=False)

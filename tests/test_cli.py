@@ -1,0 +1,126 @@
+"""The CLI as a user meets it: real subprocesses, exit codes, one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SMALL
+
+CLI = [sys.executable, "-m", "mnv2_tvm.cli"]
+
+
+def mnv2(*args, cwd=None, timeout=300):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def assert_one_line_error(proc, needle):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("mnv2-tvm: error:") and needle in lines[0], lines[0]
+
+
+def test_madds_json_reports_the_paper_figure():
+    proc = mnv2("madds", "mobilenet_v2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["model"] == "mobilenet_v2" and d["width"] == 1.0 and d["resolution"] == 224
+    assert 297e6 < d["madds"] < 303e6 and isinstance(d["params"], int)
+
+
+def test_madds_per_layer_table():
+    proc = mnv2("madds", "deeplabv3", "--per-layer")
+    assert proc.returncode == 0
+    assert "depthwise" in proc.stdout and "2,740.7M MAdds" in proc.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["madds", "resnet"], "unknown model 'resnet'"),
+    (["madds", "mobilenet_v2", "--width", "0.6"], "width 0.6 is not one the paper defines"),
+    (["madds", "mobilenet_v2", "--resolution", "100"], "resolution 100 is invalid"),
+    (["madds", "mobilenet_v2", "--resolution", "16"], "at least 32"),
+    (["compile", "mobilenet_v2", "--target", "nosuchboard"], "unknown target 'nosuchboard'"),
+    (["run", "/nonexistent/bundle"], "does not exist"),
+    (["tune", "mobilenet_v2", "--trials", "0"], "--trials must be positive"),
+])
+def test_bad_input_gives_one_line_and_exit_2(args, needle):
+    assert_one_line_error(mnv2(*args), needle)
+
+
+def test_broken_target_file_names_file_and_field(tmp_path):
+    bad = tmp_path / "myboard.toml"
+    bad.write_text('name = "x"\ntarget = "raspberry-pi/4b-aarch64"\narch = "aarch64"\n[device]\ncores = "four"\n')
+    proc = mnv2("compile", "mobilenet_v2", "--target", bad)
+    assert_one_line_error(proc, "myboard.toml: field 'device.cores' has the wrong type")
+
+
+def test_android_without_ndk_says_what_to_install(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NDK_CC"}
+    proc = subprocess.run([*CLI, "compile", "mobilenet_v2", "--target", "pixel2", "-o", tmp_path / "b"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert_one_line_error(proc, "TVM_NDK_CC")
+
+
+def test_wrong_weights_file(tmp_path):
+    import torch
+
+    torch.save({"foo": torch.zeros(3)}, tmp_path / "w.pth")
+    proc = mnv2("export", "mobilenet_v2", "--weights", tmp_path / "w.pth", "-o", tmp_path / "m.onnx")
+    assert_one_line_error(proc, "does not fit this model")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_writes_an_onnx_file_that_onnxruntime_runs(tmp_path):
+    import onnxruntime as ort
+
+    proc = mnv2("export", "mobilenet_v2", "--width", "0.35", "--resolution", "96", "-o", tmp_path / "m.onnx")
+    assert proc.returncode == 0, proc.stderr
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    (out,) = sess.run(None, {"input": np.zeros((1, 3, 96, 96), np.float32)})
+    assert out.shape == (1, 1000)
+
+
+def test_run_with_an_image_and_saved_outputs(host_bundles, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "cat.png"
+    Image.fromarray((np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)).save(img)
+    proc = mnv2("run", host_bundles("mobilenet_v2"), "--input", img, "--time")
+    assert proc.returncode == 0, proc.stderr
+    assert "1. class" in proc.stdout and "latency" in proc.stdout
+    proc = mnv2("run", host_bundles("deeplabv3"), "--input", img, "--save", tmp_path / "mask.png")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "mask.png") as mask:
+        assert mask.size == (SMALL["deeplabv3"]["resolution"],) * 2 and mask.mode == "P"
+    proc = mnv2("run", host_bundles("ssdlite"), "--save", tmp_path / "boxes.png")
+    assert proc.returncode == 0 and "detections" in proc.stdout
+    assert (tmp_path / "boxes.png").stat().st_size > 0
+
+
+def test_run_refuses_unreadable_image(host_bundles, tmp_path):
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"\x00" * 100)
+    assert_one_line_error(mnv2("run", host_bundles("mobilenet_v2"), "--input", junk), "cannot be read as an image")
+
+
+def test_run_refuses_a_library_for_another_architecture(host_bundles, tmp_path):
+    import shutil
+
+    from mnv2_tvm import bundle
+
+    b = tmp_path / "b"
+    shutil.copytree(host_bundles("mobilenet_v2"), b)
+    m = json.loads((b / "manifest.json").read_text())
+    lib = bytearray((b / "model.so").read_bytes())
+    lib[18:20] = (0xB7).to_bytes(2, "little")  # claim aarch64
+    (b / "model.so").write_bytes(bytes(lib))
+    m["library_sha256"] = bundle.sha256(b / "model.so")
+    (b / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(mnv2("run", b), "built for aarch64, not x86_64")
