@@ -1,0 +1,335 @@
+"""compare: grid files, kernel → layer mapping, resumable grid runs and the report, on tiny real models.
+
+The predictors' fitting and metrics are tested on synthetic data in test_predict.py; here every
+measured number comes from a real compiled MobileNetV2 on this host (tiny widths/resolutions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mnv2_tvm import compare, targets
+from mnv2_tvm.compare import HostMeasurer, KernelTime, load_grid, map_kernels, run_compare
+from mnv2_tvm.errors import UserError
+from mnv2_tvm.models import ModelConfig
+
+# Three tiny MobileNetV2 configs: the fewest that let predictors be fitted on two and scored on one.
+TINY_GRID = [{"model": "mobilenet_v2", "width": 0.35, "resolutions": [32, 64, 96]}]
+TINY_LABELS = ["mobilenet_v2-0.35-32", "mobilenet_v2-0.35-64", "mobilenet_v2-0.35-96"]
+
+
+# --------------------------------------------------------------------------------------
+# Grid files
+# --------------------------------------------------------------------------------------
+
+
+def test_default_grid_is_the_paper_grid_plus_detector_and_segmenter():
+    grid = compare.default_grid()
+    mnv2 = {(c.width, c.resolution) for c in grid if c.model == "mobilenet_v2"}
+    assert mnv2 == {(w, r) for w in (0.35, 0.5, 0.75, 1.0, 1.4) for r in (96, 128, 160, 192, 224)}
+    others = [c for c in grid if c.model != "mobilenet_v2"]
+    assert [(c.model, c.resolution) for c in others] == [("ssdlite", 320), ("deeplabv3", 513)]
+    assert len(grid) == 27 and compare.REFERENCE_CONFIG in grid
+
+
+def test_grid_from_json_and_toml_expands_lists_and_drops_duplicates(tmp_path):
+    j = tmp_path / "g.json"
+    j.write_text(json.dumps({"configs": [
+        {"model": "mobilenet_v2", "widths": [0.35, 1], "resolution": 96},
+        {"model": "mobilenet_v2", "width": 0.35, "resolution": 96},  # a repeat of the first
+        {"model": "deeplabv3", "width": 0.5, "resolution": 129, "output_stride": 8},
+    ]}))
+    t = tmp_path / "g.toml"
+    t.write_text(textwrap.dedent("""\
+        [[configs]]
+        model = "mobilenet_v2"
+        widths = [0.35, 1.0]
+        resolution = 96
+
+        [[configs]]
+        model = "deeplabv3"
+        width = 0.5
+        resolution = 129
+        output_stride = 8
+    """))
+    expected = [ModelConfig("mobilenet_v2", 0.35, 96), ModelConfig("mobilenet_v2", 1.0, 96),
+                ModelConfig("deeplabv3", 0.5, 129, output_stride=8)]
+    assert load_grid(j) == expected
+    assert load_grid(t) == expected
+    plain = tmp_path / "list.json"
+    plain.write_text(json.dumps(TINY_GRID))
+    assert [c.label for c in load_grid(plain)] == TINY_LABELS
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("missing.json", None, "does not exist"),
+    ("empty.json", "", "is empty"),
+    ("blank.toml", "  \n", "is empty"),
+    ("nothing.json", "[]", "lists no configurations"),
+    ("nothing.toml", "configs = []", "lists no configurations"),
+    ("broken.json", '[{"model": "mobilenet_v2",}]', r"not valid JSON: .* line 1, column"),
+    ("broken.toml", "[[configs]\nmodel = 1", "not valid TOML"),
+    ("grid.yaml", "- model: mobilenet_v2", r"must end in \.json or \.toml"),
+    ("scalar.json", "3", "must hold a list of configurations, not a int"),
+    ("keys.json", '{"grid": []}', "unexpected keys: grid"),
+    ("entry.json", '["mobilenet_v2"]', "entry 1: expected a table of config fields, not str"),
+    ("typo.json", '[{"model": "mobilenet_v2", "resolutoin": 96}]', r"entry 1: unknown field\(s\) resolutoin"),
+    ("nomodel.json", '[{"width": 1.0}]', "entry 1: missing field 'model'"),
+    ("width.json", '[{"model": "mobilenet_v2"}, {"model": "mobilenet_v2", "width": 0.6}]',
+     "entry 2: width 0.6 is not one the paper defines"),
+    ("res.toml", '[[configs]]\nmodel = "mobilenet_v2"\nresolutions = [96, 100]',
+     "entry 1: resolution 100 is invalid for mobilenet_v2"),
+    ("classes.json", '[{"model": "ssdlite", "num_classes": 50}]', "entry 1: ssdlite supports 80, 81, 91 classes"),
+    ("type.json", '[{"model": "mobilenet_v2", "width": "1.0"}]', "entry 1: field 'width' must be a number"),
+    ("both.json", '[{"model": "mobilenet_v2", "width": 1.0, "widths": [0.5]}]', "either 'width' or 'widths'"),
+    ("emptylist.json", '[{"model": "mobilenet_v2", "widths": []}]', "'widths' must be a non-empty list"),
+])
+def test_bad_grid_files_are_refused_with_the_reason(tmp_path, name, text, message):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_grid(path)
+
+
+def test_compare_refuses_a_target_this_host_cannot_run_before_compiling(tmp_path):
+    with pytest.raises(UserError, match="not this machine's CPU"):
+        run_compare(targets.load("rpi4b"), tmp_path / "r", grid=_grid_file(tmp_path), progress=False)
+    assert not (tmp_path / "r" / compare.POINTS_FILE).exists()
+
+
+# --------------------------------------------------------------------------------------
+# Kernels → layers
+# --------------------------------------------------------------------------------------
+
+
+def test_profiled_kernels_map_one_to_one_onto_the_conv_and_linear_layers(host_bundles):
+    from mnv2_tvm.bundle import Runner, reference
+    from mnv2_tvm.madds import count
+
+    path = host_bundles("mobilenet_v2")  # 0.35/96, untuned
+    runner = Runner(path)
+    cfg = ModelConfig.from_dict(runner.manifest["config"])
+    x, _ = reference(path)
+    kernels = compare.profile_kernels(runner.vm, runner.device, runner.check_input(x), runs=3)
+    layers = count(cfg).layers
+    lmap = map_kernels(kernels, layers)
+
+    assert lmap.complete, (lmap.unmatched_layers, lmap.unmatched_kernels)
+    matched = [r for r in lmap.rows if r.kind != "other"]
+    assert sorted(r.layer for r in matched) == sorted(l.name for l in layers)
+    by_name = {l.name: l for l in layers}
+    for r in matched:
+        # The kernel kind agrees with the layer kind, and its argument shapes imply the layer's MAdds.
+        assert ("matmul" in r.kernel) == (r.kind == "linear") and ("conv2d" in r.kernel) == (r.kind != "linear")
+        assert r.output_shape == by_name[r.layer].output_shape and r.ms is not None and r.ms > 0
+    assert {k.madds for k in kernels if "conv2d" in k.name} <= {l.madds for l in layers}
+    assert [r.layer for r in lmap.rows if r.kind == "other"] == ["mean"]  # global pooling: no MAdds
+    # Instrumented kernel times add up to about the whole run (the rest is VM bookkeeping).
+    latency_ms = sorted(runner.time(x, number=1, repeat=5))[2] * 1e3
+    assert 0.5 * latency_ms < sum(k.ms for k in kernels) < 1.5 * latency_ms
+
+
+def test_mapping_follows_shapes_and_madds_not_the_order_of_parallel_branches():
+    from mnv2_tvm.madds import LayerCount
+
+    # Two heads with one output shape but different MAdds, executed in the opposite order.
+    layers = [LayerCount("stem", "conv", (1, 8, 4, 4), 1000, 10, 100),
+              LayerCount("head.cls", "pointwise", (1, 6, 4, 4), 768, 48, 200),
+              LayerCount("head.box", "conv", (1, 6, 4, 4), 6912, 432, 300)]
+    kernels = [KernelTime("fused_conv2d_add", (1, 8, 4, 4), 120, 1.0, 1000),
+               KernelTime("fused_conv2d2_add", (1, 6, 4, 4), 320, 3.0, 6912),
+               KernelTime("concatenate", (1, 12, 4, 4), 400, 0.5),
+               KernelTime("fused_conv2d1_add", (1, 6, 4, 4), 220, 2.0, 768)]
+    lmap = map_kernels(kernels, layers)
+    assert [(r.layer, r.ms) for r in lmap.rows] == [("stem", 1.0), ("head.box", 3.0), ("concatenate", 0.5),
+                                                    ("head.cls", 2.0)]
+    assert lmap.rows[2].kind == "other" and lmap.rows[2].madds == 0 and lmap.rows[2].bytes == 400
+    # A layer no kernel computes is reported, not silently dropped.
+    lmap = map_kernels(kernels[:2], layers)
+    assert lmap.unmatched_layers == ["head.cls"] and lmap.rows[-1].ms is None and not lmap.complete
+
+
+# --------------------------------------------------------------------------------------
+# Grid runs: interrupted, resumed, reported
+# --------------------------------------------------------------------------------------
+
+
+class CountingMeasurer:
+    """The host measurer, counting which configurations it really measured."""
+
+    def __init__(self, emulated: bool = False) -> None:
+        self.inner = HostMeasurer(repeat=3, min_repeat_ms=20, profile_budget_ms=300)
+        self.name = self.inner.name
+        self.emulated = emulated
+        self.measured: list[str] = []
+
+    def measure(self, bundle_dir, cfg, *, profile=True):
+        self.measured.append(cfg.label)
+        return self.inner.measure(bundle_dir, cfg, profile=profile)
+
+
+def _grid_file(tmp_path: Path) -> Path:
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(TINY_GRID))
+    return path
+
+
+def _points(report_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (report_dir / compare.POINTS_FILE).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """A run stopped with Ctrl-C after its first point, then resumed in this process."""
+    root = tmp_path_factory.mktemp("compare")
+    out, records = root / "report", root / "no-records"
+    records.mkdir()
+    grid = _grid_file(root)
+    script = textwrap.dedent(f"""\
+        from pathlib import Path
+        from mnv2_tvm import targets
+        from mnv2_tvm.compare import HostMeasurer, run_compare
+        run_compare(targets.load("host"), Path({str(out)!r}), grid={str(grid)!r}, records_dir=Path({str(records)!r}),
+                    measurer=HostMeasurer(repeat=3, min_repeat_ms=20, profile_budget_ms=300))
+    """)
+    log = root / "first-run.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        points = out / compare.POINTS_FILE
+        while not (points.exists() and points.read_text().count("\n") >= 1):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "no point after 240 s:\n" + log.read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    first = {
+        "points": _points(out),
+        "log": log.read_text(),
+        "results": json.loads((out / compare.RESULTS_JSON).read_text()),
+        "summary": (out / compare.SUMMARY).read_text(),
+    }
+    measurer = CountingMeasurer()
+    result = run_compare(targets.load("host"), out, grid=grid, records_dir=records, measurer=measurer, progress=True)
+    return {"first": first, "result": result, "measurer": measurer, "out": out, "grid": grid, "records": records}
+
+
+def test_an_interrupted_run_keeps_its_points_and_says_it_is_incomplete(resumed_run):
+    first = resumed_run["first"]
+    assert [p["key"] for p in first["points"]] == ["mobilenet_v2-0.35-32|untuned"]
+    assert "interrupted" in first["log"]
+    assert first["results"]["complete"] is False and first["results"]["interrupted"] is True
+    assert "**INCOMPLETE** (interrupted;" in first["summary"]
+    assert "mobilenet_v2-0.35-96 untuned: interrupted before it was measured" in first["summary"]
+
+
+def test_a_resumed_run_measures_only_the_missing_points(resumed_run):
+    result, measurer = resumed_run["result"], resumed_run["measurer"]
+    assert measurer.measured == TINY_LABELS[1:]
+    assert result.reused == 1 and result.measured == 2
+    points = _points(resumed_run["out"])
+    assert points[0] == resumed_run["first"]["points"][0]  # untouched, not measured again
+    assert [p["label"] for p in points] == TINY_LABELS
+    assert not (resumed_run["out"] / compare.WORK_DIR).exists()  # no bundles left behind
+
+
+def test_the_report_has_every_file_and_holds_out_configs(resumed_run):
+    result, out = resumed_run["result"], resumed_run["out"]
+    for name in compare.REPORT_FILES:
+        assert result.files[name] == out / name and (out / name).stat().st_size > 0, name
+    for name in (compare.PLOT_LATENCY, compare.PLOT_PREDICTED, compare.PLOT_LAYERS):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / compare.RESULTS_JSON).read_text())
+    # Untuned only (the records folder is empty), so the run is not complete and says why.
+    assert report["complete"] is False and not result.complete
+    assert sorted(report["missing"]) == [f"{label} tuned: no tuning records in {resumed_run['records']}"
+                                         for label in TINY_LABELS]
+    ev = report["evaluation"]["untuned"]
+    assert ev["split"] == {"train": ["mobilenet_v2 w=0.35 r=32", "mobilenet_v2 w=0.35 r=96"],
+                           "test": ["mobilenet_v2 w=0.35 r=64"]}
+    assert set(ev["results"]) == {"naive", "linear", "roofline"}
+    for r in ev["results"].values():
+        assert r["metrics"]["n"] == 1 and r["metrics"]["mape"] >= 0
+    assert "tuned: 0 usable MobileNetV2 configuration(s)" in " ".join(report["notes"])
+    layer = report["per_layer"]
+    assert layer["label"] == "mobilenet_v2-0.35-96" and layer["variant"] == "untuned" and not layer["is_reference"]
+    assert not layer["unmatched_layers"] and not layer["unmatched_kernels"]
+    rows = (out / compare.RESULTS_CSV).read_text().splitlines()
+    assert len(rows) == 1 + 2 * len(TINY_LABELS)
+    assert rows[0].startswith("label,model,width,resolution")
+    assert sum(",untuned,ok,1," in r for r in rows) == 3 and sum(",tuned,missing" in r for r in rows) == 3
+    summary = (out / compare.SUMMARY).read_text()
+    assert "**INCOMPLETE**" in summary and "interrupted" not in summary.split("## In numbers")[0]
+    assert "No usable tuned points" in summary and "| linear |" in summary
+    assert "Held out: mobilenet_v2 w=0.35 r=64." in summary and "emulated" not in summary
+
+
+def test_rerunning_a_finished_grid_measures_nothing_and_an_emulated_measurer_is_flagged(resumed_run, tmp_path):
+    measurer = CountingMeasurer(emulated=True)
+    result = run_compare(targets.load("host"), resumed_run["out"], grid=resumed_run["grid"],
+                         records_dir=resumed_run["records"], measurer=measurer, progress=False)
+    assert measurer.measured == [] and result.reused == 3
+    summary = (resumed_run["out"] / compare.SUMMARY).read_text()
+    assert "emulated board: timings meaningless" in summary
+    assert json.loads((resumed_run["out"] / compare.RESULTS_JSON).read_text())["emulated"] is True
+
+
+def test_points_of_another_target_are_not_mixed_in(resumed_run, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(resumed_run["out"], other)
+    spec = targets.load(str(Path(targets.TARGETS_DIR) / "x86-64-avx2.toml"))
+    if spec.name == targets.load("host").name:
+        spec = targets.load(str(Path(targets.TARGETS_DIR) / "x86-64-avx512.toml"))
+    with pytest.raises(UserError, match="holds points of target .* choose another report folder"):
+        run_compare(spec, other, grid=resumed_run["grid"], records_dir=resumed_run["records"], progress=False)
+
+
+def test_a_torn_last_line_is_dropped_and_the_file_stays_appendable(tmp_path):
+    path = tmp_path / compare.POINTS_FILE
+    good = {"key": "a|untuned", "label": "a"}
+    path.write_text(json.dumps(good) + "\n" + '{"key": "b|unt')  # killed mid-write
+    store = compare.PointStore(path)
+    assert list(store.points) == ["a|untuned"] and store.dropped == 1
+    store.add({"key": "b|untuned", "label": "b"})
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a|untuned", "b|untuned"]
+
+
+def test_one_run_per_report_folder(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    held = compare._lock_report_dir(out)
+    try:
+        with pytest.raises(UserError, match="in use by another compare run"):
+            run_compare(targets.load("host"), out, grid=_grid_file(tmp_path), progress=False)
+    finally:
+        os.close(held)
+
+
+def test_tuned_points_are_tied_to_the_records_they_were_measured_with(tmp_path):
+    records = tmp_path / "records"
+    assert compare._records_fingerprint(records) is None  # missing folder
+    records.mkdir()
+    (records / "database_workload.json").write_text("")
+    assert compare._records_fingerprint(records) is None  # empty files: nothing to apply
+    (records / "database_tuning_record.json").write_text('[0, {"run_secs": [1e-5]}]\n')
+    before = compare._records_fingerprint(records)
+    with open(records / "database_tuning_record.json", "a") as f:
+        f.write('[0, {"run_secs": [9e-6]}]\n')
+    assert before is not None and compare._records_fingerprint(records) not in (None, before)
