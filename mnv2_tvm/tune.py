@@ -232,16 +232,56 @@ def _short(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+class _Sigint:
+    """SIGINT handling while tuning.
+
+    Python runs signal handlers in the main thread between bytecodes, so a Ctrl-C could land
+    between writing a record and its fsync; inside :meth:`deferred` the KeyboardInterrupt waits
+    until the line is complete. ``hit`` remembers the signal: a KeyboardInterrupt raised inside a
+    Python callback that C++ called comes back from tvm_ffi as a bare ``RuntimeError``.
+    """
+
+    active: _Sigint | None = None
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._depth = 0
+        self._pending = False
+        self._old: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.hit = True
+        if self._depth:
+            self._pending = True
+            return
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _Sigint:
+        if threading.current_thread() is threading.main_thread() and _Sigint.active is None:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+            _Sigint.active = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if _Sigint.active is self:
+            signal.signal(signal.SIGINT, self._old)
+            _Sigint.active = None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def deferred() -> Iterator[None]:
+        me = _Sigint.active
+        if me is None or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        me._depth += 1
+        try:
+            yield
+        finally:
+            me._depth -= 1
+            if not me._depth and me._pending:
+                me._pending = False
+                raise KeyboardInterrupt
 
 
 @derived_object
@@ -367,7 +407,7 @@ class RecordsDatabase(ms.database.PyDatabase):
         if fd is None:
             return
         data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
-        with _sigint_deferred():
+        with _Sigint.deferred():
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -459,20 +499,22 @@ class _Records:
 
 
 def _has_files(records_dir: Path) -> bool:
-    return any((records_dir / n).exists() and (records_dir / n).stat().st_size > 0 for n in (WORKLOAD_FILE, RECORD_FILE))
+    """Whether the dir has a non-empty workload or record file."""
+    files = (records_dir / WORKLOAD_FILE, records_dir / RECORD_FILE)
+    return any(f.is_file() and f.stat().st_size > 0 for f in files)
 
 
 def open_records(
     records_dir: str | os.PathLike, target: tvm.target.Target | None, *, writable: bool
 ) -> _Records:
-    """Open (and, if writable, create and lock) a records dir; check its meta.json first.
+    """Open (and, if writable, create and lock) a records dir after checking its ``meta.json``.
 
-    Raises :class:`RecordsError` for another target/TVM version, an unwritable dir, or a dir that
-    another tuning process holds. Nothing is written before the checks pass.
+    Raises :class:`RecordsError` for another target or TVM version, an unwritable dir, or a dir
+    another tuning process holds; nothing is written before the checks pass. A dir without
+    ``meta.json`` (e.g. a stock MetaSchedule work dir) is adopted if its records are for ``target``.
     """
     records_dir = Path(records_dir)
     target = _as_target(target) if target is not None else None
-    lock_fd = None
     if writable:
         try:
             records_dir.mkdir(parents=True, exist_ok=True)
@@ -485,40 +527,38 @@ def open_records(
     meta = _read_meta(records_dir)
     if meta is not None:
         _check_meta(meta, target, records_dir)
-    if writable:
-        try:
-            lock_fd = os.open(records_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise RecordsError(f"records dir {records_dir} is not writable: {e.strerror}") from e
+    elif _has_files(records_dir):
+        if target is None:
+            raise RecordsError(f"{records_dir} has records but no {META_FILE}")
+        probe = RecordsDatabase(str(records_dir), writable=False)
+        foreign = {_target_key(r.target) for r in probe.get_all_tuning_records() if r.target is not None}
+        foreign.discard(_target_key(target))
+        if foreign:
+            raise RecordsError(
+                f"{records_dir} has records for another target ({sorted(foreign)[0]}) and no "
+                f"{META_FILE}; use another records dir"
+            )
+    if not writable:
+        return _Records(RecordsDatabase(str(records_dir), writable=False), None)
+    try:
+        lock_fd = os.open(records_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RecordsError(f"records dir {records_dir} is not writable: {e.strerror}") from e
+    try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            os.close(lock_fd)
             raise RecordsError(f"records dir {records_dir} is in use by another tuning process") from e
-    try:
-        db = RecordsDatabase(str(records_dir), writable=writable)
         if meta is None:
-            if target is not None:
-                foreign = {
-                    _target_key(r.target) for r in db.get_all_tuning_records() if r.target is not None
-                } - {_target_key(target)}
-                if foreign:
-                    db.close()
-                    raise RecordsError(
-                        f"{records_dir} has records for another target ({sorted(foreign)[0]}) "
-                        f"and no {META_FILE}; use another records dir"
-                    )
-            if writable:
-                if target is None:
-                    raise RecordsError(f"{records_dir} has no {META_FILE}")
-                _atomic_write(records_dir / META_FILE, json.dumps(_new_meta(target), indent=2).encode())
+            if target is None:
+                raise RecordsError(f"{records_dir} has no {META_FILE}")
+            _atomic_write(records_dir / META_FILE, json.dumps(_new_meta(target), indent=2).encode())
+        db = RecordsDatabase(str(records_dir), writable=True)
     except OSError as e:
-        if lock_fd is not None:
-            os.close(lock_fd)
-        raise RecordsError(f"cannot use records dir {records_dir}: {e.strerror or e}") from e
+        os.close(lock_fd)
+        raise RecordsError(f"cannot write to records dir {records_dir}: {e.strerror or e}") from e
     except BaseException:
-        if lock_fd is not None:
-            os.close(lock_fd)
+        os.close(lock_fd)
         raise
     return _Records(db, lock_fd)
 
@@ -529,7 +569,10 @@ def open_records(
 def _prepare(mod: tvm.IRModule, params: dict[str, Any] | None) -> tvm.IRModule:
     """Bind params (name -> numpy/Tensor) and decompose inference ops; same for tune and compile."""
     if params:
-        bound = {k: (tvm.runtime.tensor(np.asarray(v)) if not isinstance(v, tvm.runtime.Tensor) else v) for k, v in params.items()}
+        bound = {
+            k: v if isinstance(v, tvm.runtime.Tensor) else tvm.runtime.tensor(np.asarray(v))
+            for k, v in params.items()
+        }
         mod = relax.transform.BindParams("main", bound)(mod)
     return relax.transform.DecomposeOpsForInference()(mod)
 
@@ -700,20 +743,47 @@ def _shared_pool(max_workers: int, timeout_sec: float) -> Any:
                 atexit.register(_shutdown_pools)
             _POOLS[key] = pool
             # Start every worker now so the slow import overlaps with task preparation.
-            for _ in range(max_workers):
-                pool.submit(_builder_worker_noop)
+            pool._mnv2_warmup = [pool.submit(_builder_worker_noop) for _ in range(max_workers)]
         return pool
+
+
+def _kill_pool(pool: Any, settle_sec: float = 0.5) -> None:
+    """Stop a PopenPoolExecutor now, even with work in flight.
+
+    ``PopenPoolExecutor.shutdown()`` closes each worker's pipe while a pool thread may be blocked
+    reading it (e.g. during the 20 s warm-up import), and leaves its lock held if a worker is
+    half-started, which hangs interpreter exit. So kill the worker processes (private attributes
+    of tvm.support.popen_pool) until the threads holding work have seen them die.
+    """
+    from tvm.support.popen_pool import kill_child_processes
+
+    pending = [f for f in getattr(pool, "_mnv2_warmup", []) if not f.done()]
+    deadline = time.monotonic() + settle_sec
+    while True:
+        for worker in list(getattr(pool, "_worker_map", {}).values()):
+            proc = getattr(worker, "_proc", None)
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(Exception):
+                    kill_child_processes(proc.pid)
+                    proc.kill()
+        pending = [f for f in pending if not f.done()]
+        if time.monotonic() >= deadline and not pending:
+            break
+        if time.monotonic() >= deadline + 5.0:
+            break
+        time.sleep(0.05)
+    pool._shutdown = True  # its __del__ would otherwise call the fragile shutdown()
+    with contextlib.suppress(Exception):
+        pool._threadpool.shutdown(wait=False, cancel_futures=True)
 
 
 def _shutdown_pools(key: tuple[int, float] | None = None) -> None:
     """Kill builder workers (all pools, or one)."""
     with _POOLS_LOCK:
         keys = list(_POOLS) if key is None else [key]
-        for k in keys:
-            pool = _POOLS.pop(k, None)
-            if pool is not None:
-                with contextlib.suppress(Exception):
-                    pool.shutdown(wait=False)
+        pools = [_POOLS.pop(k) for k in keys if k in _POOLS]
+    for pool in pools:
+        _kill_pool(pool)
 
 
 @derived_object
@@ -785,16 +855,14 @@ class TuneReport:
     already_done: bool = False
     first_trial_s: float | None = None  # from the call to the first measured batch
     message: str = ""
+    #: Sum over tasks of weight × best µs; None until every task has a valid measurement.
+    estimated_e2e_us: float | None = field(init=False)
+    tasks_without_measurement: int = field(init=False)
 
-    @property
-    def estimated_e2e_us(self) -> float | None:
-        """Sum over tasks of weight × best; None until every task has a valid measurement."""
+    def __post_init__(self) -> None:
         parts = [t.weighted_us for t in self.tasks]
-        return None if not parts or any(p is None for p in parts) else float(sum(parts))
-
-    @property
-    def tasks_without_measurement(self) -> int:
-        return sum(t.best_us is None for t in self.tasks)
+        self.tasks_without_measurement = sum(p is None for p in parts)
+        self.estimated_e2e_us = None if not parts or None in parts else float(sum(parts))
 
     def table(self) -> str:
         """Per-task table: trials, best µs and share of the estimated end-to-end time."""
@@ -808,11 +876,11 @@ class TuneReport:
             rows.append(f"{i:>3}  {t.name[:40]:<40} {t.weight:>3} {trials:>11} {best} {share}")
         rows.append("-" * len(head))
         est = self.estimated_e2e_us
-        est_s = f"{est:.1f} µs" if est is not None else f"n/a ({self.tasks_without_measurement} task(s) unmeasured)"
+        est_s = f"{est:.1f} µs" if est is not None else f"n/a ({self.tasks_without_measurement} unmeasured)"
         rows.append(
-            f"trials run {self.trials_run} (this session/in db: {self.trials_in_db_before} -> "
-            f"{self.trials_in_db_after}); estimated end-to-end {est_s}; {self.wall_time_s:.0f} s"
-            + (" [interrupted]" if self.interrupted else "")
+            f"{self.trials_run} trials this session (trials/total above; in db for this model "
+            f"{self.trials_in_db_before} -> {self.trials_in_db_after}); estimated end-to-end {est_s}; "
+            f"{self.wall_time_s:.0f} s" + (" [interrupted]" if self.interrupted else "")
         )
         return "\n".join(rows)
 
@@ -919,9 +987,9 @@ def _tvm_logs_to(log_path: Path, want_console: bool) -> Iterator[io.TextIOBase |
     handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     own_logger = logging.getLogger(__name__)
-    saved = [(lg, lg.level, lg.propagate) for lg in (ms_logger, own_logger)]
+    saved = [(lg, lg.level, lg.propagate, lg.handlers[:]) for lg in (ms_logger, own_logger)]
     for lg in (ms_logger, own_logger):
-        lg.addHandler(handler)
+        lg.handlers = [handler]  # e.g. no console handler MetaSchedule's create_loggers may have left
         lg.setLevel(logging.INFO)
         lg.propagate = False
     console: io.TextIOBase | None = None
@@ -950,8 +1018,8 @@ def _tvm_logs_to(log_path: Path, want_console: bool) -> Iterator[io.TextIOBase |
             os.close(saved_fd)
         if console is not None and console is not sys.stderr:
             console.close()
-        for lg, level, prop in saved:
-            lg.removeHandler(handler)
+        for lg, level, prop, handlers in saved:
+            lg.handlers = handlers
             lg.setLevel(level)
             lg.propagate = prop
         handler.close()
@@ -963,35 +1031,141 @@ class _BatchCallback(ms.measure_callback.PyMeasureCallback):
         super().__init__()
         self.fn = fn
 
-    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:  # noqa: ANN001
+    def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any,
+              runner_results: Any) -> None:
         self.fn(list(builder_results), list(runner_results))
 
 
 # --------------------------------------------------------------------------- tune
 
 
-class _SigintFlag:
-    """Remember that SIGINT arrived: a KeyboardInterrupt raised inside a Python callback that C++
-    called comes back from tvm_ffi as a bare ``RuntimeError``."""
+class _Session:
+    """State of one tune() call: the plan, the per-task counters and the report."""
 
-    def __init__(self) -> None:
-        self.hit = False
-        self._old: Any = None
-        self._installed = False
+    def __init__(self, db: Any, tasks: list[_Task], trials: int, target: tvm.target.Target, records_dir: Path,
+                 t0: float) -> None:
+        self.db, self.tasks, self.trials, self.t0 = db, tasks, trials, t0
+        self.target, self.records_dir = target, records_dir
+        stats = [db.workload_stats(t.mod) for t in tasks]
+        self.existing = [n for n, _ in stats]
+        self.best = [b for _, b in stats]  # seconds, best valid mean so far
+        self.covered_before = sum(b is not None for b in self.best)
+        self.shares = allocate_trials(trials, [t.weight * t.flops for t in tasks])
+        self.budgets = [max(0, sh - ex) for sh, ex in zip(self.shares, self.existing)]
+        self.measured = [0] * len(tasks)  # as seen by the batch callback (progress)
+        self.errors = [[0, 0] for _ in tasks]  # build, run
+        self.first_trial: float | None = None
+        self.current = 0
+        self.bar: _Progress | None = None
+        self.interrupted = False
 
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.hit = True
-        raise KeyboardInterrupt
+    def estimate(self) -> tuple[float | None, int]:
+        known = [self.tasks[i].weight * b * 1e6 for i, b in enumerate(self.best) if b is not None]
+        return (sum(known) if known else None), sum(b is None for b in self.best)
 
-    def __enter__(self) -> _SigintFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
-            self._installed = True
-        return self
+    def on_batch(self, builder_results: list, runner_results: list) -> None:
+        i = self.current
+        if self.first_trial is None:
+            self.first_trial = time.monotonic() - self.t0
+        self.measured[i] += len(runner_results)
+        for br, rr in zip(builder_results, runner_results):
+            if br.error_msg is not None:
+                self.errors[i][0] += 1
+            elif rr.error_msg is not None:
+                self.errors[i][1] += 1
+        self.best[i] = self.db.workload_stats(self.tasks[i].mod)[1]
+        if self.bar is not None:
+            est, untimed = self.estimate()
+            self.bar.update(done=sum(self.measured), est_us=est, unmeasured=untimed)
 
-    def __exit__(self, *exc: Any) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._old)
+    def report(self, message: str) -> TuneReport:
+        after = [self.db.workload_stats(t.mod) for t in self.tasks]
+        run = [max(0, a[0] - e) for a, e in zip(after, self.existing)]  # we hold the lock: all ours
+        return TuneReport(
+            target=str(self.target),
+            records_dir=str(self.records_dir),
+            trials_requested=self.trials,
+            tasks=[
+                TaskReport(
+                    name=t.name,
+                    weight=t.weight,
+                    flops=t.flops,
+                    trials=run[i],
+                    trials_total=after[i][0],
+                    best_us=None if after[i][1] is None else after[i][1] * 1e6,
+                    build_errors=self.errors[i][0],
+                    run_errors=self.errors[i][1],
+                )
+                for i, t in enumerate(self.tasks)
+            ],
+            trials_run=sum(run),
+            trials_in_db_before=sum(self.existing),
+            trials_in_db_after=sum(n for n, _ in after),
+            tasks_covered_before=self.covered_before,
+            wall_time_s=time.monotonic() - self.t0,
+            interrupted=self.interrupted,
+            already_done=sum(self.budgets) == 0,
+            first_trial_s=self.first_trial,
+            message=message,
+        )
+
+
+def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, seed: int | None) -> None:
+    """Tune the tasks one after another, each with its exact budget (most important first)."""
+    tasks = sess.tasks
+    builder = run = None
+    try:
+        builder = PersistentBuilder(num_builder_workers, artifact_format=runner.artifact_format)
+        run = runner.make_runner()
+        ncores = ms.utils.cpu_count(logical=True)
+        cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=ncores, tree_method="auto")
+        callbacks = [
+            ms.measure_callback.AddToDatabase(),  # RecordsDatabase fsyncs each record
+            _BatchCallback(sess.on_batch),
+            ms.measure_callback.RemoveBuildArtifact(),
+            ms.measure_callback.UpdateCostModel(),
+        ]
+        seeds = ms.utils.fork_seed(seed, n=len(tasks))
+        for i in sorted(range(len(tasks)), key=lambda j: -tasks[j].weight * tasks[j].flops):
+            budget = sess.budgets[i]
+            if budget <= 0:
+                continue
+            task = tasks[i]
+            sess.current = i
+            if sess.bar is not None:
+                est, untimed = sess.estimate()
+                sess.bar.update(task=task.name, est_us=est, unmeasured=untimed)
+            ctx = ms.TuneContext(
+                mod=task.mod,
+                target=task.target,
+                space_generator="post-order-apply",
+                search_strategy=ms.search_strategy.EvolutionarySearch(**SEARCH_KWARGS),
+                task_name=task.name,
+                logger=logging.getLogger(f"tvm.s_tir.meta_schedule.mnv2_tvm.task{i:02d}_{task.name[:60]}"),
+                rand_state=seeds[i],
+                num_threads=ncores,
+            ).clone()
+            # One task per scheduler call: MetaSchedule's budget is global, ours is per task.
+            ms.task_scheduler.RoundRobin().tune(
+                tasks=[ctx],
+                task_weights=[float(task.weight)],
+                max_trials_global=budget,
+                max_trials_per_task=budget,
+                num_trials_per_iter=min(budget, TRIALS_PER_ITER),
+                builder=builder,
+                runner=run,
+                measure_callbacks=callbacks,
+                database=sess.db,
+                cost_model=cost_model,
+            )
+            _log.info("task %s: %d/%d trials measured", task.name, sess.measured[i], budget)
+    except BaseException:
+        if builder is not None:
+            builder.discard()  # may be mid-build
+        raise
+    finally:
+        if run is not None and hasattr(run, "pool"):
+            _kill_pool(run.pool)
 
 
 def tune(
@@ -1019,155 +1193,43 @@ def tune(
     runner = runner or RunnerSpec()
     target = _with_num_cores(_as_target(target), runner.kind == "local")
     records_dir = Path(records_dir)
-    opened = open_records(records_dir, target, writable=True)
-    db = opened.db
-    builder = run = None
-    interrupted = False
+    opened = open_records(records_dir, target, writable=True)  # warnings go to the console
     try:
-        prepared = _prepare(mod, params)
-        tasks = _extract(prepared, target)
-        stats = [db.workload_stats(t.mod) for t in tasks]
-        existing = [n for n, _ in stats]
-        best = [b for _, b in stats]
-        covered_before = sum(b is not None for b in best)
-        shares = allocate_trials(trials, [t.weight * t.flops for t in tasks])
-        budgets = [max(0, sh - ex) for sh, ex in zip(shares, existing)]
-        session_total = sum(budgets)
-        per_task_run = [0] * len(tasks)
-        errors = [[0, 0] for _ in tasks]
-        first_trial: list[float] = []
-
-        def report(message: str) -> TuneReport:
-            after = [db.workload_stats(t.mod) for t in tasks]
-            return TuneReport(
-                target=str(target),
-                records_dir=str(records_dir),
-                trials_requested=trials,
-                tasks=[
-                    TaskReport(
-                        name=t.name,
-                        weight=t.weight,
-                        flops=t.flops,
-                        trials=per_task_run[i],
-                        trials_total=after[i][0],
-                        best_us=None if after[i][1] is None else after[i][1] * 1e6,
-                        build_errors=errors[i][0],
-                        run_errors=errors[i][1],
-                    )
-                    for i, t in enumerate(tasks)
-                ],
-                trials_run=sum(per_task_run),
-                trials_in_db_before=sum(existing),
-                trials_in_db_after=sum(n for n, _ in after),
-                tasks_covered_before=covered_before,
-                wall_time_s=time.monotonic() - t0,
-                interrupted=interrupted,
-                already_done=session_total == 0,
-                first_trial_s=first_trial[0] if first_trial else None,
-                message=message,
-            )
-
-        if not tasks:
-            return report("no tunable tasks in this module")
-        if session_total == 0:
-            done = sum(min(sh, ex) for sh, ex in zip(shares, existing))
-            rep = report(f"already tuned: {done}/{trials} trials for {len(tasks)} tasks in {records_dir}; nothing to run")
-            if progress:
-                print(f"[tune] {rep.message}", file=sys.stderr)
-            return rep
-
-        with _tvm_logs_to(records_dir / LOG_FILE, progress) as console, _SigintFlag() as sigint:
+        with _tvm_logs_to(records_dir / LOG_FILE, progress) as console, _Sigint() as sigint:
+            sess = _Session(opened.db, _extract(_prepare(mod, params), target), trials, target, records_dir, t0)
+            total = sum(sess.budgets)
+            if not sess.tasks:
+                return sess.report("no tunable tasks in this module")
+            if total == 0:
+                done = sum(min(sh, ex) for sh, ex in zip(sess.shares, sess.existing))
+                rep = sess.report(f"already tuned: {done}/{trials} trials for {len(sess.tasks)} tasks "
+                                  f"in {records_dir}; nothing to run")
+                if console is not None:
+                    console.write(f"[tune] {rep.message}\n")
+                return rep
             _log.info(
                 "tuning %d tasks for %s: %d trials requested, %d in db, running %d (per task %s)",
-                len(tasks), target, trials, sum(existing), session_total, budgets,
+                len(sess.tasks), target, trials, sum(sess.existing), total, sess.budgets,
             )
-            bar = _Progress(console, session_total, t0) if progress else None
-            current = [0]
-
-            def est() -> tuple[float | None, int]:
-                known = [tasks[i].weight * b * 1e6 for i, b in enumerate(best) if b is not None]
-                return (sum(known) if known else None), sum(b is None for b in best)
-
-            def on_batch(builder_results: list, runner_results: list) -> None:
-                i = current[0]
-                if not first_trial:
-                    first_trial.append(time.monotonic() - t0)
-                per_task_run[i] += len(runner_results)
-                for br, rr in zip(builder_results, runner_results):
-                    if br.error_msg is not None:
-                        errors[i][0] += 1
-                    elif rr.error_msg is not None:
-                        errors[i][1] += 1
-                best[i] = db.workload_stats(tasks[i].mod)[1]
-                if bar is not None:
-                    e, unmeasured = est()
-                    bar.update(done=sum(per_task_run), est_us=e, unmeasured=unmeasured)
-
+            sess.bar = _Progress(console, total, t0) if progress else None
             try:
-                builder = PersistentBuilder(num_builder_workers, artifact_format=runner.artifact_format)
-                run = runner.make_runner()
-                ncores = ms.utils.cpu_count(logical=True)
-                cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=ncores, tree_method="auto")
-                callbacks = [
-                    ms.measure_callback.AddToDatabase(),
-                    ms.measure_callback.RemoveBuildArtifact(),
-                    ms.measure_callback.UpdateCostModel(),
-                    _BatchCallback(on_batch),
-                ]
-                seeds = ms.utils.fork_seed(seed, n=len(tasks))
-                # Most important first: an interrupted run has spent its time where it matters.
-                for i in sorted(range(len(tasks)), key=lambda j: -tasks[j].weight * tasks[j].flops):
-                    if budgets[i] <= 0:
-                        continue
-                    task = tasks[i]
-                    current[0] = i
-                    if bar is not None:
-                        e, unmeasured = est()
-                        bar.update(task=task.name, est_us=e, unmeasured=unmeasured)
-                    ctx = ms.TuneContext(
-                        mod=task.mod,
-                        target=task.target,
-                        space_generator="post-order-apply",
-                        search_strategy=ms.search_strategy.EvolutionarySearch(**SEARCH_KWARGS),
-                        task_name=task.name,
-                        logger=logging.getLogger(f"tvm.s_tir.meta_schedule.mnv2_tvm.task{i:02d}_{task.name[:60]}"),
-                        rand_state=seeds[i],
-                        num_threads=ncores,
-                    ).clone()
-                    ms.task_scheduler.RoundRobin().tune(
-                        tasks=[ctx],
-                        task_weights=[float(task.weight)],
-                        max_trials_global=budgets[i],
-                        max_trials_per_task=budgets[i],
-                        num_trials_per_iter=min(budgets[i], TRIALS_PER_ITER),
-                        builder=builder,
-                        runner=run,
-                        measure_callbacks=callbacks,
-                        database=db,
-                        cost_model=cost_model,
-                    )
-                    _log.info("task %s: %d trials this session", task.name, per_task_run[i])
-            except BaseException as err:  # noqa: BLE001 - KeyboardInterrupt may arrive as RuntimeError
+                _run_session(sess, runner, num_builder_workers, seed)
+            except BaseException as err:  # noqa: BLE001 - a KeyboardInterrupt may arrive as RuntimeError
                 if not (sigint.hit or isinstance(err, KeyboardInterrupt)):
                     raise
-                interrupted = True
-                _log.warning("interrupted by the user after %d trials", sum(per_task_run))
-                if builder is not None:
-                    builder.discard()
+                sess.interrupted = True
+                _log.warning("interrupted by the user after %d trials", sum(sess.measured), exc_info=err)
             finally:
-                if bar is not None:
-                    bar.close()
-        msg = "interrupted; records so far are kept, run again to resume" if interrupted else "done"
-        rep = report(msg)
-        if progress:
-            print(rep.table(), file=sys.stderr)
-            if interrupted:
-                print(f"[tune] {msg}", file=sys.stderr)
-        return rep
+                if sess.bar is not None:
+                    sess.bar.close()
+            rep = sess.report("interrupted; records so far are kept, run again to resume"
+                              if sess.interrupted else "done")
+            if console is not None:
+                console.write(rep.table() + "\n")
+                if rep.interrupted:
+                    console.write(f"[tune] {rep.message}\n")
+            return rep
     finally:
-        if run is not None and hasattr(run, "pool"):
-            with contextlib.suppress(Exception):
-                run.pool.shutdown(wait=False)
         opened.close()
 
 
@@ -1222,10 +1284,35 @@ def compile_with_records(
         tuned = sorted(
             gv.name_hint
             for gv, f in applied.functions.items()
-            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False)
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and f.attrs.get("tirx.is_scheduled", False)
         )
         ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
         fallback = [n for n in prim_names if n not in set(tuned)]
         return ex, ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned)
     finally:
         opened.close()
+
+
+def tune_model(cfg: Any, spec: Any, records_dir: Path, trials: int, *, frontend: str = "torch",
+               weights: Path | None = None, tracker: tuple[str, int] | None = None, rpc_key: str | None = None,
+               seed: int = 0, progress: bool = True) -> TuneReport:
+    """Build a model config, lower it and tune it for a target spec (the CLI's ``tune``).
+
+    ``tracker`` measures on the boards registered under ``rpc_key`` at that RPC tracker;
+    without it candidates run on this machine.
+    """
+    from .errors import UserError
+    from .lower import to_relax
+    from .models import build
+
+    mod = to_relax(build(cfg, seed=seed, weights=weights), cfg, frontend)
+    runner = RunnerSpec.rpc(tracker[0], tracker[1], rpc_key or spec.rpc_key) if tracker else None
+    try:
+        report = tune(mod, spec.tvm_target(), Path(records_dir), trials, runner=runner, progress=progress)
+    except RecordsError as e:
+        raise UserError(str(e)) from None
+    print(report.table(), file=sys.stderr)
+    if report.interrupted:
+        print(f"interrupted: {report.trials_in_db_after} records kept in {records_dir}; "
+              "run the same command again to continue", file=sys.stderr)
+    return report

@@ -1,0 +1,59 @@
+"""tune → compile with records → run, through the CLI on a real (tiny) MobileNetV2 config."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from mnv2_tvm import bundle
+from mnv2_tvm.bundle import Runner
+
+CLI = [sys.executable, "-m", "mnv2_tvm.cli"]
+MODEL = ["mobilenet_v2", "--width", "0.35", "--resolution", "32"]
+
+
+def run(*args, timeout=900):
+    env = dict(os.environ, TVM_NUM_THREADS="2")
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_tune_then_compile_applies_every_record_and_keeps_parity(tmp_path):
+    records = tmp_path / "records"
+    proc = run("tune", *MODEL, "--trials", 40, "--records", records)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "best µs" in proc.stderr  # the per-task table
+    assert (records / "database_tuning_record.json").stat().st_size > 0
+    assert (records / "tune.log").exists()
+
+    again = run("tune", *MODEL, "--trials", 40, "--records", records)
+    assert again.returncode == 0
+    lines_before = (records / "database_tuning_record.json").read_text().count("\n")
+
+    proc = run("compile", *MODEL, "--records", records, "-o", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "untuned" not in proc.stderr
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["tuning"]["tuned"] and m["tuning"]["fallback"] == []
+    assert m["tuning"]["records_digest"]
+    x, expected = bundle.reference(tmp_path / "b")
+    assert np.abs(Runner(tmp_path / "b").run(x) - expected).max() <= 1e-4
+    # Compiling read the records and wrote none.
+    assert (records / "database_tuning_record.json").read_text().count("\n") == lines_before
+
+
+def test_tune_refuses_records_of_another_target(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    import tvm
+
+    from mnv2_tvm.tune import RECORDS_FORMAT
+
+    meta = {"format": RECORDS_FORMAT, "tvm_version": tvm.__version__, "target_str": "rpi4b",
+            "target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}}
+    (records / "meta.json").write_text(json.dumps(meta))
+    proc = run("tune", *MODEL, "--trials", 4, "--records", records, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "one records dir per target" in proc.stderr
+    assert json.loads((records / "meta.json").read_text()) == meta

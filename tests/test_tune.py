@@ -1,0 +1,495 @@
+"""Tests for mnv2_tvm.tune: tiny modules and budgets (each test well under ~2 min on 2 cores).
+
+The MetaSchedule search population is shrunk (``tune.SEARCH_KWARGS``) to keep runs short; the
+tuning path is otherwise the real one (PersistentBuilder, LocalRunner/RPCRunner, XGB model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    from mnv2_tvm import tune as T
+except ImportError:  # plain `pytest` without the repo on sys.path
+    sys.path.insert(0, str(REPO))
+    from mnv2_tvm import tune as T
+
+PY = sys.executable
+SMALL_SEARCH = {"population_size": 64, "init_min_unmeasured": 16, "genetic_num_iters": 1}
+HOST_CPU = tvm.target.codegen.llvm_get_system_cpu()
+TARGET = {"kind": "llvm", "mcpu": HOST_CPU}  # no num-cores: tune() adds it for local runs
+SUBPROCESS_TIMEOUT = 300
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+class TinyNet(torch.nn.Module):
+    """conv3x3+relu -> depthwise conv3x3+relu -> pointwise conv (BN-free, like a folded block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = torch.nn.Conv2d(8, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.dw(x))
+        return self.pw(x)
+
+
+class OtherNet(torch.nn.Module):
+    """Shares only the first layer's shape with TinyNet (different weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.relu(self.c1(x)))
+
+
+def to_relax(net: torch.nn.Module, x: torch.Tensor) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
+    """Relax module with params detached as a dict name -> numpy (what the package hands over)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    ep = torch.export.export(net.eval(), (x,))
+    mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+    mod, params = relax.frontend.detach_params(mod)
+    names = [p.name for p in mod["main"].params[1:]]
+    return mod, {n: v.numpy() for n, v in zip(names, params["main"])}
+
+
+def tiny_module() -> tuple[tvm.IRModule, dict[str, np.ndarray], torch.nn.Module, torch.Tensor]:
+    net = TinyNet().eval()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    mod, params = to_relax(net, x)
+    return mod, params, net, x
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def record_lines(records_dir: Path) -> list[bytes]:
+    """Complete (newline-terminated) lines of the record file."""
+    return (records_dir / T.RECORD_FILE).read_bytes().split(b"\n")[:-1]
+
+
+def snapshot(records_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(records_dir.iterdir()) if p.is_file()}
+
+
+def copy_records(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def stock_db(records_dir: Path) -> ms.database.JSONDatabase:
+    return ms.database.JSONDatabase(
+        str(records_dir / T.WORKLOAD_FILE), str(records_dir / T.RECORD_FILE), allow_missing=False
+    )
+
+
+def wait_for_records(path: Path, proc: subprocess.Popen, n: int, timeout: float) -> int:
+    """Wait until ``path`` has >= n complete lines; return the count."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            count = path.read_bytes().count(b"\n")
+            if count >= n:
+                return count
+        if proc.poll() is not None:
+            raise AssertionError(f"tuning subprocess exited early with {proc.returncode}")
+        time.sleep(0.2)
+    raise AssertionError(f"no records in {path} after {timeout} s")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Stop exactly the process group we started (start_new_session=True)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+TUNE_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from mnv2_tvm import tune as T
+from test_tune import tiny_module, TARGET, SMALL_SEARCH
+T.SEARCH_KWARGS = SMALL_SEARCH
+mod, params, _, _ = tiny_module()
+rep = T.tune(mod, TARGET, sys.argv[1], int(sys.argv[2]), params=params, num_builder_workers=1, seed=3)
+print("REPORT " + json.dumps({{"interrupted": rep.interrupted, "trials_run": rep.trials_run,
+                              "after": rep.trials_in_db_after}}), flush=True)
+"""
+
+
+def start_tuner(tmp_path: Path, records_dir: Path, trials: int) -> tuple[subprocess.Popen, Path]:
+    script = tmp_path / "tune_script.py"
+    script.write_text(TUNE_SCRIPT.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "tuner.out"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(
+            [PY, str(script), str(records_dir), str(trials)],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc, out
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_search():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "SEARCH_KWARGS", SMALL_SEARCH)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_module()
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tiny):
+    """8 trials of the tiny module into a fresh records dir (shared, read-only for tests)."""
+    mod, params, _, _ = tiny
+    records_dir = tmp_path_factory.mktemp("tuned") / "records"
+    t0 = time.monotonic()
+    report = T.tune(mod, TARGET, records_dir, 8, params=params, seed=1)
+    print(f"\n[timing] first tune: {time.monotonic() - t0:.1f} s, first trial after {report.first_trial_s:.1f} s")
+    return records_dir, report
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_allocate_trials_min_share_and_monotone():
+    imp = [100.0, 1.0, 25.0, 0.0]
+    for total in range(0, 120):
+        alloc = T.allocate_trials(total, imp, min_per_task=8)
+        assert sum(alloc) == total
+        if total >= 8 * len(imp):
+            assert min(alloc) >= 8
+        nxt = T.allocate_trials(total + 1, imp, min_per_task=8)
+        assert all(b >= a for a, b in zip(alloc, nxt)), (total, alloc, nxt)
+    assert T.allocate_trials(2, imp) == [1, 0, 1, 0]  # fewer trials than tasks: most important
+    big = T.allocate_trials(200, imp, min_per_task=8)
+    assert big[0] > big[2] > big[1] >= 8
+
+
+def test_tune_writes_durable_stock_readable_records(tuned):
+    records_dir, rep = tuned
+    assert rep.trials_run == 8 and rep.trials_in_db_before == 0 and rep.trials_in_db_after == 8
+    assert rep.tasks_covered_before == 0 and not rep.interrupted and not rep.already_done
+    assert len(rep.tasks) == 3 and all(t.trials >= 2 for t in rep.tasks)
+    assert all(t.best_us is not None and t.best_us > 0 for t in rep.tasks)
+    assert rep.estimated_e2e_us == pytest.approx(sum(t.weight * t.best_us for t in rep.tasks))
+    assert rep.first_trial_s is not None and rep.first_trial_s < rep.wall_time_s
+    assert "best µs" in rep.table() and all(t.name in rep.table() for t in rep.tasks)
+    # on disk: JSON lines, complete, readable by the stock JSONDatabase
+    lines = record_lines(records_dir)
+    assert len(lines) == 8 and all(isinstance(json.loads(ln), list) for ln in lines)
+    assert len(stock_db(records_dir)) == 8
+    meta = json.loads((records_dir / T.META_FILE).read_text())
+    assert meta["tvm_version"] == tvm.__version__ and meta["target"]["mcpu"] == HOST_CPU
+    log = (records_dir / T.LOG_FILE).read_text()
+    assert "evolutionary_search" in log and "Trial #1" in log
+
+
+def test_rerun_same_total_measures_nothing(tuned, tiny, tmp_path):
+    records_dir = copy_records(tuned[0], tmp_path / "r")
+    mod, params, _, _ = tiny
+    before = snapshot(records_dir)
+    t0 = time.monotonic()
+    rep = T.tune(mod, TARGET, records_dir, 8, params=params)
+    assert rep.already_done and rep.trials_run == 0 and "already" in rep.message
+    assert rep.tasks_covered_before == 3 and rep.trials_in_db_before == rep.trials_in_db_after == 8
+    assert time.monotonic() - t0 < 30
+    after = snapshot(records_dir)
+    assert after[T.RECORD_FILE] == before[T.RECORD_FILE]
+    assert after[T.WORKLOAD_FILE] == before[T.WORKLOAD_FILE]
+
+
+def test_rerun_bigger_total_runs_only_the_difference(tuned, tiny, tmp_path, capfd):
+    records_dir = copy_records(tuned[0], tmp_path / "r")
+    mod, params, _, _ = tiny
+    rep = T.tune(mod, TARGET, records_dir, 12, params=params, seed=2)
+    assert rep.trials_run == 4 and rep.trials_in_db_before == 8 and rep.trials_in_db_after == 12
+    assert rep.tasks_covered_before == 3
+    assert len(record_lines(records_dir)) == 12
+    err = capfd.readouterr().err
+    # the console gets our bar and table only; TVM's logging went to tune.log
+    assert "[tune] 4/4 trials" in err and "best µs" in err
+    assert "evolutionary_search" not in err and "[INFO]" not in err
+    assert "evolutionary_search" in (records_dir / T.LOG_FILE).read_text()
+
+
+def test_shared_layer_reuses_records_of_another_model(tuned, tmp_path):
+    records_dir = copy_records(tuned[0], tmp_path / "r")
+    x = torch.randn(1, 3, 16, 16)
+    mod, params = to_relax(OtherNet(), x)
+    rep = T.tune(mod, TARGET, records_dir, 6, params=params, seed=4)
+    assert len(rep.tasks) == 2
+    assert rep.tasks_covered_before == 1  # conv 3->8 on 16x16 (+bias+relu) was tuned for TinyNet
+    shared = [t for t in rep.tasks if t.trials_total > t.trials]
+    assert len(shared) == 1 and shared[0].trials == 0  # its 3-trial share is already in the db
+    assert rep.trials_run == 3 and rep.trials_in_db_before == 3
+
+
+def test_sigkill_keeps_records_and_rerun_resumes(tmp_path, tiny):
+    records_dir = tmp_path / "records"
+    proc, out = start_tuner(tmp_path, records_dir, 12)
+    try:
+        wait_for_records(records_dir / T.RECORD_FILE, proc, 1, SUBPROCESS_TIMEOUT)
+    finally:
+        kill_group(proc)
+    lines = record_lines(records_dir)
+    assert 1 <= len(lines) < 12, out.read_text()[-2000:]
+    if (records_dir / T.RECORD_FILE).read_bytes().endswith(b"\n"):
+        assert len(stock_db(records_dir)) == len(lines)  # whole lines only: stock-readable
+        # a write torn by a kill leaves an incomplete last line: it is skipped, then cut off
+        with open(records_dir / T.RECORD_FILE, "ab") as f:
+            f.write(b'[0,[[["GetSBlock"')
+    with pytest.warns(T.RecordsWarning, match=r"database_tuning_record\.json:\d+: incomplete last line"):
+        db = T.RecordsDatabase(str(records_dir), writable=False)
+    assert len(db) == len(lines)
+    mod, params, _, _ = tiny
+    with pytest.warns(T.RecordsWarning):
+        rep = T.tune(mod, TARGET, records_dir, 12, params=params, seed=5)
+    assert rep.trials_in_db_before == len(lines)
+    assert rep.trials_run == 12 - len(lines) and rep.trials_in_db_after == 12
+    assert (records_dir / T.RECORD_FILE).read_bytes().endswith(b"\n")
+    assert len(stock_db(records_dir)) == 12
+
+
+def test_ctrl_c_stops_cleanly_and_reports_interrupted(tmp_path):
+    records_dir = tmp_path / "records"
+    proc, out = start_tuner(tmp_path, records_dir, 16)
+    try:
+        n = wait_for_records(records_dir / T.RECORD_FILE, proc, 1, SUBPROCESS_TIMEOUT)
+        os.kill(proc.pid, signal.SIGINT)  # the main process only, as a terminal's ^C would be
+        proc.wait(timeout=120)
+    finally:
+        kill_group(proc)
+    text = out.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    report = json.loads(text.split("REPORT ", 1)[1].splitlines()[0])
+    assert report["interrupted"] is True and n <= report["after"] < 16
+    assert "interrupted" in text
+    assert len(stock_db(records_dir)) == report["after"] == len(record_lines(records_dir))
+
+
+def test_corrupt_lines_are_skipped_with_file_and_line(tuned, tiny, tmp_path):
+    records_dir = copy_records(tuned[0], tmp_path / "r")
+    path = records_dir / T.RECORD_FILE
+    lines = path.read_bytes().split(b"\n")[:-1]
+    lines.insert(2, b'{"this is": not json')
+    path.write_bytes(b"\n".join(lines) + b"\n" + b"[1,[[")  # + a torn tail
+    with pytest.warns(T.RecordsWarning) as caught:
+        db = T.RecordsDatabase(str(records_dir), writable=False)
+    msgs = [str(w.message) for w in caught]
+    assert any(f"{path}:3: unreadable tuning record" in m for m in msgs), msgs
+    assert any(f"{path}:10: incomplete last line" in m for m in msgs), msgs
+    assert len(db) == 8
+    # a writable open (tune) cuts the torn tail and keeps working; the bad line stays skipped
+    mod, params, _, _ = tiny
+    with pytest.warns(T.RecordsWarning):
+        rep = T.tune(mod, TARGET, records_dir, 8, params=params)
+    assert rep.already_done and rep.trials_in_db_after == 8
+    assert path.read_bytes().endswith(b"\n") and path.read_bytes().count(b"\n") == 9
+    with pytest.warns(T.RecordsWarning) as caught:
+        T.RecordsDatabase(str(records_dir), writable=False)
+    assert [str(w.message).split(": ")[0] for w in caught] == [f"{path}:3"]
+
+
+def test_other_target_or_tvm_version_refused_and_nothing_written(tuned, tiny, tmp_path):
+    records_dir = copy_records(tuned[0], tmp_path / "r")
+    mod, params, _, _ = tiny
+    other_cpu = "skylake" if HOST_CPU != "skylake" else "haswell"
+    before = snapshot(records_dir)
+    with pytest.raises(T.RecordsError, match="target"):
+        T.tune(mod, {"kind": "llvm", "mcpu": other_cpu}, records_dir, 16, params=params)
+    with pytest.raises(T.RecordsError, match="target"):
+        T.compile_with_records(mod, {"kind": "llvm", "mcpu": other_cpu}, records_dir, params=params)
+    assert snapshot(records_dir) == before
+    meta = json.loads(before[T.META_FILE])
+    meta["tvm_version"] = "0.26.0"
+    (records_dir / T.META_FILE).write_text(json.dumps(meta))
+    before = snapshot(records_dir)
+    with pytest.raises(T.RecordsError, match="TVM 0.26.0"):
+        T.tune(mod, TARGET, records_dir, 16, params=params)
+    with pytest.raises(T.RecordsError, match="TVM"):
+        T.compile_with_records(mod, TARGET, records_dir, params=params)
+    with pytest.raises(T.RecordsError, match="TVM"):
+        T.prune(records_dir)
+    assert snapshot(records_dir) == before
+
+
+def test_dir_without_meta_is_adopted_only_for_its_own_target(tuned, tiny, tmp_path):
+    records_dir = copy_records(tuned[0], tmp_path / "r")
+    (records_dir / T.META_FILE).unlink()  # like a stock MetaSchedule work dir
+    mod, params, _, _ = tiny
+    before = snapshot(records_dir)
+    with pytest.raises(T.RecordsError, match="another target"):
+        T.tune(mod, {"kind": "llvm", "mcpu": "skylake" if HOST_CPU != "skylake" else "haswell"}, records_dir, 8)
+    assert snapshot(records_dir) == before
+    rep = T.tune(mod, TARGET, records_dir, 8, params=params)
+    assert rep.already_done and json.loads((records_dir / T.META_FILE).read_text())["target"]["mcpu"] == HOST_CPU
+
+
+def test_unwritable_or_busy_records_dir(tmp_path, tiny):
+    mod, params, _, _ = tiny
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(T.RecordsError, match="cannot create records dir"):
+        T.tune(mod, TARGET, blocker / "records", 4, params=params)
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(T.RecordsError, match="not writable"):
+                T.tune(mod, TARGET, ro, 4, params=params)
+        finally:
+            ro.chmod(0o700)
+    held = T.open_records(tmp_path / "busy", TARGET, writable=True)
+    try:
+        with pytest.raises(T.RecordsError, match="in use"):
+            T.tune(mod, TARGET, tmp_path / "busy", 4, params=params)
+    finally:
+        held.close()
+
+
+def test_compile_with_records_runs_and_matches_torch(tuned, tiny, tmp_path):
+    records_dir = tuned[0]
+    mod, params, net, x = tiny
+    ref = net(x).detach().numpy()
+    ex, rep = T.compile_with_records(mod, TARGET, records_dir, params=params)
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert not rep.untuned and len(rep.tuned) == 3 and rep.fallback == []
+    digest = hashlib.sha256(
+        (records_dir / T.WORKLOAD_FILE).read_bytes() + b"\0" + (records_dir / T.RECORD_FILE).read_bytes()
+    ).hexdigest()
+    assert rep.records_digest == digest
+    # params bound up front instead of passed: same workloads, same records apply
+    bound = relax.transform.BindParams("main", params)(mod)
+    ex_b, rep_b = T.compile_with_records(bound, TARGET, records_dir)
+    assert rep_b.tuned == rep.tuned
+    out_b = relax.VirtualMachine(ex_b, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    np.testing.assert_allclose(out_b, ref, rtol=1e-4, atol=1e-5)
+    # no records: still legalised/fused, compiled untuned
+    for empty in (None, tmp_path / "nothing"):
+        ex_u, rep_u = T.compile_with_records(mod, TARGET, empty, params=params)
+        assert rep_u.untuned and rep_u.tuned == [] and sorted(rep_u.fallback) == sorted(rep.tuned)
+        out_u = relax.VirtualMachine(ex_u, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
+        np.testing.assert_allclose(out_u, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_prune_keeps_best_per_workload(tuned, tmp_path):
+    records_dir = copy_records(tuned[0], tmp_path / "r")
+    full = T.RecordsDatabase(str(records_dir), writable=False)
+    wkl_before = (records_dir / T.WORKLOAD_FILE).read_bytes()
+    assert T.prune(records_dir, top_k=1) == (8, 3)
+    assert (records_dir / T.WORKLOAD_FILE).read_bytes() == wkl_before
+    stock = stock_db(records_dir)
+    assert len(stock) == 3
+    pruned = T.RecordsDatabase(str(records_dir), writable=False)
+    for rec in stock.get_all_tuning_records():
+        n_full, best_full = full.workload_stats(rec.workload.mod)
+        n_pruned, best_pruned = pruned.workload_stats(rec.workload.mod)
+        assert n_pruned == 1 and n_full >= 1 and best_pruned == pytest.approx(best_full)
+    assert not list(records_dir.glob(".*.tmp"))
+    with pytest.raises(ValueError):
+        T.prune(records_dir, top_k=0)
+
+
+def test_runner_spec():
+    assert T.RunnerSpec().kind == "local" and T.RunnerSpec().artifact_format == "so"
+    spec = T.RunnerSpec.rpc("127.0.0.1", 9190, "pi4", number=5, repeat=2, min_repeat_ms=50)
+    assert spec.artifact_format == "tar" and spec.tracker_port == 9190 and spec.number == 5
+    with pytest.raises(ValueError):
+        T.RunnerSpec(kind="rpc", tracker_host="h")
+    with pytest.raises(ValueError):
+        T.RunnerSpec(kind="ssh")
+    runner = spec.make_runner()  # no connection is made until something is measured
+    assert runner.rpc_config.tracker_key == "pi4" and runner.evaluator_config.repeat == 2
+    runner.pool.shutdown(wait=False)
+    with pytest.raises(ValueError, match="num-cores"):
+        T.tune(tvm.IRModule(), {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, "/nonexistent", 1, runner=spec)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rpc_runner_through_local_tracker_and_server(tmp_path, tiny):
+    from tvm import rpc
+
+    tp, sp = _free_port(), _free_port()
+    log = open(tmp_path / "rpc.log", "wb")
+    tracker = subprocess.Popen(
+        [PY, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tp), "--port-end", str(tp + 1)],
+        stdout=log, stderr=log, start_new_session=True,
+    )
+    server = None
+    try:
+        server = subprocess.Popen(
+            [PY, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sp), "--port-end", str(sp + 1),
+             "--tracker", f"127.0.0.1:{tp}", "--key", "mnv2-test"],
+            stdout=log, stderr=log, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                summary = rpc.connect_tracker("127.0.0.1", tp).summary()
+                if any(s["key"].endswith(":mnv2-test") for s in summary["server_info"]):
+                    break
+            except Exception:  # noqa: BLE001 - tracker not up yet
+                pass
+            if time.monotonic() > deadline:
+                pytest.skip("local RPC tracker/server did not come up")
+            time.sleep(0.5)
+        mod, params, _, _ = tiny
+        spec = T.RunnerSpec.rpc("127.0.0.1", tp, "mnv2-test", session_timeout_sec=60, number=2, min_repeat_ms=10)
+        rep = T.tune(mod, {**TARGET, "num-cores": 2}, tmp_path / "records", 3, params=params, runner=spec, seed=6)
+        assert rep.trials_run == 3
+        assert all(t.build_errors == 0 and t.run_errors == 0 and t.best_us for t in rep.tasks)
+        assert len(stock_db(tmp_path / "records")) == 3
+    finally:
+        for p in (server, tracker):
+            if p is not None:
+                kill_group(p)
+        log.close()
