@@ -110,13 +110,15 @@ class Runner:
 
     def __init__(self, bundle_dir: Path, device: str = "cpu") -> None:
         import tvm
-        from tvm import relax
+        # tvm.runtime.vm, not tvm.relax: importing relax needs the compiler library, which a
+        # runtime-only install on a board lacks (same class either way).
+        from tvm.runtime.vm import VirtualMachine
 
         self.dir = Path(bundle_dir)
         self.manifest = load_manifest(self.dir)
         lib = verify_library(self.dir, self.manifest, expect_arch=host_arch())
         self.device = tvm.device(device, 0)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
 
     def check_input(self, x: Any) -> Any:
         import numpy as np

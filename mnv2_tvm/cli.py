@@ -11,8 +11,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from . import board
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +103,9 @@ def _tracker(value: str | None) -> tuple[str, int] | None:
 def cmd_tune(args: argparse.Namespace) -> None:
     if args.trials <= 0:
         raise UserError(f"--trials must be positive, not {args.trials}")
+    if getattr(args, "ssh", None):
+        _tune_over_ssh(args)
+        return
     from . import targets
     from .tune import tune_model
 
@@ -116,6 +123,170 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .run import run_bundle
 
     run_bundle(args.bundle, image=args.input, save=args.save, time_it=args.time, top=args.top)
+
+
+def _add_ssh_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--ssh", metavar="USER@HOST[:PORT]", required=required,
+                   help="the board over SSH: start its RPC server, tunnel to it, stop it afterwards")
+    p.add_argument("--identity", "-i", type=Path, metavar="KEY", help="private key (default: ssh-agent, ~/.ssh/id_*)")
+    p.add_argument("--known-hosts", type=Path, metavar="FILE", help="host keys to trust (default: ~/.ssh/known_hosts)")
+    p.add_argument("--trust-host-key", metavar="SHA256:...",
+                   help="accept this (unknown) host key fingerprint and record it in the known_hosts file")
+    p.add_argument("--board-python", default="python3", metavar="CMD",
+                   help="the board's Python that has the TVM runtime (default: python3)")
+
+
+def _ssh(args: argparse.Namespace) -> tuple[board.SshTarget | None, board.SshOptions | None]:
+    """(SshTarget, SshOptions) from the SSH flags, or (None, None)."""
+    from .board import SshOptions, SshTarget
+
+    if not getattr(args, "ssh", None):
+        return None, None
+    return SshTarget.parse(args.ssh), SshOptions(identity=args.identity, known_hosts=args.known_hosts,
+                                                 trust_host_key=args.trust_host_key, board_python=args.board_python)
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so what was started on a board is stopped on the way out."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _tune_over_ssh(args: argparse.Namespace) -> None:
+    """tune --ssh: a private tracker here, the board's server registered to it through the SSH
+    connection, tune through the tracker, then stop both."""
+    from . import targets
+    from .board import open_board
+    from .remote import LocalTracker, wait_registered
+    from .tune import RunnerSpec, tune_model
+
+    if args.rpc_tracker:
+        raise UserError("give either --ssh (one board, tracker handled here) or --rpc-tracker, not both")
+    _sigterm_as_interrupt()
+    spec = targets.load(args.target)
+    target, opts = _ssh(args)
+    key = args.rpc_key or spec.rpc_key
+    records = args.tuning_records if args.tuning_records is not None else spec.records_dir
+    def same_arch(info: dict) -> None:
+        if info["arch"] != spec.arch:
+            raise UserError(f"target {spec.name} is {spec.arch} but {target} is {info['uname_m']}; "
+                            "tune for this board's target")
+
+    with LocalTracker() as tracker, open_board(target, opts, tracker=(tracker.host, tracker.port), key=key,
+                                               precheck=same_arch) as ob:
+        rc, _, _ = ob.conn.run("command -v gzip && { command -v g++ || command -v gcc || command -v c++; }",
+                               timeout=60)
+        if rc != 0 and RunnerSpec.rpc(tracker.host, tracker.port, key).artifact_format == "tar":
+            # MetaSchedule's stock upload sends object files in a .tar.gz that the board links.
+            print(f"warning: {target} lacks gzip or a C/C++ compiler; if candidates are linked on the board, "
+                  "every measurement fails: install them there (sudo apt install gzip g++)", file=sys.stderr)
+        wait_registered(tracker.host, tracker.port, key)
+        print(f"tuning on {target} ({ob.info['uname_m']}) through a tracker on {tracker.address}, key {key}",
+              file=sys.stderr)
+        report = tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
+                            tracker=(tracker.host, tracker.port), rpc_key=key, seed=args.seed)
+    failed = sum(getattr(t, "run_errors", 0) for t in getattr(report, "tasks", []))
+    if failed and failed == getattr(report, "trials_run", -1):
+        raise UserError(f"every measurement on {target} failed; see tune.log in {records} for the board's error")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import BenchSettings, Where, bench_bundle, print_result, resolve_bundle
+    from .remote import parse_hostport
+
+    settings = BenchSettings(number=args.number, repeat=args.repeat, min_repeat_ms=args.min_repeat_ms,
+                             cache_flush=args.cache_flush, profile=args.profile, tolerance=args.tolerance,
+                             session_timeout=args.session_timeout)
+    target, opts = _ssh(args)
+    where = Where(rpc=parse_hostport(args.rpc, "--rpc") if args.rpc else None,
+                  tracker=parse_hostport(args.rpc_tracker, "--rpc-tracker") if args.rpc_tracker else None,
+                  key=args.rpc_key, ssh=target, ssh_opts=opts, wait_s=args.wait)
+    where.check()  # before minutes of compiling
+    _sigterm_as_interrupt()
+    bundle_dir = resolve_bundle(args.model, args.target, lambda: _config(args), out_dir=args.output,
+                                frontend=args.frontend, weights=args.weights, seed=args.seed,
+                                tuning_records=args.tuning_records)
+    print_result(bench_bundle(bundle_dir, where, settings), args.json)
+
+
+def cmd_board(args: argparse.Namespace) -> None:
+    from . import board
+
+    target, opts = _ssh(args)
+    _sigterm_as_interrupt()
+    if args.action == "tunnel":
+        _board_tunnel(args, target, opts)
+        return
+    with board.BoardConnection(target, opts) as conn:
+        if args.action == "status":
+            info = board.probe(conn)
+            servers = board.list_servers(conn)
+            if args.json:
+                print(json.dumps({**info, "servers": [{**s.__dict__, "status": st} for s, st in servers]}, indent=2))
+            else:
+                print(f"{target}: {info['uname_m']} ({info['arch']}), {info.get('cpus')} CPUs"
+                      + (f", {info['model']}" if info.get("model") else ""))
+                print(f"  python {info['python']} ({info['executable']}), numpy {info.get('numpy', 'MISSING')}")
+                tvm = info.get("tvm")
+                print(f"  TVM {tvm + (' (runtime only)' if info.get('runtime_only') else '') if tvm else 'MISSING'}"
+                      f"; this host has {board.host_tvm_version()}")
+                if info.get("emulated"):
+                    print("  emulated (qemu-user): timings there mean nothing")
+                for s, st in servers:
+                    print(f"  RPC server {s.name!r}: {st.lower()}, 127.0.0.1:{s.port} on the board, pgid {s.pgid}"
+                          + (f", tracker {s.tracker} key {s.key}" if s.tracker else ""))
+                if not servers:
+                    print("  no RPC server started by mnv2-tvm")
+            board.check_runtime(info, target)
+        elif args.action == "start":
+            info = board.probe(conn)
+            board.check_runtime(info, target)
+            state = board.start_server(conn, args.name, load_library=board.extra_runtime(conn, info))
+            print(f"RPC server {state.name!r} runs on {target}, bound to the board's 127.0.0.1:{state.port} "
+                  f"(process group {state.pgid}); reach it from here with `mnv2-tvm board tunnel --ssh {target} "
+                  f"--name {state.name}`, stop it with `mnv2-tvm board stop --ssh {target} --name {state.name}`")
+        elif args.action == "stop":
+            state = board.stop_server(conn, args.name)
+            print(f"stopped RPC server {args.name!r} (process group {state.pgid}) on {target}" if state else
+                  f"no RPC server named {args.name!r} was started on {target} by mnv2-tvm; nothing to stop")
+        elif args.action == "run":
+            import numpy as np
+
+            x = np.load(args.input) if args.input else None
+            out, result = board.run_bundle_ssh(conn, args.bundle, x, check=x is None)
+            if args.output:
+                np.save(args.output, out)
+            print(json.dumps(result))
+
+
+def _board_tunnel(args: argparse.Namespace, target: board.SshTarget, opts: board.SshOptions) -> None:
+    import time
+
+    from . import board
+    from .remote import parse_hostport, wait_registered
+
+    tracker = parse_hostport(args.rpc_tracker, "--rpc-tracker") if args.rpc_tracker else None
+    if tracker and not args.rpc_key:
+        raise UserError("--rpc-tracker needs --rpc-key KEY: the key the board serves under")
+    with board.open_board(target, opts, name=args.name, attach=True, tracker=tracker, key=args.rpc_key,
+                          local_port=args.local_port) as ob:
+        if tracker:
+            wait_registered(*tracker, args.rpc_key)
+        how = (f"registered at the tracker {tracker[0]}:{tracker[1]} under key {args.rpc_key}" if tracker else
+               f"RPC at 127.0.0.1:{ob.local_port} here")
+        print(f"{target}: {how} -> the board's 127.0.0.1:{ob.server.port} "
+              f"({'started' if ob.started else 'already running'}); Ctrl-C to end"
+              + (" and stop the server" if ob.started else ""), flush=True)
+        try:
+            while ob.conn.transport.is_active():
+                time.sleep(1)
+            raise UserError(f"the SSH connection to {target} was closed")
+        except KeyboardInterrupt:
+            pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records folder (default: schedules/<target>/)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on boards behind this RPC tracker")
     p.add_argument("--rpc-key", help="the boards' key at the tracker (default: the target's)")
+    _add_ssh_args(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("run", help="run a bundle on this machine")
@@ -163,6 +335,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", action="store_true", help="also time it (median of 5 repeats)")
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="run and time a bundle (or a model compiled for --target) on a board")
+    _add_model_args(p)
+    p.add_argument("--target", help="the board's targets/ name (needed to compile a MODEL)")
+    p.add_argument("--frontend", default="torch", choices=("torch", "onnx"))
+    p.add_argument("--tuning-records", "--records", type=Path, dest="tuning_records",
+                   help="records folder when compiling (default: schedules/<target>/)")
+    p.add_argument("-o", "--output", type=Path, help="bundle folder when compiling (default: build/<model>-<target>)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="a TVM RPC server (direct)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="a TVM RPC tracker with boards behind it")
+    p.add_argument("--rpc-key", help="the boards' key at the tracker (default: the target's)")
+    p.add_argument("--wait", type=float, default=120.0, metavar="S", help="wait this long for a free board (tracker)")
+    _add_ssh_args(p)
+    p.add_argument("--number", type=int, default=10, help="runs averaged into one repeat")
+    p.add_argument("--repeat", type=int, default=5, help="repeats (the samples of the statistics)")
+    p.add_argument("--min-repeat-ms", type=int, default=0, help="grow --number until a repeat lasts this long")
+    p.add_argument("--cache-flush", action="store_true",
+                   help="with --profile: flush each kernel's weights and output from the CPU caches before each repeat")
+    p.add_argument("--profile", action="store_true", help="also time each kernel alone (rebuilds the kernels)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed against PyTorch")
+    p.add_argument("--session-timeout", type=float, default=0, metavar="S",
+                   help="the server ends the session after S seconds (0: never)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("board", help="a board over SSH: status, start/stop its RPC server, tunnel, run a bundle")
+    bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    b = bsub.add_parser("status", help="architecture, Python, TVM runtime and RPC servers on the board")
+    _add_ssh_args(b, required=True)
+    b.add_argument("--json", action="store_true")
+    b = bsub.add_parser("start", help="start a TVM RPC server on the board's loopback, detached")
+    _add_ssh_args(b, required=True)
+    b.add_argument("--name", default="default", help="server name, to run several (default: default)")
+    b = bsub.add_parser("stop", help="stop the RPC server that `start` started")
+    _add_ssh_args(b, required=True)
+    b.add_argument("--name", default="default")
+    b = bsub.add_parser("tunnel", help="hold an SSH forward to the board's RPC server until Ctrl-C")
+    _add_ssh_args(b, required=True)
+    b.add_argument("--name", default="default", help="attach to this server, or start it (and stop it at the end)")
+    b.add_argument("--local-port", type=int, default=0, help="port on this host's 127.0.0.1 (default: any free)")
+    b.add_argument("--rpc-tracker", metavar="HOST:PORT", help="register the board at this tracker (reachable here)")
+    b.add_argument("--rpc-key", help="the key to register under")
+    b = bsub.add_parser("run", help="run a bundle on the board over SSH only (SFTP + runner.py, no RPC)")
+    b.add_argument("bundle", type=Path)
+    _add_ssh_args(b, required=True)
+    b.add_argument("--input", type=Path, help=".npy input (default: the bundle's reference input, checked)")
+    b.add_argument("--output", type=Path, help="write the output here (.npy)")
+    for b in bsub.choices.values():
+        b.set_defaults(func=cmd_board)
     return parser
 
 

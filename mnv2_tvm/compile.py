@@ -35,6 +35,10 @@ def _fcompile(spec: TargetSpec):
         if not ndk_cc:
             raise UserError(f"target {spec.name} links with the Android NDK: install the NDK and set TVM_NDK_CC "
                             "to its clang++ (e.g. .../bin/aarch64-linux-android28-clang++)")
+        # A stale path would otherwise fail only after minutes of compiling, inside TVM's linker call.
+        if shutil.which(ndk_cc) is None:
+            raise UserError(f"TVM_NDK_CC={ndk_cc} is not an executable compiler; point it at the NDK's clang++ "
+                            "(e.g. $NDK/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android28-clang++)")
         from tvm.support import ndk
 
         return ndk.create_shared

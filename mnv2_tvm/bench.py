@@ -1,0 +1,438 @@
+"""Benchmarks on a board: upload a bundle, load it, check it against PyTorch, time it.
+
+The flow of ``mnv2-tvm bench``: pick the session (``--rpc``, ``--rpc-tracker``/``--rpc-key`` or
+``--ssh``), upload the bundle's library, run its fixed input and compare with the PyTorch output
+stored at compile time (parity *on the board*), then time ``main`` with TVM's ``time_evaluator``.
+
+Per-operator profile: TVM 0.27's runtime has no Relax VM profiler (``VirtualMachine.profile``
+and ``vm_profiler_load_executable`` are gone), and the kernels inside a bundle's library are not
+reachable by name over RPC (they sit in an imported module). ``--profile`` therefore rebuilds the
+kernels alone (same records, same target) as a second library, times each kernel on the board
+with ``time_evaluator`` on inputs of the shapes the model calls it with, and multiplies by how
+often ``main`` calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .remote import RemoteSession, one_line, session_errors
+
+DEFAULT_TOLERANCE = 1e-4
+EMULATED_NOTE = "the board is emulated (qemu): these timings mean nothing about real hardware; parity still holds"
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Statistics over the per-run times of the repeats, in milliseconds."""
+
+    mean_ms: float
+    median_ms: float
+    p90_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+
+    @classmethod
+    def from_seconds(cls, samples: Sequence[float]) -> TimingStats:
+        if not samples:
+            raise ValueError("no timing samples")
+        ms = sorted(float(s) * 1e3 for s in samples)
+        return cls(
+            mean_ms=statistics.fmean(ms),
+            median_ms=statistics.median(ms),
+            p90_ms=percentile(ms, 90),
+            std_ms=statistics.stdev(ms) if len(ms) > 1 else 0.0,
+            min_ms=ms[0],
+            max_ms=ms[-1],
+            repeats=len(ms),
+        )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (NumPy's default method), without NumPy."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("percentile of nothing")
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def gflops(madds: int, seconds: float) -> float:
+    """Achieved GFLOP/s counting one multiply-add as two floating-point operations."""
+    return 2.0 * madds / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------- settings, result
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    number: int = 10  # runs averaged into one repeat
+    repeat: int = 5  # repeats: the samples of the statistics
+    min_repeat_ms: int = 0  # grow `number` until one repeat lasts this long
+    cache_flush: bool = False  # --profile: flush each kernel's weights and output before each repeat
+    profile: bool = False
+    tolerance: float = DEFAULT_TOLERANCE
+    session_timeout: float = 0  # seconds the server grants the session (0: unlimited)
+
+    def __post_init__(self) -> None:
+        for name in ("number", "repeat"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, not {getattr(self, name)}")
+        if self.cache_flush and not self.profile:
+            # TVM's only flush pre-processor (cache_flush_cpu_non_first_arg) skips argument 0,
+            # which for a whole bundle is its only argument (the weights are constants inside
+            # the library), and a remote closure cannot be passed to make the input argument 1.
+            raise UserError("--cache-flush applies to the per-kernel timings of --profile (whose arguments "
+                            "include the weights); TVM 0.27 cannot flush around a whole bundle's main")
+        if self.min_repeat_ms < 0:
+            raise UserError(f"--min-repeat-ms must be >= 0, not {self.min_repeat_ms}")
+        if not self.tolerance > 0:
+            raise UserError(f"--tolerance must be positive, not {self.tolerance}")
+
+
+@dataclass
+class BenchResult:
+    model: str
+    label: str
+    bundle: str
+    target: str
+    board: dict[str, Any]
+    max_abs_error: float
+    tolerance: float
+    timing: TimingStats
+    madds: int
+    params: int
+    gflops: float
+    peak_gflops: float | None
+    settings: dict[str, Any]
+    emulated: bool | None
+    profile: list[dict[str, Any]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["parity_ok"] = self.max_abs_error <= self.tolerance
+        return d
+
+    def table(self) -> str:
+        t = self.timing
+        b = self.board
+        who = f"key {b.get('key') or '-'}, {b.get('arch', '?')}, {b.get('address', '?')} via {b.get('via', '?')}"
+        if b.get("model"):
+            who += f", {b['model']}"
+        lines = [
+            f"{self.label} ({self.target}) on {who}",
+            f"parity vs PyTorch: max abs error {self.max_abs_error:.2e} (tolerance {self.tolerance:g}) OK",
+            f"{'mean':>9} {'median':>9} {'p90':>9} {'std':>9} {'min':>9}   ms, {t.repeats} repeats x "
+            f"{self.settings['number']} runs",
+            f"{t.mean_ms:9.3f} {t.median_ms:9.3f} {t.p90_ms:9.3f} {t.std_ms:9.3f} {t.min_ms:9.3f}",
+            f"{self.madds / 1e6:,.1f}M MAdds, {self.params / 1e6:.2f}M params: {self.gflops:.2f} GFLOP/s at the median"
+            + (f" ({100 * self.gflops / self.peak_gflops:.1f}% of the {self.peak_gflops:.0f} GFLOP/s peak)"
+               if self.peak_gflops and not self.emulated else ""),
+        ]
+        if self.emulated:
+            lines.insert(0, "EMULATED BOARD: the times below are not performance figures")
+        if self.profile:
+            total = sum(k["total_ms"] for k in self.profile)
+            flushed = ", caches flushed before each repeat" if self.settings.get("cache_flush") else ""
+            lines.append(f"per kernel (each timed alone{flushed}; sum {total:.3f} ms vs {t.median_ms:.3f} ms end to end):")
+            lines.append(f"  {'kernel':<44} {'calls':>5} {'ms/call':>9} {'ms':>9} {'share':>6}")
+            for k in self.profile:
+                lines.append(f"  {k['name'][:44]:<44} {k['calls']:>5} {k['ms_per_call']:9.4f} {k['total_ms']:9.4f} "
+                             f"{100 * k['total_ms'] / total if total else 0:5.1f}%")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- on a session
+
+
+def _device(remote: RemoteSession, manifest: dict[str, Any]) -> Any:
+    sess = remote.session
+    if manifest.get("device_kind") == "opencl":
+        dev = sess.cl(0)
+        if not dev.exist:
+            raise UserError(f"board {remote.address} has no OpenCL device: {manifest['target']} bundles need the "
+                            "board's OpenCL driver (e.g. libmali) and a runtime built with OpenCL")
+        return dev
+    return sess.cpu(0)
+
+
+def load_on_board(remote: RemoteSession, lib: Path, manifest: dict[str, Any], upload_name: str) -> Any:
+    """Upload and load a library; a load failure that smells of another architecture says so."""
+    where = f"board {remote.address}"
+    with session_errors(where, "check the board"):
+        remote.session.upload(str(lib), upload_name)
+    try:
+        return remote.session.load_module(upload_name)
+    except Exception as e:  # noqa: BLE001
+        msg = one_line(e)
+        if any(s in msg for s in ("ELF", "wrong ELF class", "Exec format", "cannot open shared object")):
+            raise UserError(f"{where} cannot load {lib.name} built for {manifest['arch']} ({msg}): the board is "
+                            f"another architecture; compile the bundle for the board's target") from None
+        with session_errors(where, "check the board"):
+            raise
+
+
+def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, *,
+              peak_gflops: float | None = None, emulated: bool | None = None) -> BenchResult:
+    """Upload, load, check parity and time one bundle in an open RPC session."""
+    import numpy as np
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from . import bundle
+
+    bundle_dir = Path(bundle_dir)
+    manifest = bundle.load_manifest(bundle_dir)
+    lib = bundle.verify_library(bundle_dir, manifest)
+    x, expected = bundle.reference(bundle_dir)
+    where = f"board {remote.address}"
+    hint = "run `mnv2-tvm board status --ssh USER@BOARD` to see what is left"
+    name = f"{manifest['library_sha256'][:16]}.so"
+    rlib = load_on_board(remote, lib, manifest, name)
+    with session_errors(where, hint):
+        dev = _device(remote, manifest)
+        vm = VirtualMachine(rlib, dev)
+        xt = tvm.runtime.tensor(np.ascontiguousarray(x, dtype=manifest["input"]["dtype"]), dev)
+        out = vm["main"](xt).numpy()
+    if out.shape != expected.shape:
+        raise UserError(f"{where} returned shape {out.shape}, PyTorch {expected.shape}: the bundle is inconsistent; "
+                        "recompile it")
+    err = float(np.abs(out.astype(np.float64) - expected).max())
+    if not err <= settings.tolerance:
+        raise UserError(f"parity failed on {where}: max abs error {err:.3g} > {settings.tolerance:g} against PyTorch; "
+                        "the library computes something else on this board (compiler flags, CPU features?)")
+    with session_errors(where, hint):
+        f = vm.time_evaluator("main", dev, number=settings.number, repeat=settings.repeat,
+                              min_repeat_ms=settings.min_repeat_ms)
+        samples = list(f(xt).results)
+    timing = TimingStats.from_seconds(samples)
+    board = {**remote.identity()}
+    board.setdefault("arch", manifest["arch"])
+    if "uname_m" not in board:
+        board["arch_from"] = "the library it loaded"
+    notes = []
+    if emulated:
+        notes.append(EMULATED_NOTE)
+    if manifest.get("tuning", {}).get("untuned"):
+        notes.append("the library is untuned: run `mnv2-tvm tune` for this target first for meaningful numbers")
+    result = BenchResult(
+        model=manifest["model"], label=manifest.get("label", manifest["model"]), bundle=str(bundle_dir),
+        target=manifest["target"], board=board, max_abs_error=err, tolerance=settings.tolerance, timing=timing,
+        madds=int(manifest.get("madds", 0)), params=int(manifest.get("params", 0)),
+        gflops=gflops(int(manifest.get("madds", 0)), timing.median_ms / 1e3), peak_gflops=peak_gflops,
+        settings=asdict(settings), emulated=emulated, notes=notes,
+    )
+    if settings.profile:
+        result.profile = profile_kernels(bundle_dir, manifest, remote, settings, dev)
+    return result
+
+
+# --------------------------------------------------------------------------- per-kernel profile
+
+
+def kernel_calls(mod: Any) -> list[dict[str, Any]]:
+    """The call_tir kernels ``main`` calls, how often, and the argument shapes of a call
+    (inputs, then outputs), from a fused Relax module."""
+    import tvm
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    kernels: dict[str, dict[str, Any]] = {}
+
+    def shapes(ty: Any) -> list[tuple[list[int], str]]:
+        # TVM 0.27 types: TupleType has fields, TensorType a ShapeExpr and a dtype.
+        if hasattr(ty, "fields"):
+            return [s for f in ty.fields for s in shapes(f)]
+        return [([int(v) for v in ty.shape.values], str(ty.dtype))]
+
+    def visit(expr: Any) -> None:
+        if hasattr(expr, "blocks"):  # SeqExpr
+            for block in expr.blocks:
+                for binding in block.bindings:
+                    visit(binding.value)
+        elif getattr(expr, "op", None) is not None and expr.op.same_as(call_tir):
+            name = expr.args[0].name_hint
+            args = [a for f in expr.args[1].fields for a in shapes(f.ty)]
+            args += shapes(expr.ty_args[0])
+            k = kernels.setdefault(name, {"name": name, "calls": 0, "args": args})
+            k["calls"] += 1
+
+    visit(mod["main"].body)
+    return list(kernels.values())
+
+
+def profile_kernels(bundle_dir: Path, manifest: dict[str, Any], remote: RemoteSession, settings: BenchSettings,
+                    dev: Any) -> list[dict[str, Any]]:
+    """Time every kernel of the bundle alone on the board (see the module docstring)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from . import targets
+    from .compile import _fcompile
+    from .lower import to_relax
+    from .models import ModelConfig, build
+    from .tune import compile_with_records
+
+    spec = targets.load(manifest["target"])
+    cfg = ModelConfig.from_dict(manifest["config"])
+    weights = Path(manifest["weights"]) if manifest.get("weights") else None
+    print("profile: rebuilding the kernels alone for timing ...", file=sys.stderr)
+    mod = to_relax(build(cfg, seed=int(manifest.get("seed", 0)), weights=weights), cfg, manifest.get("frontend", "torch"))
+    tuning = manifest.get("tuning", {})
+    records = Path(tuning["records_dir"]) if tuning.get("records_dir") and not tuning.get("untuned") else None
+    executable, report = compile_with_records(mod, spec.tvm_target(), records)
+    if records is not None and report.records_digest != tuning.get("records_digest"):
+        print("warning: the tuning records changed since the bundle was compiled; kernel times are of the new ones",
+              file=sys.stderr)
+    fused = relax.get_pipeline("zero")(relax.transform.DecomposeOpsForInference()(mod))
+    kernels = kernel_calls(fused)
+    libs = list(executable.mod.imports)
+    if not libs:
+        raise UserError("profile: the compiled model has no kernel library to time")
+    with tempfile.TemporaryDirectory(prefix="mnv2-profile-") as tmp:
+        path = Path(tmp) / "kernels.so"
+        fcompile = _fcompile(spec)
+        libs[0].export_library(str(path), fcompile=fcompile) if fcompile else libs[0].export_library(str(path))
+        rk = load_on_board(remote, path, manifest, f"{manifest['library_sha256'][:16]}-kernels.so")
+    rng = np.random.default_rng(0)
+    rows = []
+    with session_errors(f"board {remote.address}", "profile again without the failing kernel"):
+        for k in kernels:
+            tensors = [tvm.runtime.tensor(rng.uniform(-1, 1, size=shape).astype(dtype), dev) for shape, dtype in k["args"]]
+            try:
+                f = rk.time_evaluator(k["name"], dev, number=settings.number, repeat=min(settings.repeat, 3),
+                                      min_repeat_ms=settings.min_repeat_ms,
+                                      f_preproc="cache_flush_cpu_non_first_arg" if settings.cache_flush else "")
+            except Exception as e:  # noqa: BLE001 - a kernel inlined away or renamed
+                print(f"profile: skipped {k['name']}: {one_line(e)}", file=sys.stderr)
+                continue
+            per_call = statistics.median(f(*tensors).results) * 1e3
+            rows.append({"name": k["name"], "calls": k["calls"], "ms_per_call": per_call,
+                         "total_ms": per_call * k["calls"], "args": [list(s) for s, _ in k["args"]]})
+            del tensors
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows
+
+
+# --------------------------------------------------------------------------- the bench command
+
+
+@dataclass(frozen=True)
+class Where:
+    """Exactly one of: a direct server, a tracker + key, or a board over SSH."""
+
+    rpc: tuple[str, int] | None = None
+    tracker: tuple[str, int] | None = None
+    key: str | None = None
+    ssh: Any = None  # board.SshTarget
+    ssh_opts: Any = None  # board.SshOptions
+    wait_s: float = 120.0
+
+    def check(self) -> None:
+        given = [n for n, v in (("--rpc", self.rpc), ("--rpc-tracker", self.tracker), ("--ssh", self.ssh)) if v]
+        if len(given) != 1:
+            raise UserError("say where to run: exactly one of --rpc HOST:PORT, --rpc-tracker HOST:PORT "
+                            f"(with --rpc-key KEY) or --ssh USER@HOST[:PORT]" + (f" (got {' and '.join(given)})"
+                                                                               if given else ""))
+
+
+def bench_bundle(bundle_dir: Path, where: Where, settings: BenchSettings) -> BenchResult:
+    """Run :func:`run_bench` on the board ``where`` names; with ``--ssh`` start and stop its server."""
+    from . import bundle, targets
+    from . import remote as rpc
+
+    where.check()
+    manifest = bundle.load_manifest(bundle_dir)
+    bundle.verify_library(bundle_dir, manifest)
+    try:
+        spec = targets.load(manifest["target"])
+        peak, key = spec.peak_gflops, spec.rpc_key
+    except UserError:  # a bundle for a target file this checkout lacks
+        peak, key = None, None
+    if where.rpc:
+        sess = rpc.connect(*where.rpc, session_timeout=settings.session_timeout)
+        try:
+            return run_bench(bundle_dir, sess, settings, peak_gflops=peak)
+        finally:
+            sess.close()
+    if where.tracker:
+        key = where.key or key
+        if not key:
+            raise UserError("--rpc-tracker needs --rpc-key KEY (the bundle's target names no default key)")
+        sess = rpc.request(*where.tracker, key, wait_s=where.wait_s, session_timeout=settings.session_timeout)
+        try:
+            return run_bench(bundle_dir, sess, settings, peak_gflops=peak)
+        finally:
+            sess.close()
+    from .board import open_board
+
+    def same_arch(info: dict[str, Any]) -> None:
+        # Refuse a bundle for another architecture before anything is uploaded or started.
+        if info["arch"] != manifest["arch"]:
+            raise UserError(f"bundle {bundle_dir} is built for {manifest['arch']} ({manifest['target']}) but "
+                            f"{where.ssh} is {info['uname_m']}: compile it for this board's target")
+
+    with open_board(where.ssh, where.ssh_opts, precheck=same_arch) as ob:
+        sess = rpc.connect("127.0.0.1", ob.local_port, session_timeout=settings.session_timeout,
+                           via=f"ssh {where.ssh}")
+        sess.info.update(ob.identity())
+        sess.address = f"{where.ssh} (127.0.0.1:{ob.server.port} on the board)"
+        try:
+            return run_bench(bundle_dir, sess, settings, peak_gflops=peak, emulated=bool(ob.info.get("emulated")))
+        finally:
+            sess.close()
+
+
+def resolve_bundle(source: str, target: str | None, make_config: Any, *, out_dir: Path | None = None,
+                   frontend: str = "torch", weights: Path | None = None, seed: int = 0,
+                   tuning_records: Path | None = None) -> Path:
+    """``bench MODEL|BUNDLE``: a bundle folder as is, or a model compiled for ``target`` now."""
+    from . import bundle
+
+    path = Path(source)
+    if path.is_dir():
+        manifest = bundle.load_manifest(path)
+        if target and target not in (manifest["target"], Path(target).stem):
+            raise UserError(f"bundle {path} is for target {manifest['target']}, not {target}; drop --target or "
+                            "compile the model for that target")
+        return path
+    from .models import MODELS
+
+    if source not in MODELS:
+        raise UserError(f"{source!r} is neither a bundle folder nor a model ({', '.join(MODELS)})")
+    if not target:
+        raise UserError(f"bench {source} compiles the model first: say for which board with --target (e.g. rpi4b)")
+    from . import targets
+    from .compile import compile_bundle
+
+    spec = targets.load(target)
+    cfg = make_config()
+    out = out_dir or Path("build") / f"{cfg.label}-{spec.name}"
+    records = tuning_records if tuning_records is not None else spec.records_dir
+    compile_bundle(cfg, spec, out, frontend=frontend, records_dir=records, weights=weights, seed=seed)
+    return out
+
+
+def print_result(result: BenchResult, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.table())

@@ -1,0 +1,936 @@
+"""Boards over SSH (paramiko): status, start / stop of a TVM RPC server, port forwards, and the
+SSH-only runner path.
+
+The RPC server on a board listens on the board's loopback only. The host reaches it through
+an SSH port forward it holds itself, so RPC never listens on the board's network. With a
+tracker, the board's server reaches the host's tracker through a reverse forward and reports
+an address on the host's loopback, which a same-port forward makes good.
+
+``stop`` ends exactly what ``start`` started: start runs the server under ``setsid`` and writes
+its process group id and the leader's start time to a state file on the board; stop kills that
+group only, and only if the leader is still the process it started.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import re
+import select
+import shlex
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import paramiko
+
+#: Where state, logs and uploaded bundles live on the board, relative to the login's home.
+BOARD_DIR = ".cache/mnv2-tvm"
+SSH_TIMEOUT_S = 30.0
+#: `import tvm` takes 3-6 s under qemu and ~2 s on a Pi 4; a busy board can triple that.
+SERVER_READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 15.0
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RUNTIME_PIP = "pip install apache-tvm=={v} (aarch64 wheel; runtime-only is enough: see README)"
+_names = itertools.count()
+
+
+# --------------------------------------------------------------------------- targets and options
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """``USER@HOST[:PORT]`` as given to ``--ssh``."""
+
+    user: str
+    host: str
+    port: int = 22
+
+    @classmethod
+    def parse(cls, value: str) -> SshTarget:
+        user, at, rest = value.rpartition("@")
+        if not at or not user or not rest:
+            raise UserError(f"--ssh takes USER@HOST[:PORT] (e.g. pi@raspberrypi.local), not {value!r}")
+        m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", rest)
+        if not m:
+            raise UserError(f"--ssh: cannot read host and port from {rest!r}")
+        host = m.group(1) or m.group(3)
+        port = int(m.group(2) or m.group(4) or 22)
+        if not 0 < port < 65536:
+            raise UserError(f"--ssh: port {port} is out of range")
+        return cls(user, host, port)
+
+    @property
+    def known_hosts_name(self) -> str:
+        """How OpenSSH names this host in known_hosts."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host}" + ("" if self.port == 22 else f":{self.port}")
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    identity: Path | None = None  # private key; None: ssh-agent and ~/.ssh/id_*
+    known_hosts: Path | None = None  # None: ~/.ssh/known_hosts
+    trust_host_key: str | None = None  # "SHA256:..." to accept (and record) an unknown host key
+    board_python: str = "python3"  # the interpreter on the board that has the TVM runtime
+    timeout: float = SSH_TIMEOUT_S
+
+    @property
+    def known_hosts_file(self) -> Path:
+        return self.known_hosts or Path.home() / ".ssh" / "known_hosts"
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's ``SHA256:...`` fingerprint of a host key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+# --------------------------------------------------------------------------- the connection
+
+
+class _UnknownHostKey(Exception):
+    def __init__(self, name: str, key_type: str, fp: str) -> None:
+        super().__init__(name)
+        self.name, self.key_type, self.fp = name, key_type, fp
+
+
+def _append_known_host(path: Path, name: str, key: paramiko.PKey) -> None:
+    from paramiko.hostkeys import HostKeyEntry
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    line = HostKeyEntry([name], key).to_line()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(line)
+
+
+class BoardConnection:
+    """One authenticated SSH connection to a board, host key verified."""
+
+    def __init__(self, target: SshTarget, opts: SshOptions) -> None:
+        import paramiko
+
+        self.target = target
+        self.opts = opts
+        kh = opts.known_hosts_file
+        if opts.known_hosts is not None and not kh.is_file():
+            raise UserError(f"--known-hosts file {kh} does not exist")
+        if opts.identity is not None and not Path(opts.identity).is_file():
+            raise UserError(f"--identity key file {opts.identity} does not exist")
+
+        class Policy(paramiko.MissingHostKeyPolicy):
+            # Unknown keys are refused unless the user passed this exact fingerprint.
+            def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+                fp = fingerprint(key)
+                if opts.trust_host_key is None or opts.trust_host_key.strip() != fp:
+                    raise _UnknownHostKey(hostname, key.get_name(), fp)
+                client.get_host_keys().add(hostname, key.get_name(), key)
+                _append_known_host(kh, hostname, key)
+                print(f"note: trusted {hostname} ({key.get_name()} {fp}); recorded in {kh}", file=sys.stderr)
+
+        client = paramiko.SSHClient()
+        if kh.is_file():
+            try:
+                client.load_host_keys(str(kh))
+            except (OSError, paramiko.SSHException) as e:
+                raise UserError(f"cannot read known_hosts file {kh}: {e}") from None
+        client.set_missing_host_key_policy(Policy())
+        where = f"SSH to {target}"
+        try:
+            client.connect(
+                target.host, port=target.port, username=target.user,
+                key_filename=str(opts.identity) if opts.identity else None,
+                look_for_keys=opts.identity is None, allow_agent=True,
+                timeout=opts.timeout, banner_timeout=opts.timeout, auth_timeout=opts.timeout,
+            )
+        except _UnknownHostKey as e:
+            client.close()
+            raise UserError(
+                f"{where}: host key of {e.name} is not in {kh} ({e.key_type} {e.fp}); if that is the board's key "
+                f"(check on the board: ssh-keygen -lf /etc/ssh/ssh_host_{e.key_type.replace('ssh-', '')}_key.pub), "
+                f"trust it with --trust-host-key {e.fp}") from None
+        except paramiko.BadHostKeyException as e:
+            client.close()
+            raise UserError(
+                f"{where}: the host key CHANGED (now {fingerprint(e.key)}, {kh} has {fingerprint(e.expected_key)}); "
+                f"if the board was reinstalled remove its line from {kh} (ssh-keygen -R '{target.known_hosts_name}'), "
+                "otherwise do not connect") from None
+        except paramiko.PasswordRequiredException:
+            client.close()
+            raise UserError(f"{where}: the key {opts.identity} is encrypted; load it into ssh-agent "
+                            f"(ssh-add {opts.identity}) and try again without --identity") from None
+        except paramiko.AuthenticationException:
+            client.close()
+            key = f"key {opts.identity}" if opts.identity else "ssh-agent / ~/.ssh keys"
+            raise UserError(f"{where}: authentication failed with {key}; put the public key in the board's "
+                            f"~{target.user}/.ssh/authorized_keys (ssh-copy-id -i KEY.pub -p {target.port} {target.user}@"
+                            f"{target.host}) or pass the right --identity") from None
+        except socket.gaierror as e:
+            client.close()
+            raise UserError(f"{where}: cannot resolve {target.host!r} ({e.strerror}); check the name") from None
+        except paramiko.ssh_exception.NoValidConnectionsError:
+            client.close()
+            raise UserError(f"{where}: connection refused on port {target.port}; is sshd running there, and is "
+                            "that the right port (USER@HOST:PORT)?") from None
+        except TimeoutError:
+            client.close()
+            raise UserError(f"{where}: no answer within {opts.timeout:.0f} s; is the board on and reachable?") from None
+        except paramiko.SSHException as e:
+            client.close()
+            raise UserError(f"{where}: {e} (is port {target.port} an SSH server?)") from None
+        except OSError as e:
+            client.close()
+            raise UserError(f"{where}: {e.strerror or e}") from None
+        self.client = client
+        self._home: str | None = None
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise UserError(f"the SSH connection to {self.target} was closed")
+        return transport
+
+    def run(self, cmd: str, timeout: float = 120.0) -> tuple[int, str, str]:
+        """Run a shell command on the board: (exit code, stdout, stderr)."""
+        import paramiko
+
+        try:
+            _, out, err = self.client.exec_command(cmd, timeout=timeout)
+            # Drain both before the exit status: a full pipe would deadlock.
+            stdout = out.read().decode(errors="replace")
+            stderr = err.read().decode(errors="replace")
+            return out.channel.recv_exit_status(), stdout, stderr
+        except (TimeoutError, paramiko.SSHException, OSError) as e:
+            raise UserError(f"command on {self.target} did not finish within {timeout:.0f} s or the connection "
+                            f"broke ({type(e).__name__}): {cmd[:80]}") from None
+
+    def check(self, cmd: str, what: str, timeout: float = 120.0) -> str:
+        rc, out, err = self.run(cmd, timeout)
+        if rc != 0:
+            tail = (err.strip() or out.strip()).splitlines()[-3:]
+            raise UserError(f"{what} failed on {self.target} (exit {rc}): {' | '.join(tail)}")
+        return out
+
+    @property
+    def home(self) -> str:
+        if self._home is None:
+            self._home = self.check('printf %s "$HOME"', "reading $HOME").strip() or "/tmp"
+        return self._home
+
+    def board_path(self, *parts: str) -> str:
+        return "/".join([self.home.rstrip("/"), BOARD_DIR, *parts])
+
+    @contextlib.contextmanager
+    def sftp(self) -> Iterator[paramiko.SFTPClient]:
+        try:
+            client = self.client.open_sftp()
+        except Exception as e:  # noqa: BLE001 - paramiko raises SSHException or EOFError
+            raise UserError(f"SFTP to {self.target} failed ({e}); does its sshd enable the sftp subsystem?") from None
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> BoardConnection:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- what is on the board
+
+_PROBE = r"""
+import json, os, platform, sys
+r = {"machine": platform.machine(), "python": platform.python_version(), "executable": sys.executable,
+     "cpus": os.cpu_count()}
+try:
+    r["boot_id"] = open("/proc/sys/kernel/random/boot_id").read().strip()
+    r["netns"] = os.readlink("/proc/self/ns/net")
+except OSError:
+    pass
+try:
+    info = open("/proc/cpuinfo").read()
+except OSError:
+    info = ""
+# qemu-user shows the host's /proc/cpuinfo: an ARM userland over an x86 CPU list is emulated.
+r["emulated"] = r["machine"] not in ("x86_64", "i686") and ("GenuineIntel" in info or "AuthenticAMD" in info)
+model = ""
+try:
+    model = open("/proc/device-tree/model").read().strip("\0\n ")
+except OSError:
+    for line in info.splitlines():
+        if line.startswith("Model"):
+            model = line.split(":", 1)[1].strip()
+r["model"] = model
+try:
+    import numpy
+    r["numpy"] = numpy.__version__
+except Exception as e:
+    r["numpy_error"] = type(e).__name__ + ": " + str(e)
+try:
+    import tvm
+    r["tvm"] = tvm.__version__
+    r["tvm_path"] = os.path.dirname(tvm.__file__)
+    try:
+        import tvm.base
+        r["runtime_only"] = bool(getattr(tvm.base, "_RUNTIME_ONLY", False))
+    except Exception:
+        pass
+except Exception as e:
+    r["tvm_error"] = type(e).__name__ + ": " + str(e).splitlines()[0] if str(e) else type(e).__name__
+print("MNV2PROBE" + json.dumps(r))
+"""
+
+
+def normalise_arch(machine: str) -> str:
+    """``uname -m`` → the names bundles use (x86_64, aarch64, arm)."""
+    return {"arm64": "aarch64", "armv7l": "arm", "armv8l": "arm", "armv6l": "arm", "amd64": "x86_64"}.get(machine, machine)
+
+
+def host_tvm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("apache-tvm")
+    except PackageNotFoundError:  # a source build
+        import tvm
+
+        return tvm.__version__
+
+
+def release(version: str) -> str:
+    """``0.27.0.post1`` → ``0.27.0``: post/dev/local suffixes keep the RPC protocol."""
+    m = re.match(r"\d+(?:\.\d+){0,2}", version)
+    return m.group(0) if m else version
+
+
+def probe(conn: BoardConnection) -> dict[str, Any]:
+    """Architecture, Python, TVM runtime, NumPy and whether the board is an emulator."""
+    rc, out, err = conn.run("uname -m", timeout=60)
+    machine = out.strip() if rc == 0 else "unknown"
+    py = conn.opts.board_python
+    rc, out, err = conn.run(f"{py} -c {shlex.quote(_PROBE)}", timeout=180)
+    line = next((ln for ln in out.splitlines() if ln.startswith("MNV2PROBE")), None)
+    if line is None:
+        if rc == 127 or "not found" in err:
+            raise UserError(f"board {conn.target} has no {py!r}; install Python 3 there (sudo apt install python3) "
+                            "or name the interpreter with --board-python")
+        raise UserError(f"probing board {conn.target} with {py!r} failed (exit {rc}): "
+                        f"{(err.strip() or out.strip()).splitlines()[-1:]}")
+    info = json.loads(line[len("MNV2PROBE"):])
+    info["uname_m"] = machine
+    info["arch"] = normalise_arch(machine)
+    info["ssh"] = str(conn.target)
+    return info
+
+
+def check_runtime(info: dict[str, Any], target: SshTarget | str) -> None:
+    """Refuse a board without the TVM runtime, or with another TVM release than ours."""
+    ours = host_tvm_version()
+    if "tvm" not in info:
+        raise UserError(f"board {target} has no TVM runtime for {info.get('executable', 'python3')} "
+                        f"({info.get('tvm_error', 'import tvm failed')}); on the board: "
+                        + RUNTIME_PIP.format(v=ours))
+    if release(info["tvm"]) != release(ours):
+        raise UserError(f"board {target} has TVM {info['tvm']}, this host {ours}: RPC and libraries need the same "
+                        f"release; on the board: " + RUNTIME_PIP.format(v=ours))
+    if "numpy" not in info:
+        raise UserError(f"board {target} has no NumPy for {info.get('executable', 'python3')}; "
+                        "on the board: pip install numpy")
+
+
+def shares_loopback(info: dict[str, Any]) -> bool:
+    """True when the board runs on this very kernel and network namespace (a chroot, like the
+    virtual board): its 127.0.0.1 is ours, so a port it binds there cannot be forwarded to the
+    same port here (and need not be)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+        netns = os.readlink("/proc/self/ns/net")
+    except OSError:
+        return False
+    return info.get("boot_id") == boot_id and info.get("netns") == netns
+
+
+# --------------------------------------------------------------------------- RPC server on the board
+
+
+@dataclass
+class ServerState:
+    """What ``start`` wrote on the board (``~/.cache/mnv2-tvm/rpc-NAME/state.json``)."""
+
+    name: str
+    pgid: int
+    start_time: str  # field 22 of /proc/PID/stat: tells a recycled pid apart
+    port: int  # on the board's loopback
+    workdir: str
+    tracker: str | None = None  # as the board reaches it (through a reverse forward)
+    key: str | None = None
+    started: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1)
+
+
+def _check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    return name
+
+
+def _read_state(conn: BoardConnection, name: str) -> ServerState | None:
+    path = conn.board_path(f"rpc-{name}", "state.json")
+    rc, out, _ = conn.run(f"cat {shlex.quote(path)} 2>/dev/null", timeout=60)
+    if rc != 0 or not out.strip():
+        return None
+    try:
+        return ServerState(**json.loads(out))
+    except (ValueError, TypeError):
+        raise UserError(f"{path} on {conn.target} is damaged; remove it (and end the server by hand)") from None
+
+
+# One small Python program runs on the board for liveness and stopping: portable (no procps
+# flags), and it reads /proc the same way everywhere.
+_GROUP = r"""
+import os, signal, sys, time
+pgid, start, action, wait = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+def stat(pid):
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+def members():
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            f = stat(d)
+            if f and int(f[2]) == pgid and f[0] not in "ZX":
+                out.append(int(d))
+    return out
+lead = stat(pgid)
+if lead is not None and lead[19] != start:
+    print("RECYCLED"); sys.exit(0)
+if action == "status":
+    print("ALIVE" if members() else "GONE"); sys.exit(0)
+for sig, t in ((signal.SIGTERM, wait), (signal.SIGKILL, wait)):
+    if not members():
+        break
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        break
+    end = time.time() + t
+    while members() and time.time() < end:
+        time.sleep(0.1)
+left = members()
+print("LEFT " + " ".join(map(str, left)) if left else "STOPPED")
+"""
+
+
+def server_status(conn: BoardConnection, state: ServerState) -> str:
+    """``ALIVE``, ``GONE`` or ``RECYCLED`` (the pid now belongs to another process)."""
+    out = conn.check(f"{conn.opts.board_python} -c {shlex.quote(_GROUP)} {state.pgid} {state.start_time} status 0",
+                     "checking the RPC server", timeout=120)
+    return out.strip().split()[-1] if out.strip() else "GONE"
+
+
+def extra_runtime(conn: BoardConnection, info: dict[str, Any]) -> str | None:
+    """``libtvm_runtime_extra.so`` of a runtime-only install, if present.
+
+    A runtime-only ``import tvm`` does not load it, yet MetaSchedule's RPC runner needs its
+    ``tvm.contrib.random.random_fill_for_measure`` on the server to fill candidate inputs.
+    """
+    if not info.get("runtime_only") or not info.get("tvm_path"):
+        return None
+    path = f"{info['tvm_path']}/lib/libtvm_runtime_extra.so"
+    rc, _, _ = conn.run(f"test -f {shlex.quote(path)}", timeout=60)
+    return path if rc == 0 else None
+
+
+def start_server(conn: BoardConnection, name: str, *, port: int | None = None, tracker: str | None = None,
+                 key: str | None = None, load_library: str | None = None,
+                 ready_timeout: float = SERVER_READY_TIMEOUT_S) -> ServerState:
+    """Start ``python3 -m tvm.exec.rpc_server`` on the board's 127.0.0.1, detached, in its own
+    process group, and wait until it listens. With ``tracker`` (an address the board reaches)
+    it registers there under ``key`` and reports 127.0.0.1 as its address."""
+    _check_name(name)
+    old = _read_state(conn, name)
+    if old is not None and server_status(conn, old) == "ALIVE":
+        raise UserError(f"an RPC server named {name!r} already runs on {conn.target} (port {old.port}); stop it "
+                        f"with `mnv2-tvm board stop --ssh {conn.target} --name {name}` or pick another --name")
+    workdir = conn.board_path(f"rpc-{name}")
+    first = port or 9090
+    last = first + 1 if port else 9200
+    args = ["-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(first), "--port-end", str(last)]
+    if tracker:
+        args += ["--tracker", tracker, "--key", key or "", "--custom-addr", "127.0.0.1"]
+    if load_library:
+        args += ["--load-library", load_library]
+    q = shlex.quote
+    # Only a fully detached command lets the exec channel close: `;` not `&&` before setsid,
+    # and no stream left connected to the channel. setsid makes the server a group leader.
+    cmd = (f"mkdir -p {q(workdir)}; cd {q(workdir)} || exit 1; rm -f rpc.log state.json; "
+           f"setsid {conn.opts.board_python} {' '.join(q(a) for a in args)} > rpc.log 2>&1 < /dev/null & echo $!")
+    out = conn.check(cmd, "starting the RPC server", timeout=60)
+    try:
+        pid = int(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise UserError(f"starting the RPC server on {conn.target} printed {out!r}, not a pid") from None
+    stat = conn.check(f"cat /proc/{pid}/stat 2>/dev/null || true", "reading the server's /proc entry").strip()
+    fields = stat.rsplit(")", 1)[1].split() if ")" in stat else []
+    if len(fields) < 20:
+        log = conn.run(f"cat {q(workdir)}/rpc.log", timeout=30)[1].strip().splitlines()[-3:]
+        raise UserError(f"the RPC server on {conn.target} exited at once: {' | '.join(log) or 'no log'}")
+    state = ServerState(name, pid, fields[19], 0, workdir, tracker, key)
+    if int(fields[2]) != pid:
+        _stop_group(conn, state)
+        raise UserError(f"setsid did not make the RPC server on {conn.target} a process group leader "
+                        f"(pgid {fields[2]} != pid {pid}); stopped it")
+    # Wait for the bind line, not the port: a bare connect would be taken as an RPC client.
+    wait = (f"for i in $(seq 1 {int(ready_timeout * 4)}); do "
+            f"grep -o 'bind to [^ ]*' {q(workdir)}/rpc.log && exit 0; "
+            f"kill -0 {pid} 2>/dev/null || break; sleep 0.25; done; tail -n 5 {q(workdir)}/rpc.log; exit 1")
+    rc, out, _ = conn.run(wait, timeout=ready_timeout + 30)
+    m = re.search(r"bind to \S+:(\d+)", out)
+    if rc != 0 or not m:
+        _stop_group(conn, state)
+        tail = " | ".join(ln for ln in out.strip().splitlines()[-3:])
+        raise UserError(f"the RPC server on {conn.target} did not come up within {ready_timeout:.0f} s "
+                        f"(stopped it): {tail or 'no log'}")
+    state.port = int(m.group(1))
+    with conn.sftp() as sftp, sftp.open(f"{workdir}/state.json", "w") as f:
+        f.write(state.to_json())
+    return state
+
+
+def _stop_group(conn: BoardConnection, state: ServerState) -> str:
+    out = conn.check(
+        f"{conn.opts.board_python} -c {shlex.quote(_GROUP)} {state.pgid} {state.start_time} stop {STOP_TIMEOUT_S / 2}",
+        "stopping the RPC server", timeout=STOP_TIMEOUT_S * 2 + 60).strip()
+    result = out.splitlines()[-1] if out else "STOPPED"
+    if result.startswith("LEFT"):
+        raise UserError(f"processes {result[5:]} of the RPC server group {state.pgid} on {conn.target} survived "
+                        "SIGKILL; look at them on the board")
+    return result
+
+
+def stop_server(conn: BoardConnection, name: str) -> ServerState | None:
+    """Stop the server ``start_server(name)`` started and remove its folder; None if there was none."""
+    _check_name(name)
+    state = _read_state(conn, name)
+    if state is None:
+        return None
+    _stop_group(conn, state)
+    conn.check(f"rm -rf {shlex.quote(state.workdir)}", "removing the server's folder", timeout=60)
+    return state
+
+
+def list_servers(conn: BoardConnection) -> list[tuple[ServerState, str]]:
+    """Servers started by mnv2-tvm on this board and whether each still runs."""
+    rc, out, _ = conn.run(f"ls -d {shlex.quote(conn.board_path())}/rpc-*/ 2>/dev/null", timeout=60)
+    found = []
+    for line in out.split():
+        name = line.rstrip("/").rsplit("/rpc-", 1)[-1]
+        if NAME_RE.match(name):
+            state = _read_state(conn, name)
+            if state is not None:
+                found.append((state, server_status(conn, state)))
+    return found
+
+
+# --------------------------------------------------------------------------- port forwards
+
+
+def _pump(sock: socket.socket, chan: Any, stop: threading.Event) -> None:
+    """Copy bytes both ways between a socket and an SSH channel until either side closes."""
+    try:
+        while not stop.is_set():
+            ready, _, _ = select.select([sock, chan], [], [], 0.5)
+            if sock in ready:
+                data = sock.recv(1 << 16)
+                if not data:
+                    break
+                chan.sendall(data)
+            if chan in ready:
+                data = chan.recv(1 << 16)
+                if not data:
+                    break
+                sock.sendall(data)
+    except (OSError, EOFError):
+        pass
+    except Exception:  # noqa: BLE001 - paramiko.SSHException when the transport dies
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            chan.close()
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+class LocalForward:
+    """This host's 127.0.0.1:``port`` → ``dest_host:dest_port`` as the board sees it (ssh -L)."""
+
+    def __init__(self, transport: paramiko.Transport, dest_host: str, dest_port: int, local_port: int = 0) -> None:
+        self.transport = transport
+        self.dest = (dest_host, dest_port)
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind(("127.0.0.1", local_port))
+        except OSError as e:
+            self.listener.close()
+            raise UserError(f"cannot listen on 127.0.0.1:{local_port} for the SSH forward ({e.strerror}); "
+                            "pick another --local-port") from None
+        self.listener.listen(16)
+        self.listener.settimeout(0.5)
+        self.port = int(self.listener.getsockname()[1])
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._loop, name=f"forward :{self.port}", daemon=True)
+        self._accept.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, peer = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            sock.settimeout(None)
+            try:
+                chan = self.transport.open_channel("direct-tcpip", self.dest, peer, timeout=SSH_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - refused by sshd, or nothing listens on the board
+                sock.close()
+                continue
+            t = threading.Thread(target=_pump, args=(sock, chan, self._stop), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        self._accept.join(5)
+        for t in self._threads:
+            t.join(2)
+
+
+class ReverseForward:
+    """The board's 127.0.0.1:``port`` → ``to_host:to_port`` on this side (ssh -R)."""
+
+    def __init__(self, transport: paramiko.Transport, to_host: str, to_port: int) -> None:
+        import paramiko
+
+        self.transport = transport
+        self.to = (to_host, to_port)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        try:
+            self.port = int(transport.request_port_forward("127.0.0.1", 0, handler=self._handler))
+        except paramiko.SSHException as e:
+            raise UserError(f"the board's sshd refused a reverse port forward ({e}); allow it with "
+                            "`AllowTcpForwarding yes` in its sshd_config") from None
+
+    def _handler(self, chan: Any, origin: tuple, server: tuple) -> None:
+        try:
+            sock = socket.create_connection(self.to, timeout=10)
+        except OSError:
+            chan.close()
+            return
+        sock.settimeout(None)
+        t = threading.Thread(target=_pump, args=(sock, chan, self._stop), daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self.transport.cancel_port_forward("127.0.0.1", self.port)
+        for t in self._threads:
+            t.join(2)
+
+
+class Tunnel:
+    """SSH port forwards held by a helper process, ``python -m mnv2_tvm.board --tunnel``.
+
+    Not threads in this process: TVM's RPC client frees remote objects with a blocking round
+    trip while holding the GIL, so a paramiko forward in the same process (pure Python) can never
+    carry that round trip's answer and the client deadlocks. The helper runs in its own process
+    group, takes commands as JSON lines on stdin, and exits when stdin closes, so it cannot
+    outlive a parent that dies.
+    """
+
+    def __init__(self, target: SshTarget, opts: SshOptions, timeout: float | None = None) -> None:
+        import subprocess
+
+        self.target = target
+        self.timeout = timeout or opts.timeout + 30
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mnv2_tvm.board", "--tunnel"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            start_new_session=True,  # its own group: close() kills it and nothing else
+        )
+        cfg = {"user": target.user, "host": target.host, "port": target.port,
+               "identity": str(opts.identity) if opts.identity else None,
+               "known_hosts": str(opts.known_hosts_file), "timeout": opts.timeout}
+        try:
+            self._call(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps(msg) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            raise UserError(f"the SSH tunnel helper for {self.target} has exited") from None
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise UserError(f"the SSH tunnel helper for {self.target} did not answer within {self.timeout:.0f} s")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise UserError(reply["error"])
+        return reply
+
+    def local(self, dest_host: str, dest_port: int, local_port: int = 0) -> int:
+        """Forward this host's 127.0.0.1:``local_port`` (0: any) to dest as the board sees it."""
+        return int(self._call({"local": [dest_host, dest_port, local_port]})["port"])
+
+    def reverse(self, to_host: str, to_port: int) -> int:
+        """Forward a port on the board's 127.0.0.1 to ``to_host:to_port`` here; returns that port."""
+        return int(self._call({"reverse": [to_host, to_port]})["port"])
+
+    def close(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()  # type: ignore[union-attr]
+
+
+def _tunnel_main() -> int:
+    """The helper process behind :class:`Tunnel`."""
+
+    def reply(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    cfg = json.loads(sys.stdin.readline() or "{}")
+    try:
+        conn = BoardConnection(SshTarget(cfg["user"], cfg["host"], int(cfg["port"])),
+                               SshOptions(identity=Path(cfg["identity"]) if cfg.get("identity") else None,
+                                          known_hosts=Path(cfg["known_hosts"]), timeout=float(cfg["timeout"])))
+    except UserError as e:
+        reply({"error": str(e)})
+        return 2
+    reply({"ok": True})
+    forwards: list[LocalForward | ReverseForward] = []
+    try:
+        for line in sys.stdin:  # EOF: the parent closed us or died
+            msg = json.loads(line)
+            try:
+                if "local" in msg:
+                    host, port, local_port = msg["local"]
+                    forwards.append(LocalForward(conn.transport, host, int(port), int(local_port)))
+                else:
+                    host, port = msg["reverse"]
+                    forwards.append(ReverseForward(conn.transport, host, int(port)))
+                reply({"port": forwards[-1].port})
+            except UserError as e:
+                reply({"error": str(e)})
+    finally:
+        for f in reversed(forwards):
+            f.close()
+        conn.close()
+    return 0
+
+
+# --------------------------------------------------------------------------- a board, opened
+
+
+@dataclass
+class OpenBoard:
+    """A board with a running RPC server reachable at 127.0.0.1:``local_port`` on this host."""
+
+    conn: BoardConnection
+    info: dict[str, Any]
+    server: ServerState
+    local_port: int
+    started: bool  # False when we attached to a server someone else started
+    key: str | None = None
+
+    @property
+    def target(self) -> SshTarget:
+        return self.conn.target
+
+    def identity(self) -> dict[str, Any]:
+        keep = ("arch", "uname_m", "model", "python", "tvm", "emulated", "cpus")
+        return {"ssh": str(self.conn.target), **{k: self.info.get(k) for k in keep}}
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{socket.gethostname()[:20]}-{os.getpid()}-{next(_names)}"
+
+
+@contextlib.contextmanager
+def open_board(target: SshTarget, opts: SshOptions, *, name: str | None = None, tracker: tuple[str, int] | None = None,
+               key: str | None = None, attach: bool = False, local_port: int = 0,
+               precheck: Callable[[dict[str, Any]], None] | None = None) -> Iterator[OpenBoard]:
+    """Connect, check the runtime, start an RPC server (or attach to the one named ``name``) and
+    forward a port to it; on exit stop what was started here and nothing else.
+
+    With ``tracker`` (host, port) on this side, the server registers there under ``key``.
+    ``precheck(info)`` may refuse the board (by raising) before anything is started on it.
+    """
+    conn = BoardConnection(target, opts)
+    tunnel: Tunnel | None = None
+    state: ServerState | None = None
+    started = False
+    try:
+        info = probe(conn)
+        if precheck is not None:
+            precheck(info)
+        check_runtime(info, target)
+        name = _check_name(name) if name else unique_name("session")
+        existing = _read_state(conn, name) if attach else None
+        tunnel = Tunnel(target, opts)
+        if existing is not None and server_status(conn, existing) == "ALIVE":
+            if tracker and not existing.tracker:
+                raise UserError(f"the RPC server {name!r} on {target} was started without a tracker; stop it or "
+                                "use another --name")
+            state = existing
+        elif tracker:
+            tracker_on_board = f"127.0.0.1:{tunnel.reverse(*tracker)}"
+            # The tracker hands out (127.0.0.1, the server's port): the same port must reach the
+            # board from this side, so pick one free here and have the board bind exactly it.
+            for attempt in range(3):
+                try:
+                    state = start_server(conn, name, port=local_port or _free_port_here(), tracker=tracker_on_board,
+                                         key=key, load_library=extra_runtime(conn, info))
+                    break
+                except UserError as e:
+                    if "cannot bind" not in str(e) or local_port or attempt == 2:
+                        raise
+            started = True
+        else:
+            state = start_server(conn, name, load_library=extra_runtime(conn, info))
+            started = True
+        assert state is not None
+        if tracker and shares_loopback(info):
+            port = state.port  # the board's loopback is ours: its port needs no forward
+        else:
+            port = tunnel.local("127.0.0.1", state.port, state.port if tracker else local_port)
+        yield OpenBoard(conn, info, state, port, started, key)
+    finally:
+        errors = []
+        if tunnel is not None:
+            tunnel.close()
+        if started and state is not None:
+            try:
+                _stop_group(conn, state)
+                conn.run(f"rm -rf {shlex.quote(state.workdir)}", timeout=60)
+            except UserError as e:
+                errors.append(str(e))
+                print(f"warning: {e}; stop it with `mnv2-tvm board stop --ssh {target} --name {state.name}`",
+                      file=sys.stderr)
+        conn.close()
+        if errors and sys.exc_info()[0] is None:
+            raise UserError(errors[0])
+
+
+def _free_port_here() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- the SSH-only runner path
+
+
+def run_bundle_ssh(conn: BoardConnection, bundle_dir: Path, x: Any | None = None, *, check: bool = True,
+                   keep: bool = False, timeout: float = 600.0) -> tuple[Any, dict[str, Any]]:
+    """Without RPC: SFTP the bundle (and ``x`` as in.npy), run ``python3 runner.py BUNDLE --input in.npy
+    --output out.npy`` on the board, fetch the output. Returns (output, the runner's JSON)."""
+    import io
+
+    import numpy as np
+
+    from . import bundle
+
+    bundle_dir = Path(bundle_dir)
+    manifest = bundle.load_manifest(bundle_dir)
+    bundle.verify_library(bundle_dir, manifest)
+    info = probe(conn)
+    if info["arch"] != manifest["arch"]:
+        raise UserError(f"bundle {bundle_dir} is built for {manifest['arch']} but {conn.target} is {info['uname_m']}: "
+                        f"compile it for this board's target")
+    check_runtime(info, conn.target)
+    remote = conn.board_path("bundles", f"{manifest['library_sha256'][:16]}-{os.getpid()}")
+    files = [bundle.MANIFEST, manifest["library"], bundle.RUNNER, bundle.REFERENCE]
+    q = shlex.quote
+    conn.check(f"mkdir -p {q(remote)}", "creating the bundle folder")
+    try:
+        with conn.sftp() as sftp:
+            for name in files:
+                if (bundle_dir / name).is_file():
+                    sftp.put(str(bundle_dir / name), f"{remote}/{name}")
+            args = ""
+            if x is not None:
+                buf = io.BytesIO()
+                np.save(buf, np.ascontiguousarray(x, dtype=manifest["input"]["dtype"]))
+                with sftp.open(f"{remote}/in.npy", "wb") as f:
+                    f.write(buf.getvalue())
+                args += " --input in.npy"
+            cmd = (f"cd {q(remote)} && {conn.opts.board_python} {bundle.RUNNER} . {args} --output out.npy"
+                   + (" --check" if check else ""))
+            rc, out, err = conn.run(cmd, timeout=timeout)
+            if rc != 0:
+                tail = (err.strip() or out.strip()).splitlines()[-2:]
+                raise UserError(f"runner.py failed on {conn.target} (exit {rc}): {' | '.join(tail)}")
+            with sftp.open(f"{remote}/out.npy", "rb") as f:
+                f.prefetch()
+                output = np.load(io.BytesIO(f.read()))
+        result = json.loads(out.strip().splitlines()[-1])
+    finally:
+        if not keep:
+            conn.run(f"rm -rf {q(remote)}", timeout=60)
+    return output, result
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--tunnel"]:
+    sys.exit(_tunnel_main())

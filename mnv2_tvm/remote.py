@@ -1,0 +1,366 @@
+"""RPC sessions with boards: direct (``--rpc HOST:PORT``), through a tracker (``--rpc-tracker
+HOST:PORT --rpc-key KEY``), or to a port that an SSH forward (board.py) holds on this host.
+
+Everything here speaks TVM's own RPC and tracker protocols (``tvm.rpc``, ``tvm.rpc.base``).
+What this module adds is bounded waits and one-line errors that say what to do: TVM's client
+blocks for ever on a port that accepts but never answers, and a tracker request waits for ever
+when every board under a key is busy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+#: Seconds to wait for a TCP connection or an RPC handshake.
+CONNECT_TIMEOUT_S = 30.0
+#: Seconds to wait for a free board behind a tracker.
+DEFAULT_WAIT_S = 120.0
+
+
+@dataclass
+class RemoteSession:
+    """A live RPC session and who is on the other end."""
+
+    session: Any  # tvm.rpc.RPCSession
+    key: str  # the tracker key, or "" for a direct session
+    address: str  # host:port the session was opened to (after a tracker: the board's)
+    via: str  # "rpc", "tracker HOST:PORT" or "ssh USER@HOST:PORT"
+    info: dict[str, Any] = field(default_factory=dict)  # what else is known: arch, python, ...
+
+    def close(self) -> None:
+        # Dropping the last reference closes the socket; the server then ends the session.
+        self.session = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"key": self.key or None, "address": self.address, "via": self.via, **self.info}
+
+
+def parse_hostport(value: str, flag: str) -> tuple[str, int]:
+    """``HOST:PORT`` → (host, port), or a UserError naming the flag."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{flag} takes HOST:PORT (e.g. 127.0.0.1:9190), not {value!r}")
+    return host, int(port)
+
+
+def one_line(err: BaseException) -> str:
+    """The informative line of a TVM error (they carry C++ traces and blank lines)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in reversed(lines):  # TVM puts the message after the trace
+        if "Check failed" in ln or "Error" in ln or "error" in ln:
+            return ln[:300]
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
+def bounded(fn: Callable[[], T], timeout: float, what: str, hint: str) -> T:
+    """Run ``fn`` in a helper thread and give up after ``timeout`` seconds.
+
+    TVM's RPC client blocks in C++ without a timeout (e.g. on a port that accepts and then says
+    nothing); a daemon thread lets us raise a clear error instead of hanging. The abandoned
+    thread dies with the process.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    th = threading.Thread(target=target, name=f"bounded: {what}", daemon=True)
+    th.start()
+    th.join(timeout)
+    if th.is_alive():
+        raise UserError(f"{what}: no answer within {timeout:.0f} s; {hint}")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def probe_tcp(host: str, port: int, what: str, hint: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast, with a clear message, when nothing listens at host:port."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except socket.gaierror as e:
+        raise UserError(f"{what}: cannot resolve host {host!r} ({e.strerror}); check the name") from None
+    except ConnectionRefusedError:
+        raise UserError(f"{what}: connection to {host}:{port} refused (nothing listens there); {hint}") from None
+    except TimeoutError:
+        raise UserError(f"{what}: {host}:{port} did not answer within {timeout:.0f} s (unreachable or "
+                        f"filtered); {hint}") from None
+    except OSError as e:
+        raise UserError(f"{what}: cannot reach {host}:{port} ({e.strerror or e}); {hint}") from None
+
+
+def connect(host: str, port: int, *, key: str = "", session_timeout: float = 0,
+            timeout: float = CONNECT_TIMEOUT_S, via: str = "rpc") -> RemoteSession:
+    """A direct RPC session to a server at host:port (``--rpc``)."""
+    from tvm import rpc
+
+    what = f"RPC server {host}:{port}"
+    hint = "start one with `python3 -m tvm.exec.rpc_server --host 0.0.0.0 --port PORT` on the board, " \
+           "or let `mnv2-tvm bench --ssh USER@BOARD` start it"
+    probe_tcp(host, port, what, hint, timeout)
+    try:
+        sess = bounded(lambda: rpc.connect(host, port, key, session_timeout=session_timeout),
+                       timeout, what, "is that port really a TVM RPC server?")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TVM raises InternalError/TVMError with a C++ trace
+        msg = one_line(e)
+        if "is not TVM RPC server" in msg:
+            raise UserError(f"{what} answers but is not a TVM RPC server: wrong port?") from None
+        if "mismatch" in msg.lower() or "key" in msg.lower():
+            raise UserError(f"{what} refused the session ({msg}); a server registered with a tracker only "
+                            "serves sessions the tracker hands out: use --rpc-tracker HOST:PORT --rpc-key KEY") from None
+        raise UserError(f"{what}: {msg}") from None
+    return RemoteSession(sess, key, f"{host}:{port}", via)
+
+
+class _TrackerClient:
+    """A connection to a TVM RPC tracker, with a socket timeout on every exchange.
+
+    Same messages as ``tvm.rpc.TrackerSession`` (through ``tvm.rpc.base``); it exists because
+    ``TrackerSession.request`` waits for ever for a free board and hides which board it got.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        from tvm.rpc import base
+
+        self.base = base
+        self.addr = f"{host}:{port}"
+        probe_tcp(host, port, f"RPC tracker {self.addr}",
+                  "start one with `python3 -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190`", timeout)
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            self.sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            magic = struct.unpack("<i", base.recvall(self.sock, 4))[0]
+        except OSError:
+            self.sock.close()
+            raise UserError(f"{self.addr} accepted a connection but did not answer as an RPC tracker; "
+                            "wrong port?") from None
+        if magic != base.RPC_TRACKER_MAGIC:
+            self.sock.close()
+            raise UserError(f"{self.addr} is not a TVM RPC tracker; wrong port?")
+
+    def call(self, *msg: Any, timeout: float) -> Any:
+        self.sock.settimeout(timeout)
+        self.base.sendjson(self.sock, list(msg))
+        return self.base.recvjson(self.sock)
+
+    def summary(self, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
+        value = self.call(self.base.TrackerCode.SUMMARY, timeout=timeout)
+        if value[0] != self.base.TrackerCode.SUCCESS:
+            raise UserError(f"RPC tracker {self.addr} answered {value!r} to a summary request")
+        return value[1]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def tracker_summary(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
+    """The tracker's ``summary()``: ``queue_info`` {key: {free, pending}} and ``server_info``."""
+    client = _TrackerClient(host, port, timeout)
+    try:
+        return client.summary(timeout)
+    finally:
+        client.close()
+
+
+def boards_under(summary: dict[str, Any], key: str) -> int:
+    """How many servers are registered under ``key`` in a tracker summary."""
+    return sum(1 for s in summary.get("server_info", []) if s.get("key") == f"server:{key}")
+
+
+def request(host: str, port: int, key: str, *, wait_s: float = DEFAULT_WAIT_S, session_timeout: float = 0,
+            timeout: float = CONNECT_TIMEOUT_S) -> RemoteSession:
+    """A session to a free board under ``key`` at a tracker, waiting at most ``wait_s`` for one."""
+    from tvm import rpc
+
+    client = _TrackerClient(host, port, timeout)
+    where = f"RPC tracker {client.addr}"
+    try:
+        summary = client.summary(timeout)
+        queue = summary.get("queue_info", {})
+        if key not in queue and boards_under(summary, key) == 0:
+            known = ", ".join(sorted(queue)) or "none"
+            raise UserError(f"no board is registered under key {key!r} at {where} (keys there: {known}); "
+                            f"start one with `mnv2-tvm board tunnel --ssh USER@BOARD --rpc-tracker {client.addr} "
+                            f"--rpc-key {key}` or `python3 -m tvm.exec.rpc_server --tracker {client.addr} --key {key}`")
+        try:
+            value = client.call(client.base.TrackerCode.REQUEST, key, "", 1, timeout=wait_s)
+        except TimeoutError:
+            n = boards_under(summary, key)
+            raise UserError(f"no free board under key {key!r} at {where} within {wait_s:.0f} s "
+                            f"({n} registered, all busy); try again later or wait longer with --wait") from None
+        except OSError as e:
+            raise UserError(f"{where} dropped the connection while we waited for a board ({e}); "
+                            "is the tracker still running?") from None
+    finally:
+        client.close()
+    if value[0] != client.base.TrackerCode.SUCCESS:
+        raise UserError(f"{where} refused the request for key {key!r}: {value!r}")
+    url, bport, matchkey = value[1]
+    try:
+        sess = bounded(lambda: rpc.connect(url, bport, matchkey, session_timeout=session_timeout),
+                       timeout, f"board {url}:{bport} (key {key!r})",
+                       "the tracker lists it but it does not answer; is the board's server reachable from here?")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"board {url}:{bport} handed out by {where} (key {key!r}) refused the session: "
+                        f"{one_line(e)}") from None
+    return RemoteSession(sess, key, f"{url}:{bport}", f"tracker {client.addr}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the caller binds it soon after)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool] | None = None) -> bool:
+    """Poll until something accepts on host:port; False on timeout or when ``alive()`` says no."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            return False
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+class LocalTracker:
+    """A TVM RPC tracker on this host's loopback, in its own process group.
+
+    ``tune --ssh`` needs one because MetaSchedule's RPC runner only talks to trackers; tests use
+    it for a board farm. ``stop()`` ends exactly the group it started.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> LocalTracker:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", self.host, "--port", str(self.port),
+             "--port-end", str(self.port + 1), "--silent"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,  # its own group: stop() kills it and nothing else
+        )
+        if not wait_for_port(self.host, self.port, timeout, alive=lambda: self.proc.poll() is None):
+            err = b""
+            if self.proc.poll() is not None and self.proc.stderr is not None:
+                err = self.proc.stderr.read()[-400:]
+            self.stop()
+            raise UserError(f"the RPC tracker on {self.address} did not start: {err.decode(errors='replace').strip()}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def __enter__(self) -> LocalTracker:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def wait_registered(host: str, port: int, key: str, count: int = 1, timeout: float = 60.0) -> int:
+    """Wait until ``count`` boards are registered under ``key``; return how many are."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while True:
+        n = boards_under(tracker_summary(host, port), key)
+        if n >= count:
+            return n
+        if time.monotonic() > deadline:
+            raise UserError(f"only {n} of {count} board(s) registered under key {key!r} at the tracker "
+                            f"{host}:{port} after {timeout:.0f} s; see the boards' rpc.log")
+        time.sleep(0.25)
+
+
+@contextlib.contextmanager
+def session_errors(where: str, hint: str) -> Iterator[None]:
+    """Turn a TVM error raised mid-session into a UserError naming the board."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TVM errors carry no useful type
+        msg = one_line(e)
+        lost = any(s in msg for s in ("closed", "Broken pipe", "reset", "RPCSessionTimeoutError", "EOF", "kShutdown",
+                                      "Connection", "socket", "recv", "send"))
+        if lost:
+            raise UserError(f"lost the RPC session with {where} ({msg}): the server died or was stopped; "
+                            f"{hint}") from None
+        raise UserError(f"{where}: {msg}") from None
+
+
+def host_linked_upload(cross_compiler: str) -> Callable[[Any, str, str], Any]:
+    """An ``f_upload_module`` for MetaSchedule's ``RPCRunner`` that links each candidate here.
+
+    The stock upload sends the builder's ``.tar`` of object files and the board links it, which
+    needs tar, gzip and a C++ compiler on the board (a stock Raspberry Pi OS has them; a minimal
+    image or the virtual board does not). Linking with the cross compiler here and uploading the
+    ``.so`` needs only the runtime there. Module-level (via partial) so the runner's worker
+    processes can unpickle it by reference.
+    """
+    import functools
+
+    return functools.partial(_upload_linked_here, cross_compiler)
+
+
+def _upload_linked_here(cross_compiler: str, session: Any, local_path: str, remote_path: str) -> Any:
+    import tempfile
+
+    from tvm.support import cc, tar
+
+    if local_path.endswith(".tar"):
+        with tempfile.TemporaryDirectory(prefix="mnv2-link-") as tmp:
+            tar.untar(local_path, tmp)
+            objects = [os.path.join(tmp, f) for f in sorted(os.listdir(tmp))]
+            local_path = local_path[:-4] + ".so"
+            cc.create_shared(local_path, objects, cc=cross_compiler)
+        # The runner's cleanup removes remote_path and remote_path + ".so".
+        remote_path += ".so"
+    session.upload(local_path, remote_path)
+    return session.load_module(remote_path)

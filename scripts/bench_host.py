@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Host benchmark: tuned TVM vs untuned TVM vs PyTorch eager vs ONNX Runtime, in one process.
+
+Engines are timed in interleaved rounds (a shuffled order each round) so that the shared,
+noisy machine slows them alike; the figure per engine is the median of its per-round medians.
+Only ratios measured in one run are meant to be quoted.
+
+    .venv/bin/python scripts/bench_host.py                       # all three models, 1 and 2 threads
+    .venv/bin/python scripts/bench_host.py --models mobilenet_v2 --threads 2 --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ENGINES = ("tvm_tuned", "tvm_untuned", "pytorch", "onnxruntime")
+FULL = {"mobilenet_v2": {}, "ssdlite": {}, "deeplabv3": {}}
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def make_engines(cfg, spec, work: Path, threads: int, skip_untuned: bool):
+    """name -> (callable running one inference, RSS growth in MB when it was loaded)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from mnv2_tvm.bundle import Runner
+    from mnv2_tvm.compile import compile_bundle
+    from mnv2_tvm.lower import export_onnx
+    from mnv2_tvm.models import build, example_input
+
+    x = example_input(cfg)
+    engines, memory, notes = {}, {}, {}
+
+    def load(name, fn):
+        before = rss_mb()
+        engines[name] = fn()
+        memory[name] = rss_mb() - before
+
+    def tvm_engine(records: Path, out: Path):
+        def make():
+            result = compile_bundle(cfg, spec, out, records_dir=records)
+            notes[out.name] = result.manifest["tuning"]
+            runner = Runner(out)
+            dev_x = __import__("tvm").runtime.tensor(x)
+            main = runner.vm["main"]
+            return lambda: main(dev_x)
+        return make
+
+    load("tvm_tuned", tvm_engine(spec.records_dir, work / "tuned"))
+    if not skip_untuned:
+        load("tvm_untuned", tvm_engine(work / "no-records", work / "untuned"))
+
+    def make_torch():
+        model = build(cfg)
+        xt = torch.from_numpy(x)
+
+        def run():
+            with torch.no_grad():
+                model(xt)
+        return run
+    load("pytorch", make_torch)
+
+    def make_ort():
+        path = export_onnx(build(cfg), cfg, work / "model.onnx")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return lambda: sess.run(None, {"input": x})
+    load("onnxruntime", make_ort)
+    tuned = notes.get("tuned", {})
+    return engines, memory, {"tuned_tasks": len(tuned.get("tuned", [])),
+                             "total_tasks": len(tuned.get("tuned", [])) + len(tuned.get("fallback", []))}
+
+
+def set_threads(n: int) -> None:
+    import torch
+    import tvm
+
+    torch.set_num_threads(n)
+    # (mode 1 = big cores first, n threads): TVM reads TVM_NUM_THREADS only once, this resizes its pool.
+    tvm.get_global_func("runtime.config_threadpool")(1, n)
+
+
+def time_round(fn, min_seconds: float) -> float:
+    fn()  # warm caches after the other engines ran
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_seconds or len(times) < 3:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(FULL), choices=list(FULL))
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--seconds", type=float, default=0.5, help="minimum time per engine per round")
+    p.add_argument("--skip-untuned", action="store_true", help="untuned DeepLab takes seconds per run")
+    p.add_argument("--out", type=Path, default=Path("reports/bench_host"))
+    args = p.parse_args()
+
+    from mnv2_tvm import targets
+    from mnv2_tvm.madds import count
+    from mnv2_tvm.models import ModelConfig
+
+    spec = targets.load("host")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            cfg = ModelConfig(model)
+            madds = count(cfg).madds
+            print(f"[{cfg.label}] compiling tuned and untuned, loading PyTorch and ONNX Runtime ...", file=sys.stderr)
+            engines, memory, tuning = make_engines(cfg, spec, Path(tmp) / cfg.label, max(args.threads),
+                                                   args.skip_untuned)
+            if tuning["tuned_tasks"] == 0:
+                print(f"[{cfg.label}] warning: no records in {spec.records_dir} apply: 'tuned' is untuned",
+                      file=sys.stderr)
+            for threads in args.threads:
+                set_threads(threads)
+                per_round: dict[str, list[float]] = {name: [] for name in engines}
+                for r in range(args.rounds):
+                    order = list(engines)
+                    random.shuffle(order)
+                    for name in order:
+                        per_round[name].append(time_round(engines[name], args.seconds))
+                    print(f"[{cfg.label}] {threads} thread(s): round {r + 1}/{args.rounds}", file=sys.stderr)
+                med = {name: statistics.median(v) for name, v in per_round.items()}
+                peak = spec.peak_gflops * threads / spec.cores if spec.peak_gflops else None
+                row = {"model": cfg.label, "threads": threads, "madds": madds, "median_ms": med,
+                       "rounds_ms": per_round, "rss_growth_mb": memory, **tuning,
+                       "gflops": {n: 2 * madds / (t * 1e-3) / 1e9 for n, t in med.items()},
+                       "peak_gflops": peak,
+                       "ratios": {"tuned/ort": med["tvm_tuned"] / med["onnxruntime"],
+                                  "tuned/pytorch": med["tvm_tuned"] / med["pytorch"]}}
+                if "tvm_untuned" in med:
+                    row["ratios"]["untuned/tuned"] = med["tvm_untuned"] / med["tvm_tuned"]
+                results.append(row)
+                print_row(row)
+    meta = {"cpu": spec.title, "host_target": spec.name, "cores": spec.cores, "clock_ghz": spec.clock_ghz,
+            "peak_gflops_all_cores": spec.peak_gflops, "rounds": args.rounds,
+            "command": "python scripts/bench_host.py " + " ".join(sys.argv[1:])}
+    (args.out / "bench_host.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    plot(results, args.out / "bench_host.png")
+    print(f"wrote {args.out}/bench_host.json and bench_host.png")
+    return 0
+
+
+def print_row(row: dict) -> None:
+    med, g = row["median_ms"], row["gflops"]
+    peak = f"{row['peak_gflops']:.0f}" if row["peak_gflops"] else "?"
+    print(f"\n{row['model']}  threads={row['threads']}  ({row['madds'] / 1e6:,.0f}M MAdds; "
+          f"{row['tuned_tasks']}/{row['total_tasks']} tasks tuned; FMA peak {peak} GFLOP/s)")
+    print(f"  {'engine':12s} {'median ms':>10s} {'GFLOP/s':>8s} {'% peak':>7s} {'RSS +MB':>8s}")
+    for name in ENGINES:
+        if name in med:
+            pct = f"{100 * g[name] / row['peak_gflops']:.1f}" if row["peak_gflops"] else "?"
+            print(f"  {name:12s} {med[name]:10.2f} {g[name]:8.1f} {pct:>7s} {row['rss_growth_mb'][name]:8.0f}")
+    print("  ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in row["ratios"].items()))
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.6), squeeze=False)
+    for ax, row in zip(axes[0], results):
+        names = [n for n in ENGINES if n in row["median_ms"]]
+        vals = [row["median_ms"][n] for n in names]
+        ax.bar(range(len(names)), vals, color=["#1b7837", "#a6dba0", "#2166ac", "#b2182b"][:len(names)])
+        ax.set_xticks(range(len(names)), [n.replace("tvm_", "TVM ").replace("onnxruntime", "ORT") for n in names],
+                      rotation=30, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(f"{row['model']}\n{row['threads']} thread(s)", fontsize=9)
+        ax.set_ylabel("median latency, ms (log)")
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    sys.exit(main())

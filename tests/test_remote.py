@@ -1,0 +1,197 @@
+"""RPC sessions and bench statistics on this host: TVM's own tracker and servers, no board.
+
+Everything here runs natively (x86-64), so it is quick; the emulated board is in test_deploy.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnv2_tvm import remote
+from mnv2_tvm.bench import BenchSettings, TimingStats, Where, bench_bundle, gflops, percentile
+from mnv2_tvm.errors import UserError
+
+
+@contextlib.contextmanager
+def host_rpc_server(tmp_path: Path, tracker: str | None = None, key: str = "") -> Iterator[int]:
+    """``python -m tvm.exec.rpc_server`` on 127.0.0.1 in its own process group; yields its port."""
+    port = remote.free_port()
+    cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+           "--port-end", str(port + 1)]
+    if tracker:
+        cmd += ["--tracker", tracker, "--key", key]
+    log = tmp_path / f"rpc-{port}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "bind to" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "RPC server did not start"
+            time.sleep(0.1)
+        yield port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tracker() -> Iterator[remote.LocalTracker]:
+    with remote.LocalTracker() as t:
+        yield t
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_hostport_parsing_names_the_flag() -> None:
+    assert remote.parse_hostport("127.0.0.1:9190", "--rpc") == ("127.0.0.1", 9190)
+    assert remote.parse_hostport("[::1]:9190", "--rpc") == ("::1", 9190)
+    for bad in ("9190", "host:", "host:port", "host:70000"):
+        with pytest.raises(UserError, match="--rpc-tracker takes HOST:PORT"):
+            remote.parse_hostport(bad, "--rpc-tracker")
+
+
+def test_timing_statistics_agree_with_numpy() -> None:
+    rng = np.random.default_rng(1)
+    secs = list(rng.uniform(0.010, 0.020, size=17))
+    stats = TimingStats.from_seconds(secs)
+    ms = np.array(secs) * 1e3
+    assert stats.mean_ms == pytest.approx(ms.mean())
+    assert stats.median_ms == pytest.approx(np.median(ms))
+    assert stats.p90_ms == pytest.approx(np.percentile(ms, 90))
+    assert stats.std_ms == pytest.approx(ms.std(ddof=1))
+    assert stats.min_ms == pytest.approx(ms.min()) and stats.max_ms == pytest.approx(ms.max())
+    assert stats.repeats == 17
+    assert TimingStats.from_seconds([0.002]).std_ms == 0.0
+    assert percentile([1, 2, 3, 4], 50) == statistics.median([1, 2, 3, 4])
+    # 300M MAdds in 7.5 ms: 80 GFLOP/s (a multiply-add is two FLOPs).
+    assert gflops(300_000_000, 0.0075) == pytest.approx(80.0)
+
+
+def test_bench_settings_are_validated() -> None:
+    with pytest.raises(UserError, match="--repeat must be at least 1"):
+        BenchSettings(repeat=0)
+    with pytest.raises(UserError, match="--cache-flush applies to the per-kernel timings"):
+        BenchSettings(cache_flush=True)
+    with pytest.raises(UserError, match="exactly one of --rpc"):
+        Where().check()
+    with pytest.raises(UserError, match="got --rpc and --rpc-tracker"):
+        Where(rpc=("h", 1), tracker=("h", 2)).check()
+
+
+# --------------------------------------------------------------------------- connection faults
+
+
+def test_closed_port_is_refused_at_once() -> None:
+    port = remote.free_port()
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=rf"RPC server 127.0.0.1:{port}: connection to 127.0.0.1:{port} refused"):
+        remote.connect("127.0.0.1", port)
+    assert time.monotonic() - t0 < 5
+
+
+def test_port_that_never_answers_is_bounded() -> None:
+    # A listener that accepts and says nothing: TVM's own client would wait for ever.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match="no answer within 2 s"):
+            remote.connect("127.0.0.1", port, timeout=2)
+        assert time.monotonic() - t0 < 10
+
+
+def test_port_of_another_service_is_named_as_such() -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        port = srv.getsockname()[1]
+
+        def serve() -> None:
+            for _ in range(2):  # the reachability probe, then the RPC handshake
+                conn, _ = srv.accept()
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                time.sleep(0.5)
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        with pytest.raises(UserError, match="answers but is not a TVM RPC server: wrong port"):
+            remote.connect("127.0.0.1", port)
+
+
+def test_tracker_port_that_is_not_a_tracker(tmp_path: Path) -> None:
+    with host_rpc_server(tmp_path) as port, pytest.raises(UserError, match="not a TVM RPC tracker|did not answer as"):
+        remote.request("127.0.0.1", port, "x", timeout=5)
+
+
+# --------------------------------------------------------------------------- tracker and sessions
+
+
+def test_tracker_hands_out_a_registered_server_and_bounds_the_wait(tracker: remote.LocalTracker,
+                                                                    tmp_path: Path) -> None:
+    key = f"host{os.getpid()}"
+    with pytest.raises(UserError, match=rf"no board is registered under key 'nobody' at RPC tracker {tracker.address}"):
+        remote.request(tracker.host, tracker.port, "nobody")
+    with host_rpc_server(tmp_path, tracker.address, key) as port:
+        assert remote.wait_registered(tracker.host, tracker.port, key, timeout=60) == 1
+        # A server registered with a tracker serves only the sessions the tracker hands out.
+        with pytest.raises(UserError, match="only serves sessions the tracker hands out"):
+            remote.connect("127.0.0.1", port)
+        held = remote.request(tracker.host, tracker.port, key, wait_s=30)
+        assert held.address == f"127.0.0.1:{port}" and held.key == key
+        assert held.session.cpu(0).exist
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match=rf"no free board under key '{key}' .* within 2 s \(1 registered, all busy\)"):
+            remote.request(tracker.host, tracker.port, key, wait_s=2)
+        assert time.monotonic() - t0 < 15
+        held.close()
+        del held
+        # Once released, the board is handed out again (after it re-registers).
+        again = remote.request(tracker.host, tracker.port, key, wait_s=60)
+        assert again.address == f"127.0.0.1:{port}"
+        again.close()
+
+
+def test_bench_through_a_tracker_on_this_host(tracker: remote.LocalTracker, tmp_path: Path, host_bundles,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = host_bundles("mobilenet_v2")
+    key = f"bench{os.getpid()}"
+    with host_rpc_server(tmp_path, tracker.address, key) as port:
+        remote.wait_registered(tracker.host, tracker.port, key, timeout=60)
+        from mnv2_tvm.cli import main
+
+        rc = main(["bench", str(bundle), "--rpc-tracker", tracker.address, "--rpc-key", key,
+                   "--number", "2", "--repeat", "3", "--json"])
+        assert rc == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["parity_ok"] and out["max_abs_error"] <= 1e-4
+        assert out["board"]["key"] == key and out["board"]["address"] == f"127.0.0.1:{port}"
+        assert out["board"]["arch"] == "x86_64" and out["timing"]["repeats"] == 3
+        t = out["timing"]
+        assert 0 < t["min_ms"] <= t["median_ms"] <= t["p90_ms"] <= t["max_ms"]
+        assert out["gflops"] == pytest.approx(2 * out["madds"] / (t["median_ms"] / 1e3) / 1e9)
+        # The same bundle, a table this time, direct to a plain server.
+    with host_rpc_server(tmp_path) as port:
+        result = bench_bundle(bundle, Where(rpc=("127.0.0.1", port)), BenchSettings(number=1, repeat=2))
+        text = result.table()
+        assert "parity vs PyTorch: max abs error" in text and "mean    median       p90       std       min" in text
+        assert "GFLOP/s at the median" in text
