@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,6 +120,35 @@ def cmd_tune(args: argparse.Namespace) -> None:
                tracker=tracker, rpc_key=args.rpc_key or spec.rpc_key, seed=args.seed)
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    from . import targets
+    from .tune import RecordsError, prune
+
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, not {args.top_k}")
+    records = args.tuning_records if args.tuning_records is not None else targets.load(args.target).records_dir
+    if not (records / "database_tuning_record.json").is_file():
+        raise UserError(f"{records} holds no tuning records")
+    try:
+        before, after = prune(records, args.top_k)
+    except RecordsError as e:
+        raise UserError(str(e)) from None
+    print(f"{records}: kept {after} of {before} records (best {args.top_k} per workload)")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from . import targets
+    from .compare import run_compare
+
+    if args.tune_trials < 0:
+        raise UserError(f"--tune-trials must be 0 or more, not {args.tune_trials}")
+    result = run_compare(targets.load(args.target), args.output, grid=args.grid, records_dir=args.tuning_records,
+                         tune_trials_per_config=args.tune_trials)
+    state = "complete" if result.complete else "INCOMPLETE (run the same command again to continue)"
+    print(f"report {state}: {result.out_dir}/summary.md ({result.measured} points measured, "
+          f"{result.reused} reused); plots: " + ", ".join(str(p) for n, p in result.files.items() if n.endswith(".png")))
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from .run import run_bundle
 
@@ -162,7 +192,7 @@ def _tune_over_ssh(args: argparse.Namespace) -> None:
     from . import targets
     from .board import open_board
     from .remote import LocalTracker, wait_registered
-    from .tune import RunnerSpec, tune_model
+    from .tune import tune_model
 
     if args.rpc_tracker:
         raise UserError("give either --ssh (one board, tracker handled here) or --rpc-tracker, not both")
@@ -178,12 +208,14 @@ def _tune_over_ssh(args: argparse.Namespace) -> None:
 
     with LocalTracker() as tracker, open_board(target, opts, tracker=(tracker.host, tracker.port), key=key,
                                                precheck=same_arch) as ob:
-        rc, _, _ = ob.conn.run("command -v gzip && { command -v g++ || command -v gcc || command -v c++; }",
-                               timeout=60)
-        if rc != 0 and RunnerSpec.rpc(tracker.host, tracker.port, key).artifact_format == "tar":
-            # MetaSchedule's stock upload sends object files in a .tar.gz that the board links.
-            print(f"warning: {target} lacks gzip or a C/C++ compiler; if candidates are linked on the board, "
-                  "every measurement fails: install them there (sudo apt install gzip g++)", file=sys.stderr)
+        if spec.cross_compiler is None:
+            # Without a cross compiler here, MetaSchedule's stock upload sends a .tar the board links.
+            rc, _, _ = ob.conn.run("command -v gzip && { command -v g++ || command -v gcc || command -v c++; }",
+                                   timeout=60)
+            if rc != 0:
+                print(f"warning: {target} lacks gzip or a C/C++ compiler and target {spec.name} names no cross "
+                      "compiler: every measurement will fail (sudo apt install gzip g++ on the board)",
+                      file=sys.stderr)
         wait_registered(tracker.host, tracker.port, key)
         print(f"tuning on {target} ({ob.info['uname_m']}) through a tracker on {tracker.address}, key {key}",
               file=sys.stderr)
@@ -328,6 +360,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ssh_args(p)
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("prune", help="keep only the best records per workload (small enough for git)")
+    p.add_argument("--target", default="host", help="a targets/ name, 'host', or a .toml path")
+    p.add_argument("--tuning-records", "--records", type=Path, dest="tuning_records",
+                   help="records folder (default: schedules/<target>/)")
+    p.add_argument("--top-k", type=int, default=1)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("compare", help="tuned latency against MAdd predictions over a grid of configs")
+    p.add_argument("--target", default="host", help="a targets/ name, 'host', or a .toml path")
+    p.add_argument("--grid", default="default", help="'default' or a JSON/TOML file of configs")
+    p.add_argument("--tuning-records", "--records", type=Path, dest="tuning_records",
+                   help="records folder (default: schedules/<target>/)")
+    p.add_argument("--tune-trials", type=int, default=0, help="tune configs the records miss, N trials each")
+    p.add_argument("-o", "--output", type=Path, default=Path("reports/compare"), help="report folder")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("run", help="run a bundle on this machine")
     p.add_argument("bundle", type=Path)
     p.add_argument("--input", type=Path, help="an image (default: the bundle's fixed random input)")
@@ -390,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .bundle import BundleError
+    from .targets import host_cores
+
+    # One place decides the host's thread count: TVM would otherwise use half the logical CPUs.
+    os.environ.setdefault("TVM_NUM_THREADS", str(host_cores()))
+    # torch.export's pickling warns about its own pytree internals; nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
 
     try:
         args.func(args)

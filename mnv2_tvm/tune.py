@@ -646,6 +646,9 @@ class RunnerSpec:
     enable_cpu_cache_flush: bool = False
     timeout_sec: float = 30.0  # local runs
     max_workers: int = 1  # parallel RPC sessions (boards under the key)
+    # Link candidates here with this compiler and upload the .so, so a board needs only the
+    # TVM runtime (no tar, gzip or C++ compiler there).
+    cross_compiler: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("local", "rpc"):
@@ -683,8 +686,15 @@ class RunnerSpec:
                 ),
                 evaluator_config=self.evaluator_config(),
                 max_workers=self.max_workers,
+                **({"f_upload_module": _host_linked_upload(self.cross_compiler)} if self.cross_compiler else {}),
             )
         return ms.runner.LocalRunner(timeout_sec=self.timeout_sec, evaluator_config=self.evaluator_config())
+
+
+def _host_linked_upload(cross_compiler: str) -> Callable[..., Any]:
+    from .remote import host_linked_upload
+
+    return host_linked_upload(cross_compiler)
 
 
 def _builder_worker_init() -> None:
@@ -1306,13 +1316,14 @@ def tune_model(cfg: Any, spec: Any, records_dir: Path, trials: int, *, frontend:
     from .models import build
 
     mod = to_relax(build(cfg, seed=seed, weights=weights), cfg, frontend)
-    runner = RunnerSpec.rpc(tracker[0], tracker[1], rpc_key or spec.rpc_key) if tracker else None
+    runner = None
+    if tracker:
+        runner = RunnerSpec.rpc(tracker[0], tracker[1], rpc_key or spec.rpc_key,
+                                cross_compiler=spec.cross_compiler)
     try:
         report = tune(mod, spec.tvm_target(), Path(records_dir), trials, runner=runner, progress=progress)
     except RecordsError as e:
         raise UserError(str(e)) from None
-    print(report.table(), file=sys.stderr)
-    if report.interrupted:
-        print(f"interrupted: {report.trials_in_db_after} records kept in {records_dir}; "
-              "run the same command again to continue", file=sys.stderr)
+    if not progress:  # with progress on, tune() already printed the table
+        print(report.table(), file=sys.stderr)
     return report

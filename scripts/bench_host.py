@@ -31,8 +31,9 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def make_engines(cfg, spec, work: Path, threads: int, skip_untuned: bool):
-    """name -> (callable running one inference, RSS growth in MB when it was loaded)."""
+def make_engines(cfg, spec, work: Path, threads: list[int], skip_untuned: bool):
+    """name -> callable running one inference, and the RSS growth in MB when each was loaded
+    (for TVM that includes compiling the library in this process)."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -74,14 +75,20 @@ def make_engines(cfg, spec, work: Path, threads: int, skip_untuned: bool):
         return run
     load("pytorch", make_torch)
 
-    def make_ort():
-        path = export_onnx(build(cfg), cfg, work / "model.onnx")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return lambda: sess.run(None, {"input": x})
-    load("onnxruntime", make_ort)
+    def make_ort(n: int):
+        def make():
+            path = work / "model.onnx"
+            if not path.exists():
+                export_onnx(build(cfg), cfg, path)
+            so = ort.SessionOptions()
+            # ORT's thread pool is fixed per session: one session per thread count.
+            so.intra_op_num_threads = n
+            so.inter_op_num_threads = 1
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            return lambda: sess.run(None, {"input": x})
+        return make
+    for n in threads:
+        load(f"onnxruntime@{n}", make_ort(n))
     tuned = notes.get("tuned", {})
     return engines, memory, {"tuned_tasks": len(tuned.get("tuned", [])),
                              "total_tasks": len(tuned.get("tuned", [])) + len(tuned.get("fallback", []))}
@@ -129,13 +136,15 @@ def main() -> int:
             cfg = ModelConfig(model)
             madds = count(cfg).madds
             print(f"[{cfg.label}] compiling tuned and untuned, loading PyTorch and ONNX Runtime ...", file=sys.stderr)
-            engines, memory, tuning = make_engines(cfg, spec, Path(tmp) / cfg.label, max(args.threads),
-                                                   args.skip_untuned)
+            all_engines, memory, tuning = make_engines(cfg, spec, Path(tmp) / cfg.label, args.threads,
+                                                       args.skip_untuned)
             if tuning["tuned_tasks"] == 0:
                 print(f"[{cfg.label}] warning: no records in {spec.records_dir} apply: 'tuned' is untuned",
                       file=sys.stderr)
             for threads in args.threads:
                 set_threads(threads)
+                engines = {n: f for n, f in all_engines.items() if not n.startswith("onnxruntime@")}
+                engines["onnxruntime"] = all_engines[f"onnxruntime@{threads}"]
                 per_round: dict[str, list[float]] = {name: [] for name in engines}
                 for r in range(args.rounds):
                     order = list(engines)
@@ -146,7 +155,9 @@ def main() -> int:
                 med = {name: statistics.median(v) for name, v in per_round.items()}
                 peak = spec.peak_gflops * threads / spec.cores if spec.peak_gflops else None
                 row = {"model": cfg.label, "threads": threads, "madds": madds, "median_ms": med,
-                       "rounds_ms": per_round, "rss_growth_mb": memory, **tuning,
+                       "rounds_ms": per_round, **tuning,
+                       "rss_growth_mb": {**{n: v for n, v in memory.items() if "@" not in n},
+                                         "onnxruntime": memory[f"onnxruntime@{threads}"]},
                        "gflops": {n: 2 * madds / (t * 1e-3) / 1e9 for n, t in med.items()},
                        "peak_gflops": peak,
                        "ratios": {"tuned/ort": med["tvm_tuned"] / med["onnxruntime"],
