@@ -310,6 +310,7 @@ class RecordsDatabase(ms.database.PyDatabase):
         self._fd_record: int | None = None
         self.skipped_lines = 0
         self.digest = ""
+        self.write_error: str | None = None  # set when appending a line failed (e.g. disk full)
         self._load()
 
     # ---- loading
@@ -401,17 +402,28 @@ class RecordsDatabase(ms.database.PyDatabase):
             self._last = (self._workloads[idx], idx)
         return idx
 
-    @staticmethod
-    def _append(fd: int | None, obj: Any) -> None:
-        """Append one JSON line and fsync; SIGINT waits until the line is complete."""
+    def _append(self, fd: int | None, obj: Any) -> None:
+        """Append one JSON line and fsync; SIGINT waits until the line is complete.
+
+        A failed write (disk full, I/O error) is cut back to the last complete line, remembered in
+        ``write_error`` (MetaSchedule calls this from C++, which may rewrap the exception) and
+        raised as a one-line :class:`RecordsError`.
+        """
         if fd is None:
             return
         data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
         with _Sigint.deferred():
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)  # no torn line: earlier records stay loadable
+                self.write_error = f"cannot write to records dir {self.records_dir}: {e.strerror or e}"
+                raise RecordsError(self.write_error) from None
 
     # ---- MetaSchedule Database interface
     def has_workload(self, mod: tvm.IRModule) -> bool:
@@ -1032,7 +1044,8 @@ def _tvm_logs_to(log_path: Path, want_console: bool) -> Iterator[io.TextIOBase |
             lg.handlers = handlers
             lg.setLevel(level)
             lg.propagate = prop
-        handler.close()
+        with contextlib.suppress(OSError):  # e.g. disk full: the log is best effort, not the error to report
+            handler.close()
 
 
 @derived_object
@@ -1224,7 +1237,12 @@ def tune(
             sess.bar = _Progress(console, total, t0) if progress else None
             try:
                 _run_session(sess, runner, num_builder_workers, seed)
+                if opened.db.write_error:  # in case MetaSchedule swallowed the commit's exception
+                    raise RecordsError(opened.db.write_error)
             except BaseException as err:  # noqa: BLE001 - a KeyboardInterrupt may arrive as RuntimeError
+                if opened.db.write_error:  # arrives from C++ rewrapped; say it in one line
+                    raise RecordsError(f"{opened.db.write_error}; the {len(opened.db)} records written before "
+                                       "are kept, free space and run again to continue") from None
                 if not (sigint.hit or isinstance(err, KeyboardInterrupt)):
                     raise
                 sess.interrupted = True

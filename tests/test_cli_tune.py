@@ -11,7 +11,7 @@ from mnv2_tvm import bundle
 from mnv2_tvm.bundle import Runner
 
 CLI = [sys.executable, "-m", "mnv2_tvm.cli"]
-MODEL = ["mobilenet_v2", "--width", "0.35", "--resolution", "32"]
+MODEL = ["mobilenet_v2", "--width", "0.35", "--resolution", "96"]
 
 
 def run(*args, timeout=900):
