@@ -212,4 +212,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TVM_NUM_THREADS", "2")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
     sys.exit(main())
