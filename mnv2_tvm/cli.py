@@ -92,15 +92,6 @@ def cmd_compile(args: argparse.Namespace) -> None:
         print("note: OpenCL kernels are embedded in the library; no OpenCL device here can run them")
 
 
-def _tracker(value: str | None) -> tuple[str, int] | None:
-    if value is None:
-        return None
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--rpc-tracker takes HOST:PORT, not {value!r}")
-    return host, int(port)
-
-
 def cmd_tune(args: argparse.Namespace) -> None:
     if args.trials <= 0:
         raise UserError(f"--trials must be positive, not {args.trials}")
@@ -111,7 +102,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from .tune import tune_model
 
     spec = targets.load(args.target)
-    tracker = _tracker(args.rpc_tracker)
+    from .remote import parse_hostport
+
+    tracker = parse_hostport(args.rpc_tracker, "--rpc-tracker") if args.rpc_tracker else None
     if tracker is None and not spec.is_host:
         raise UserError(f"target {spec.name} is not this machine: measure on the board with "
                         f"--rpc-tracker HOST:PORT --rpc-key {spec.rpc_key}")

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from typing import TYPE_CHECKING
+
 from .models import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 BYTES_PER_ELEMENT = 4  # fp32
 
@@ -52,14 +57,19 @@ def layer_kind(module) -> str:
     return "conv"
 
 
-def count(cfg: ModelConfig) -> ModelCount:
-    """Run the model once on a zero input with hooks on every conv and linear layer."""
+def count(cfg: ModelConfig, model: "torch.nn.Module | None" = None) -> ModelCount:
+    """Run the model once on a zero input with hooks on every conv and linear layer.
+
+    ``model`` reuses one already built for ``cfg`` (before batch-norm folding, which would
+    change the parameter count); without it an uncalibrated one is built.
+    """
     import torch
     from torch import nn
 
     from .models import build
 
-    model = build(cfg, calibrate=False)
+    if model is None:
+        model = build(cfg, calibrate=False)
     layers: list[LayerCount] = []
 
     def hook(name: str):
