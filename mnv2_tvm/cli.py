@@ -105,6 +105,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from .remote import parse_hostport
 
     tracker = parse_hostport(args.rpc_tracker, "--rpc-tracker") if args.rpc_tracker else None
+    _warn_exposed(tracker, "RPC tracker (and the boards behind it)")
     if tracker is None and not spec.is_host:
         raise UserError(f"target {spec.name} is not this machine: measure on the board with "
                         f"--rpc-tracker HOST:PORT --rpc-key {spec.rpc_key}")
@@ -219,6 +220,14 @@ def _tune_over_ssh(args: argparse.Namespace) -> None:
         raise UserError(f"every measurement on {target} failed; see tune.log in {records} for the board's error")
 
 
+def _warn_exposed(hostport: tuple[str, int] | None, what: str) -> None:
+    from .remote import exposure_warning
+
+    line = exposure_warning(*hostport, what) if hostport else None
+    if line:
+        print(line, file=sys.stderr)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import BenchSettings, Where, bench_bundle, print_result, resolve_bundle
     from .remote import parse_hostport
@@ -230,6 +239,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     where = Where(rpc=parse_hostport(args.rpc, "--rpc") if args.rpc else None,
                   tracker=parse_hostport(args.rpc_tracker, "--rpc-tracker") if args.rpc_tracker else None,
                   key=args.rpc_key, ssh=target, ssh_opts=opts, wait_s=args.wait)
+    _warn_exposed(where.rpc, "RPC server")
+    _warn_exposed(where.tracker, "RPC tracker (and the boards behind it)")
     where.check()  # before minutes of compiling
     _sigterm_as_interrupt()
     bundle_dir = resolve_bundle(args.model, args.target, lambda: _config(args), out_dir=args.output,

@@ -59,6 +59,30 @@ def parse_hostport(value: str, flag: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def is_loopback(host: str) -> bool | None:
+    """Whether every address ``host`` resolves to is this machine's loopback; None if it does not resolve."""
+    import ipaddress
+
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return None
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def exposure_warning(host: str, port: int, what: str) -> str | None:
+    """One warning line when ``what`` at host:port is reached over the network instead of a tunnel.
+
+    TVM's RPC has neither authentication nor encryption: whoever reaches such a server can upload
+    and run any code on the board, and reads every tensor on the way.
+    """
+    if is_loopback(host) is not False:  # an unresolvable name fails with its own error right after
+        return None
+    return (f"mnv2-tvm: warning: the {what} at {host}:{port} is reachable from other hosts; TVM RPC is "
+            "unauthenticated and unencrypted (anyone who reaches it can run code on the board): prefer "
+            "--ssh USER@BOARD, which keeps the server on the board's 127.0.0.1 behind an SSH tunnel")
+
+
 def one_line(err: BaseException) -> str:
     """The informative line of a TVM error (they carry C++ traces and blank lines)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
@@ -364,3 +388,239 @@ def _upload_linked_here(cross_compiler: str, session: Any, local_path: str, remo
         remote_path += ".so"
     session.upload(local_path, remote_path)
     return session.load_module(remote_path)
+
+
+# --------------------------------------------------------------------------- bounded tuning runner
+
+#: Seconds a candidate may run past its session timeout before its worker is killed. The server
+#: enforces ``session_timeout_sec`` itself; this margin only has to cover the round trips around it.
+RUNNER_MARGIN_S = 10.0
+#: Seconds a candidate waits for a free board behind the tracker before it is recorded as failed.
+RUNNER_BOARD_WAIT_S = 120.0
+
+
+def bounded_rpc_runner(tracker_host: str, tracker_port: int, key: str, *, session_timeout_sec: float,
+                       evaluator_config: Any, max_workers: int = 1,
+                       f_upload_module: Callable[[Any, str, str], Any] | None = None,
+                       f_run_evaluator: Callable[..., list[float]] | None = None,
+                       board_wait_s: float = RUNNER_BOARD_WAIT_S, margin_s: float = RUNNER_MARGIN_S) -> Any:
+    """A MetaSchedule runner over an RPC tracker in which no candidate can hang the run.
+
+    MetaSchedule's stock ``RPCRunner`` has no client-side deadline at all: its pool has no timeout,
+    its futures wait without one, ``TrackerSession.request`` waits for ever, and the RPC client's
+    socket has none. ``session_timeout_sec`` is enforced by the *server* process, so a board that
+    is stopped, hung or cut off (no FIN/RST ever arrives) blocks tuning for ever. Here each
+    candidate runs in a pool worker that is killed ``session_timeout_sec + margin_s`` after it got
+    its board, and the candidate is recorded as failed (``run_secs`` None, ``error_msg`` set); the
+    wait for a board (reconnecting to a restarted tracker) is bounded by ``board_wait_s``.
+    ``f_run_evaluator`` has the signature of MetaSchedule's ``default_run_evaluator``.
+    """
+    return _runner_class()(tracker_host, int(tracker_port), key, float(session_timeout_sec), evaluator_config,
+                           max(1, int(max_workers)), f_upload_module, f_run_evaluator, float(board_wait_s),
+                           float(margin_s))
+
+
+_RUNNER_CLASS: Any = None
+
+
+def _runner_class() -> Any:
+    """Defined on first use so that importing this module does not import TVM (``board`` commands)."""
+    global _RUNNER_CLASS
+    if _RUNNER_CLASS is not None:
+        return _RUNNER_CLASS
+
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
+
+    @derived_object
+    class BoundedRunnerFuture(PyRunnerFuture):
+        def __init__(self, future: Any) -> None:
+            super().__init__()
+            self.future = future
+
+        def done(self) -> bool:
+            return self.future.done()
+
+        def result(self) -> Any:
+            try:
+                run_secs, error = self.future.result()
+            except Exception as e:  # noqa: BLE001 - a failed candidate, never a crashed tuner (Ctrl-C still stops)
+                run_secs, error = None, f"BoundedRPCRunner: {one_line(e)}"
+            return RunnerResult(run_secs, error)
+
+    @derived_object
+    class BoundedRPCRunner(PyRunner):
+        def __init__(self, tracker_host: str, tracker_port: int, key: str, session_timeout_sec: float,
+                     evaluator_config: Any, max_workers: int, f_upload_module: Any, f_run_evaluator: Any,
+                     board_wait_s: float, margin_s: float) -> None:
+            super().__init__()
+            self.tracker_host, self.tracker_port, self.key = tracker_host, tracker_port, key
+            self.session_timeout_sec, self.margin_s, self.board_wait_s = session_timeout_sec, margin_s, board_wait_s
+            self.evaluator_config = evaluator_config
+            self.f_upload_module, self.f_run_evaluator = f_upload_module, f_run_evaluator
+            # `pool` (a PopenPoolExecutor) is what tune.py's cleanup kills after a run or on Ctrl-C.
+            self.pool = _make_deadline_pool_class()(max_workers)
+
+        def run(self, runner_inputs: list[Any]) -> list[Any]:
+            return [BoundedRunnerFuture(self.pool.submit_candidate(self, str(ri.artifact_path), str(ri.device_type),
+                                                                   tuple(a.as_json() for a in ri.args_info)))
+                    for ri in runner_inputs]
+
+    _RUNNER_CLASS = BoundedRPCRunner
+    return BoundedRPCRunner
+
+
+def _request_board(host: str, port: int, key: str, wait_s: float,
+                   stopped: Callable[[], bool]) -> tuple[str, int, str]:
+    """(url, port, matchkey) of a free board under ``key``, retrying a tracker that is down or restarting."""
+    from tvm.rpc import base
+
+    deadline = time.monotonic() + wait_s
+    last = "no free board"
+    while not stopped() and time.monotonic() < deadline:
+        try:
+            client = _TrackerClient(host, port, timeout=min(CONNECT_TIMEOUT_S, max(1.0, deadline - time.monotonic())))
+        except UserError as e:
+            last = str(e)
+            time.sleep(1.0)
+            continue
+        try:
+            base.sendjson(client.sock, [base.TrackerCode.REQUEST, key, "", 1])
+            # Short reads so that a stopped run (tune's cleanup) is not held up for the whole wait.
+            client.sock.settimeout(1.0)
+            while not stopped() and time.monotonic() < deadline:
+                try:
+                    value = base.recvjson(client.sock)
+                except TimeoutError:
+                    continue
+                if value[0] != base.TrackerCode.SUCCESS:
+                    raise UserError(f"RPC tracker {host}:{port} refused the request for key {key!r}: {value!r}")
+                url, bport, matchkey = value[1]
+                return str(url), int(bport), str(matchkey)
+        except OSError as e:  # the tracker went away while we waited: ask the next one on that port
+            last = f"RPC tracker {host}:{port} dropped the connection ({e})"
+        finally:
+            client.close()
+    if last == "no free board":
+        with contextlib.suppress(Exception):
+            n = boards_under(tracker_summary(host, port, timeout=5), key)
+            last = f"{n} registered, all busy" if n else "none registered: every board there died or stopped"
+    raise UserError(f"no free board under key {key!r} at RPC tracker {host}:{port} within {wait_s:.0f} s ({last})")
+
+
+def _measure_on_board(url: str, port: int, matchkey: str, session_timeout_sec: float, config: Any,
+                      f_upload_module: Any, f_run_evaluator: Any, artifact_path: str, device_type: str,
+                      args_info: tuple) -> list[float]:
+    """One candidate on one board, in a pool worker (MetaSchedule's RPCRunner steps)."""
+    from tvm import rpc
+    from tvm.s_tir.meta_schedule.runner import rpc_runner as R
+
+    session = rpc.connect(url, port, matchkey, session_timeout=session_timeout_sec)
+    remote_path = os.path.basename(artifact_path)
+    try:
+        device = session.device(device_type, 0)
+        rt_mod = (f_upload_module or R.default_upload_module)(session, artifact_path, remote_path)
+        args = R.default_alloc_argument(session, device, args_info, 1)
+        return list((f_run_evaluator or R.default_run_evaluator)(session, rt_mod, device, config, args))
+    finally:
+        # On a dead session this fails too; the measurement's own error is the one to report.
+        with contextlib.suppress(Exception):
+            R.default_cleanup(session, remote_path)
+
+
+def _runner_worker_init() -> None:
+    """Import TVM before the clock starts: a cold start is not the board's fault."""
+    import tvm.rpc  # noqa: F401
+    import tvm.s_tir.meta_schedule.runner  # noqa: F401
+
+
+def _runner_worker_ready() -> int:
+    return os.getpid()
+
+
+_DEADLINE_POOL: Any = None
+
+
+def _make_deadline_pool_class() -> type:
+    global _DEADLINE_POOL
+    if _DEADLINE_POOL is not None:
+        return _DEADLINE_POOL
+    from tvm.support.popen_pool import PopenPoolExecutor, PopenWorker, kill_child_processes
+
+    class DeadlinePool(PopenPoolExecutor):
+        """A PopenPoolExecutor whose caller, not the worker, enforces the deadline.
+
+        The pool's own ``timeout`` is a timer thread inside the worker; a worker blocked in TVM's
+        C++ socket code may never let it answer. Here the waiting thread kills the worker process
+        at the deadline, which ends its blocked read of the pipe at once.
+        """
+
+        def __init__(self, max_workers: int) -> None:
+            super().__init__(max_workers=max_workers, initializer=_runner_worker_init)
+
+        def submit_candidate(self, runner: Any, artifact_path: str, device_type: str, args_info: tuple) -> Any:
+            return self._threadpool.submit(self._candidate, runner, artifact_path, device_type, args_info)
+
+        def _worker(self) -> PopenWorker:
+            with self._lock:
+                tid = threading.get_ident()
+                if tid not in self._worker_map:
+                    self._worker_map[tid] = PopenWorker(self._initializer, self._initargs)
+                return self._worker_map[tid]
+
+        def _candidate(self, runner: Any, artifact_path: str, device_type: str,
+                       args_info: tuple) -> tuple[list[float] | None, str | None]:
+            worker = self._worker()
+            # Start the worker before taking a board: a board handed out by the tracker drops its
+            # match key if no client arrives within a few seconds, and a cold worker imports TVM.
+            worker.send(_runner_worker_ready)
+            worker.recv()
+            try:
+                url, port, matchkey = _request_board(runner.tracker_host, runner.tracker_port, runner.key,
+                                                     runner.board_wait_s, lambda: self._shutdown)
+            except UserError as e:
+                return None, f"BoundedRPCRunner: {e}"
+            board = f"board {url}:{port} (key {runner.key!r})"
+            worker.send(_measure_on_board, (url, port, matchkey, runner.session_timeout_sec, runner.evaluator_config,
+                                            runner.f_upload_module, runner.f_run_evaluator, artifact_path,
+                                            device_type, args_info))
+            limit = runner.session_timeout_sec + runner.margin_s
+            state = {"done": False, "killed": False}
+            lock = threading.Lock()
+
+            def kill() -> None:
+                with lock:
+                    if state["done"]:
+                        return
+                    state["killed"] = True
+                    proc = worker._proc  # noqa: SLF001 - the pool's worker process
+                    if proc is not None:
+                        with contextlib.suppress(Exception):
+                            kill_child_processes(proc.pid)
+                            proc.kill()
+
+            timer = threading.Timer(limit, kill)
+            timer.daemon = True
+            timer.start()
+            result: list[float] | None = None
+            error: BaseException | None = None
+            try:
+                result = worker.recv()
+            except BaseException as e:  # noqa: BLE001 - reported as a failed candidate
+                error = e
+            finally:
+                timer.cancel()
+                with lock:
+                    state["done"] = True
+            if state["killed"]:
+                worker.kill()  # reset it: the next send starts a fresh process
+            if error is None:
+                return result, None
+            if state["killed"]:
+                return None, (f"BoundedRPCRunner: {board} gave no result within {limit:.0f} s "
+                              f"(session_timeout_sec {runner.session_timeout_sec:.0f} + {runner.margin_s:.0f} s): "
+                              "hung or unreachable; its worker was killed")
+            return None, f"BoundedRPCRunner: {board}: {one_line(error)}"
+
+    _DEADLINE_POOL = DeadlinePool
+    return DeadlinePool

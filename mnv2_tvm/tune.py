@@ -661,6 +661,11 @@ class RunnerSpec:
     # Link candidates here with this compiler and upload the .so, so a board needs only the
     # TVM runtime (no tar, gzip or C++ compiler there).
     cross_compiler: str | None = None
+    # How long a candidate waits for a free board (or for a restarted tracker) before it is
+    # recorded as failed; the tracker itself would make it wait for ever.
+    board_wait_sec: float = 120.0
+    # MetaSchedule's f_run_evaluator (session, rt_mod, device, evaluator_config, args) -> secs.
+    f_run_evaluator: Callable[..., list[float]] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("local", "rpc"):
@@ -689,16 +694,17 @@ class RunnerSpec:
     def make_runner(self) -> ms.runner.Runner:
         """Create the MetaSchedule runner."""
         if self.kind == "rpc":
-            return ms.runner.RPCRunner(
-                ms.runner.RPCConfig(
-                    tracker_host=self.tracker_host,
-                    tracker_port=self.tracker_port,
-                    tracker_key=self.key,
-                    session_timeout_sec=int(self.session_timeout_sec),
-                ),
+            # Not the stock RPCRunner: it has no client-side deadline, so a hung board hangs the run.
+            from .remote import bounded_rpc_runner
+
+            return bounded_rpc_runner(
+                self.tracker_host, self.tracker_port, self.key,
+                session_timeout_sec=self.session_timeout_sec,
                 evaluator_config=self.evaluator_config(),
                 max_workers=self.max_workers,
-                **({"f_upload_module": _host_linked_upload(self.cross_compiler)} if self.cross_compiler else {}),
+                f_upload_module=_host_linked_upload(self.cross_compiler) if self.cross_compiler else None,
+                f_run_evaluator=self.f_run_evaluator,
+                board_wait_s=self.board_wait_sec,
             )
         return ms.runner.LocalRunner(timeout_sec=self.timeout_sec, evaluator_config=self.evaluator_config())
 

@@ -68,6 +68,18 @@ def test_hostport_parsing_names_the_flag() -> None:
             remote.parse_hostport(bad, "--rpc-tracker")
 
 
+def test_network_addresses_get_one_warning_line_and_loopback_none() -> None:
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.53"):
+        assert remote.is_loopback(host) is True and remote.exposure_warning(host, 9090, "RPC server") is None
+    for host in ("0.0.0.0", "10.1.2.3", "192.168.1.20", "2001:db8::1"):
+        line = remote.exposure_warning(host, 9090, "RPC server")
+        assert line is not None and "\n" not in line and line.startswith("mnv2-tvm: warning:")
+        assert f"{host}:9090" in line and "unauthenticated" in line and "--ssh" in line
+    # an unresolvable name gets the connection error alone, not a warning in front of it
+    assert remote.is_loopback("no-such-host.invalid") is None
+    assert remote.exposure_warning("no-such-host.invalid", 9090, "RPC server") is None
+
+
 def test_timing_statistics_agree_with_numpy() -> None:
     rng = np.random.default_rng(1)
     secs = list(rng.uniform(0.010, 0.020, size=17))

@@ -443,8 +443,9 @@ def test_runner_spec():
     with pytest.raises(ValueError):
         T.RunnerSpec(kind="ssh")
     runner = spec.make_runner()  # no connection is made until something is measured
-    assert runner.rpc_config.tracker_key == "pi4" and runner.evaluator_config.repeat == 2
-    runner.pool.shutdown(wait=False)
+    assert runner.key == "pi4" and runner.evaluator_config.repeat == 2
+    assert runner.session_timeout_sec == spec.session_timeout_sec and runner.board_wait_s == spec.board_wait_sec
+    T._kill_pool(runner.pool)
     with pytest.raises(ValueError, match="num-cores"):
         T.tune(tvm.IRModule(), {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, "/nonexistent", 1, runner=spec)
 
