@@ -124,6 +124,7 @@ class BenchResult:
     emulated: bool | None
     profile: list[dict[str, Any]] | None = None
     notes: list[str] = field(default_factory=list)
+    samples_ms: list[float] = field(default_factory=list)  # one mean per repeat, in run order
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -238,7 +239,7 @@ def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, 
         target=manifest["target"], board=board, max_abs_error=err, tolerance=settings.tolerance, timing=timing,
         madds=int(manifest.get("madds", 0)), params=int(manifest.get("params", 0)),
         gflops=gflops(int(manifest.get("madds", 0)), timing.median_ms / 1e3), peak_gflops=peak_gflops,
-        settings=asdict(settings), emulated=emulated, notes=notes,
+        settings=asdict(settings), emulated=emulated, notes=notes, samples_ms=[float(t) * 1e3 for t in samples],
     )
     if settings.profile:
         result.profile = profile_kernels(bundle_dir, manifest, remote, settings, dev)
@@ -249,12 +250,13 @@ def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, 
 
 
 def kernel_calls(mod: Any) -> list[dict[str, Any]]:
-    """The call_tir kernels ``main`` calls, how often, and the argument shapes of a call
-    (inputs, then outputs), from a fused Relax module."""
+    """The call_tir kernels ``main`` calls, how often, the argument shapes of a call (inputs,
+    then outputs), and at which positions of the call sequence (``at``), from a fused Relax module."""
     import tvm
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
     kernels: dict[str, dict[str, Any]] = {}
+    position = [0]
 
     def shapes(ty: Any) -> list[tuple[list[int], str]]:
         # TVM 0.27 types: TupleType has fields, TensorType a ShapeExpr and a dtype.
@@ -271,8 +273,10 @@ def kernel_calls(mod: Any) -> list[dict[str, Any]]:
             name = expr.args[0].name_hint
             args = [a for f in expr.args[1].fields for a in shapes(f.ty)]
             args += shapes(expr.ty_args[0])
-            k = kernels.setdefault(name, {"name": name, "calls": 0, "args": args})
+            k = kernels.setdefault(name, {"name": name, "calls": 0, "args": args, "at": []})
             k["calls"] += 1
+            k["at"].append(position[0])
+            position[0] += 1
 
     visit(mod["main"].body)
     return list(kernels.values())
@@ -283,13 +287,12 @@ def profile_kernels(bundle_dir: Path, manifest: dict[str, Any], remote: RemoteSe
     """Time every kernel of the bundle alone on the board (see the module docstring)."""
     import numpy as np
     import tvm
-    from tvm import relax
 
     from . import targets
     from .compile import _fcompile
     from .lower import to_relax
     from .models import ModelConfig, build
-    from .tune import compile_with_records
+    from .tune import compile_kernels
 
     spec = targets.load(manifest["target"])
     cfg = ModelConfig.from_dict(manifest["config"])
@@ -298,11 +301,10 @@ def profile_kernels(bundle_dir: Path, manifest: dict[str, Any], remote: RemoteSe
     mod = to_relax(build(cfg, seed=int(manifest.get("seed", 0)), weights=weights), cfg, manifest.get("frontend", "torch"))
     tuning = manifest.get("tuning", {})
     records = Path(tuning["records_dir"]) if tuning.get("records_dir") and not tuning.get("untuned") else None
-    executable, report = compile_with_records(mod, spec.tvm_target(), records)
+    executable, report, fused = compile_kernels(mod, spec.tvm_target(), records)
     if records is not None and report.records_digest != tuning.get("records_digest"):
         print("warning: the tuning records changed since the bundle was compiled; kernel times are of the new ones",
               file=sys.stderr)
-    fused = relax.get_pipeline("zero")(relax.transform.DecomposeOpsForInference()(mod))
     kernels = kernel_calls(fused)
     libs = list(executable.mod.imports)
     if not libs:
@@ -326,7 +328,8 @@ def profile_kernels(bundle_dir: Path, manifest: dict[str, Any], remote: RemoteSe
                 continue
             per_call = statistics.median(f(*tensors).results) * 1e3
             rows.append({"name": k["name"], "calls": k["calls"], "ms_per_call": per_call,
-                         "total_ms": per_call * k["calls"], "args": [list(s) for s, _ in k["args"]]})
+                         "total_ms": per_call * k["calls"], "args": [list(s) for s, _ in k["args"]],
+                         "dtypes": [d for _, d in k["args"]], "at": k["at"]})
             del tensors
     rows.sort(key=lambda r: -r["total_ms"])
     return rows

@@ -52,8 +52,11 @@ __all__ = [
     "LayerTime",
     "Measurement",
     "Measurer",
+    "BoardMeasurer",
     "default_grid",
+    "grid_configs",
     "load_grid",
+    "quick_grid",
     "map_kernels",
     "profile_kernels",
     "run_compare",
@@ -281,6 +284,166 @@ class HostMeasurer:
         return Measurement(latency, times, kernels, settings)
 
 
+class BoardMeasurer:
+    """Runs bundles on a board over RPC, the way ``mnv2-tvm bench`` does (upload, parity against
+    PyTorch on the board, ``time_evaluator``); per-kernel times come from ``bench``'s profile
+    (each kernel rebuilt alone and timed on the board, times its calls).
+
+    One session serves the whole grid (with ``--ssh``, one RPC server started on the board): it
+    opens on the first point and closes with :meth:`close`; use the measurer as a context manager.
+    """
+
+    def __init__(self, where: Any, *, arch: str | None = None, repeat: int = 7, min_repeat_ms: int = 100,
+                 number: int = 1, profile: bool = True, session_timeout: float = 0.0,
+                 tolerance: float | None = None) -> None:
+        from .bench import DEFAULT_TOLERANCE, BenchSettings
+
+        where.check()
+        if where.tracker and not where.key:
+            raise UserError("--rpc-tracker needs --rpc-key KEY (the key the boards serve under)")
+        self.where = where
+        self.arch = arch  # with --ssh, a board of another architecture is refused before anything starts
+        self.settings = BenchSettings(number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
+                                      tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
+                                      session_timeout=session_timeout)
+        self.profile = profile
+        if where.rpc:
+            self.name = f"rpc:{where.rpc[0]}:{where.rpc[1]}"
+        elif where.tracker:
+            self.name = f"tracker:{where.tracker[0]}:{where.tracker[1]}/{where.key}"
+        else:
+            self.name = f"ssh:{where.ssh}"
+        # False until a board says otherwise; ``emulation`` tells "unknown" apart from "real".
+        self.emulated = False
+        self.emulation = "unknown"
+        self.board: dict[str, Any] = {}
+        self._stack: contextlib.ExitStack | None = None
+        self._remote: Any = None
+        self._cpuinfo_x86: bool | None = None
+
+    @property
+    def notes(self) -> list[str]:
+        if self._remote is None and not self.board:
+            return []
+        if self.emulation == "unknown":
+            return [f"the board behind {self.name} could not be identified as real or emulated (its RPC server "
+                    "does not serve /proc/cpuinfo): if it is qemu, these timings mean nothing; --ssh detects it"]
+        return []
+
+    def __enter__(self) -> BoardMeasurer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()  # stops the server started on the board, closes the SSH connection
+
+    def _open(self) -> Any:
+        if self._remote is not None:
+            return self._remote
+        from . import remote as rpc
+
+        w, s = self.where, self.settings
+        stack = contextlib.ExitStack()
+        try:
+            if w.rpc:
+                sess = rpc.connect(*w.rpc, session_timeout=s.session_timeout)
+            elif w.tracker:
+                sess = rpc.request(*w.tracker, w.key, wait_s=w.wait_s, session_timeout=s.session_timeout)
+            else:
+                from .board import open_board
+
+                def same_arch(info: dict[str, Any]) -> None:
+                    if self.arch and info["arch"] != self.arch:
+                        raise UserError(f"the target is {self.arch} but {w.ssh} is {info['uname_m']}: compare with "
+                                        "this board's target")
+
+                ob = stack.enter_context(open_board(w.ssh, w.ssh_opts, precheck=same_arch))
+                sess = rpc.connect("127.0.0.1", ob.local_port, session_timeout=s.session_timeout,
+                                   via=f"ssh {w.ssh}")
+                sess.info.update(ob.identity())
+                sess.address = f"{w.ssh} (127.0.0.1:{ob.server.port} on the board)"
+                self.emulated = bool(ob.info.get("emulated"))
+                self.emulation = "emulated" if self.emulated else "real"
+        except BaseException:
+            stack.close()
+            raise
+        self._stack, self._remote = stack, sess
+        if self.emulation == "unknown":
+            self._cpuinfo_x86 = _remote_cpuinfo_is_x86(sess)
+        self.board = {k: v for k, v in sess.identity().items() if v is not None}
+        return sess
+
+    def measure(self, bundle_dir: Path, cfg: ModelConfig, *, profile: bool = True) -> Measurement:
+        from dataclasses import replace
+
+        from .bench import run_bench
+        from .bundle import load_manifest
+
+        sess = self._open()
+        arch = load_manifest(bundle_dir)["arch"]
+        if self.emulation == "unknown" and self._cpuinfo_x86 is not None:
+            # The library loaded, so the board runs ``arch`` code; an ARM userland that shows an x86
+            # CPU list is qemu-user (board.py's probe makes the same call over SSH).
+            self.emulated = arch not in ("x86_64", "i686") and self._cpuinfo_x86
+            self.emulation = "emulated" if self.emulated else "real"
+        settings = replace(self.settings, profile=profile and self.profile)
+        chatter = io.StringIO()
+        # profile_kernels announces each rebuild; keep only what a user must see.
+        with contextlib.redirect_stderr(chatter):
+            result = run_bench(bundle_dir, sess, settings, emulated=self.emulated)
+        for line in chatter.getvalue().splitlines():
+            if line.startswith(("warning", "profile: skipped")):
+                print(line, file=sys.stderr)
+        kernels = _board_kernels(result.profile) if result.profile is not None else None
+        threads = None
+        with contextlib.suppress(Exception):  # a runtime without the function: the report says n/a
+            threads = int(sess.session.get_function("runtime.NumThreads")())
+        measured = {"number": settings.number, "repeat": settings.repeat, "min_repeat_ms": settings.min_repeat_ms,
+                    "threads": threads, "max_abs_error": result.max_abs_error, "board": self.board,
+                    "emulated": self.emulated, "profile_method": "board-kernels-alone" if kernels else None}
+        return Measurement(statistics.median(result.samples_ms), result.samples_ms, kernels, measured)
+
+
+def _remote_cpuinfo_is_x86(remote: Any) -> bool | None:
+    """Whether the board's /proc/cpuinfo lists x86 CPUs; None when it cannot be read.
+
+    TVM's Python RPC server joins a download path onto its work folder with os.path.join, so an
+    absolute path reads that file; C++ servers (Android, bare runtimes) refuse, hence None.
+    """
+    try:
+        text = bytes(remote.session.download("/proc/cpuinfo")).decode("utf-8", errors="replace")
+    except Exception:  # noqa: BLE001 - any refusal means: unknown
+        return None
+    if not text.strip():
+        return None
+    return "GenuineIntel" in text or "AuthenticAMD" in text
+
+
+def _board_kernels(profile: list[dict[str, Any]]) -> list[KernelTime]:
+    """``bench``'s per-kernel rows (one per kernel, with call positions) as one
+    :class:`KernelTime` per call, in the order ``main`` makes them."""
+    import numpy as np
+
+    calls: list[tuple[int, KernelTime]] = []
+    for row in profile:
+        shapes = [tuple(int(d) for d in s) for s in row["args"]]
+        dtypes = row.get("dtypes") or ["float32"] * len(shapes)
+        nbytes = sum(math.prod(s) * np.dtype(d).itemsize for s, d in zip(shapes, dtypes))
+        k = KernelTime(row["name"], shapes[-1] if shapes else (), int(nbytes), float(row["ms_per_call"]),
+                       _kernel_madds(row["name"], shapes))
+        positions = row.get("at") or [len(calls) + i for i in range(row["calls"])]
+        calls += [(p, k) for p in positions]
+    calls.sort(key=lambda pk: pk[0])
+    return [k for _, k in calls]
+
+
 def _is_kernel(symbol: str) -> bool:
     # PrimFuncs are plain identifiers; VM builtins and packed externs are dotted
     # (vm.builtin.alloc_tensor, vm.builtin.reshape, ...).
@@ -293,8 +456,10 @@ def _kernel_madds(name: str, shapes: list[tuple[int, ...]]) -> int | None:
         return None
     out, weight = shapes[-1], shapes[1]
     numel = math.prod(out)
-    if "conv2d" in name and len(out) == 4 and len(weight) == 4 and weight[0] == out[1]:
-        return numel * weight[1] * weight[2] * weight[3]
+    # Tuned CPU kernels read their weights pre-packed (5-D and up): the element count is the
+    # same, so weight elements per output channel still give k_h·k_w·C_in/groups.
+    if "conv2d" in name and len(out) == 4 and len(weight) >= 4 and math.prod(weight) % out[1] == 0:
+        return numel * (math.prod(weight) // out[1])
     if ("matmul" in name or "dense" in name) and len(shapes[0]) >= 2:
         return numel * shapes[0][-1]
     return None

@@ -35,6 +35,7 @@ import tvm_ffi
 from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule._ffi_api import TuningRecordAsJSON as _TuningRecordAsJSON
 
 __all__ = [
     "ApplyReport",
@@ -45,8 +46,12 @@ __all__ = [
     "TaskReport",
     "TuneReport",
     "allocate_trials",
+    "compile_kernels",
     "compile_with_records",
+    "extract_tasks",
+    "kernels_module",
     "open_records",
+    "prepacks_weights",
     "prune",
     "tune",
 ]
@@ -206,6 +211,27 @@ def _split_lines(path: Path) -> tuple[list[tuple[int, bytes]], bytes, int, bytes
     body, tail = raw[:cut], raw[cut:]
     lines = [(i + 1, ln) for i, ln in enumerate(body.split(b"\n")[:-1])] if body else []
     return lines, tail, cut, raw
+
+
+def _record_json(record: ms.database.TuningRecord) -> Any:
+    """A record as plain JSON, like ``TuningRecord.as_json`` but also for traces that rewrite a
+    layout: their IndexMap inputs become the JSON-graph string that
+    ``TuningRecord.from_json`` parses back (the stock Python helper raises on them)."""
+
+    def plain(obj: Any) -> Any:
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        if isinstance(obj, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
+            return obj.value
+        if isinstance(obj, tvm.ir.Array):
+            return [plain(x) for x in obj]
+        if isinstance(obj, tvm.ir.Map):
+            return {plain(k): plain(v) for k, v in obj.items()}
+        if isinstance(obj, tvm.tirx.IndexMap):
+            return tvm.ir.save_json(obj)
+        raise TypeError(f"cannot write a {type(obj).__name__} in a tuning record")
+
+    return plain(_TuningRecordAsJSON(record))
 
 
 def _mean_secs(record: ms.database.TuningRecord) -> float:
@@ -442,7 +468,7 @@ class RecordsDatabase(ms.database.PyDatabase):
         if idx is None:
             self.commit_workload(record.workload.mod)
             idx = self._index_of(record.workload)
-        self._append(self._fd_record, [idx, record.as_json()])
+        self._append(self._fd_record, [idx, _record_json(record)])
         self._add_record(idx, record)
 
     def get_top_k(self, workload: ms.database.Workload, top_k: int) -> list[ms.database.TuningRecord]:
@@ -485,7 +511,7 @@ class RecordsDatabase(ms.database.PyDatabase):
             best = [t for t in self._records[idx] if t[0] != math.inf][:top_k]
             self._records[idx] = best
             kept += len(best)
-            lines += [json.dumps([idx, r.as_json()], separators=(",", ":")) + "\n" for _, _, r in best]
+            lines += [json.dumps([idx, _record_json(r)], separators=(",", ":")) + "\n" for _, _, r in best]
         before = self._n_records
         if self._fd_record is not None:
             os.close(self._fd_record)
@@ -598,8 +624,34 @@ class _Task:
     target: tvm.target.Target
 
 
-def _extract(mod: tvm.IRModule, target: tvm.target.Target) -> list[_Task]:
-    fused = relax.get_pipeline("zero")(mod)
+def prepacks_weights(target: tvm.target.Target) -> bool:
+    """Whether kernels for ``target`` read their weights in a layout chosen by tuning.
+
+    On CPUs a tuned conv reads its weights tile by tile; with the weights marked layout-free,
+    MetaSchedule may pick a packed layout (RewriteLayout) and compile folds the repacking into
+    the constants once, instead of the kernel gathering strided weights on every call.
+    """
+    return _as_target(target).kind.name == "llvm"
+
+
+def _fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalise and fuse as MetaSchedule's ``zero`` pipeline does; the one place that decides
+    what a tuning task is, for extraction and compilation alike."""
+    fused = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ])(mod)
+    if prepacks_weights(target):
+        fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
+    return fused
+
+
+def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target, params: dict | None = None) -> list[_Task]:
+    """The tuning tasks of ``mod`` for ``target``, keyed as the records store them."""
+    fused = _fuse(_prepare(mod, params), _as_target(target))
     tasks = []
     for t in ms.relax_integration.extract_tasks(fused, target):
         wmod = ms.tune_context._normalize_mod(t.dispatched[0])  # noqa: SLF001 - same as TuneContext
@@ -1225,7 +1277,7 @@ def tune(
     opened = open_records(records_dir, target, writable=True)  # warnings go to the console
     try:
         with _tvm_logs_to(records_dir / LOG_FILE, progress) as console, _Sigint() as sigint:
-            sess = _Session(opened.db, _extract(_prepare(mod, params), target), trials, target, records_dir, t0)
+            sess = _Session(opened.db, extract_tasks(mod, target, params), trials, target, records_dir, t0)
             total = sum(sess.budgets)
             if not sess.tasks:
                 return sess.report("no tunable tasks in this module")
@@ -1287,42 +1339,84 @@ def prune(records_dir: Path, top_k: int = 1) -> tuple[int, int]:
         opened.close()
 
 
+def kernels_module(mod: tvm.IRModule, target: tvm.target.Target, db: Any | None = None) -> tvm.IRModule:
+    """The fused Relax module as it will be compiled: records of ``db`` applied and, where the
+    tuned kernels read pre-packed weights, the packing folded into the constants. Its
+    ``call_tir`` calls are exactly the kernels of the compiled library (``mod`` as from
+    :func:`_prepare`)."""
+    target = _as_target(target)
+    fused = _fuse(mod, target)
+    if db is None:
+        return fused
+    with target, db, tvm.transform.PassContext(opt_level=3):
+        applied = relax.transform.MetaScheduleApplyDatabase()(fused)
+        if prepacks_weights(target):
+            applied = relax.transform.SplitLayoutRewritePreproc()(applied)
+            applied = relax.transform.FoldConstant()(applied)
+            applied = relax.transform.DeadCodeElimination(["main"])(applied)  # the folded repacking
+    return applied
+
+
+def _build(kernels: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+    if target.kind.name != "llvm":
+        # GPU kernels need the default pipeline's DLight schedules to build at all.
+        return tvm.compile(kernels, target=target)
+    from tvm.relax.backend.cpu_generic.pipeline import dataflow_lower_passes, finalize_passes
+
+    # Lower only: the default pipeline would run FuseOps again over the tuned kernels and
+    # could merge them into new, unscheduled ones.
+    @tvm.transform.module_pass(opt_level=0)
+    def lower(m: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return tvm.transform.Sequential(dataflow_lower_passes(target) + finalize_passes(target))(m)
+
+    with target:
+        return relax.build(kernels, target=target, relax_pipeline=lower)
+
+
 def compile_with_records(
     mod: tvm.IRModule,
     target: tvm.target.Target,
     records_dir: Path | None,
     params: dict | None = None,
 ) -> tuple[relax.VMExecutable, ApplyReport]:
-    """Compile ``mod`` applying the best records (``ms.relax_integration.compile_relax``).
+    """Compile ``mod`` with the best records of ``records_dir`` applied to its kernels.
 
-    Without records (``records_dir`` None, missing or empty) it legalises, fuses and calls
-    ``tvm.compile``; the report then says ``untuned``.
+    Without records (``records_dir`` None, missing or empty) the kernels are compiled as
+    legalised (slow on CPUs); the report then says ``untuned``.
     """
+    executable, report, _ = compile_kernels(mod, target, records_dir, params)
+    return executable, report
+
+
+def compile_kernels(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    records_dir: Path | None,
+    params: dict | None = None,
+) -> tuple[relax.VMExecutable, ApplyReport, tvm.IRModule]:
+    """:func:`compile_with_records`, also returning the module that was compiled (see
+    :func:`kernels_module`), for listing the library's kernels and their argument shapes."""
     target = _as_target(target)
     prepared = _prepare(mod, params)
-    fused = relax.get_pipeline("zero")(prepared)
-    prim_names = sorted(gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
     rdir = Path(records_dir) if records_dir is not None else None
     if rdir is None or not rdir.is_dir() or not _has_files(rdir):
         if rdir is not None and rdir.is_dir():
             meta = _read_meta(rdir)
             if meta is not None:
                 _check_meta(meta, target, rdir)
-        ex = tvm.compile(fused, target=target)
-        return ex, ApplyReport([], prim_names, None, None if rdir is None else str(rdir), untuned=True)
+        kernels = kernels_module(prepared, target)
+        names = sorted(gv.name_hint for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+        report = ApplyReport([], names, None, None if rdir is None else str(rdir), untuned=True)
+        return _build(kernels, target), report, kernels
     opened = open_records(rdir, target, writable=False)
     try:
         db = opened.db
-        with target, db, tvm.transform.PassContext(opt_level=3):
-            applied = relax.transform.MetaScheduleApplyDatabase()(fused)
-        tuned = sorted(
-            gv.name_hint
-            for gv, f in applied.functions.items()
-            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and f.attrs.get("tirx.is_scheduled", False)
-        )
-        ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
-        fallback = [n for n in prim_names if n not in set(tuned)]
-        return ex, ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned)
+        kernels = kernels_module(prepared, target, db)
+        prims = {gv.name_hint: f for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+        tuned = sorted(n for n, f in prims.items() if f.attrs and f.attrs.get("tirx.is_scheduled", False))
+        fallback = sorted(n for n in prims if n not in set(tuned))
+        report = ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned)
+        return _build(kernels, target), report, kernels
     finally:
         opened.close()
 

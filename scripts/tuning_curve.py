@@ -28,20 +28,15 @@ def main() -> int:
     args = p.parse_args()
 
     import tvm_ffi
-    from tvm import relax
-    from tvm.s_tir import meta_schedule as ms
 
     from mnv2_tvm import targets
     from mnv2_tvm.lower import to_relax
     from mnv2_tvm.models import ModelConfig, build
+    from mnv2_tvm.tune import extract_tasks
 
     cfg = ModelConfig(args.model, args.width, args.resolution)
-    mod = relax.get_pipeline("zero")(to_relax(build(cfg, calibrate=False), cfg))
-    tasks = ms.relax_integration.extract_tasks(mod, targets.load("host").tvm_target())
-    weights = {}
-    for t in tasks:
-        wmod = ms.tune_context._normalize_mod(t.dispatched[0])  # noqa: SLF001 - the key MetaSchedule uses
-        weights[str(tvm_ffi.structural_hash(wmod))] = t.weight
+    tasks = extract_tasks(to_relax(build(cfg, calibrate=False), cfg), targets.load("host").tvm_target())
+    weights = {str(tvm_ffi.structural_hash(t.mod)): t.weight for t in tasks}
     index = {}
     for i, line in enumerate((args.records / "database_workload.json").read_text().splitlines()):
         shash = json.loads(line)[0]

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
@@ -220,6 +221,18 @@ def test_tune_writes_durable_stock_readable_records(tuned):
     lines = record_lines(records_dir)
     assert len(lines) == 8 and all(isinstance(json.loads(ln), list) for ln in lines)
     assert len(stock_db(records_dir)) == 8
+    # CPU kernels read pre-packed weights: traces that rewrite a layout (an IndexMap input the
+    # stock Python serialiser cannot write) are on disk and read back to the same schedule.
+    assert T.prepacks_weights(tvm.target.Target(TARGET))
+    packed = [ln for ln in lines if b'"TransformLayout"' in ln]
+    assert packed, "no record rewrote a weight layout"
+    db = T.RecordsDatabase(str(records_dir), writable=False)
+    for rec in db.get_all_tuning_records():
+        again = ms.database.TuningRecord.from_json(json.loads(json.dumps(T._record_json(rec))), rec.workload)
+        a, b = (tvm.s_tir.Schedule(rec.workload.mod) for _ in range(2))
+        rec.trace.apply_to_schedule(a, remove_postproc=False)
+        again.trace.apply_to_schedule(b, remove_postproc=False)
+        assert tvm_ffi.structural_equal(a.mod, b.mod)
     meta = json.loads((records_dir / T.META_FILE).read_text())
     assert meta["tvm_version"] == tvm.__version__ and meta["target"]["mcpu"] == HOST_CPU
     log = (records_dir / T.LOG_FILE).read_text()
