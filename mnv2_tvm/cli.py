@@ -131,15 +131,41 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    import contextlib
+
     from . import targets
-    from .compare import run_compare
+    from .compare import BoardMeasurer, HostMeasurer, run_compare
 
     if args.tune_trials < 0:
         raise UserError(f"--tune-trials must be 0 or more, not {args.tune_trials}")
-    result = run_compare(targets.load(args.target), args.output, grid=args.grid, records_dir=args.tuning_records,
-                         tune_trials_per_config=args.tune_trials)
+    if args.repeat < 1:
+        raise UserError(f"--repeat must be at least 1, not {args.repeat}")
+    if args.min_repeat_ms < 0:
+        raise UserError(f"--min-repeat-ms must be >= 0, not {args.min_repeat_ms}")
+    spec = targets.load(args.target)
+    measurer: HostMeasurer | BoardMeasurer
+    if args.rpc or args.rpc_tracker or args.ssh:
+        from .bench import Where
+        from .remote import parse_hostport
+
+        target, opts = _ssh(args)
+        where = Where(rpc=parse_hostport(args.rpc, "--rpc") if args.rpc else None,
+                      tracker=parse_hostport(args.rpc_tracker, "--rpc-tracker") if args.rpc_tracker else None,
+                      key=(args.rpc_key or spec.rpc_key) if args.rpc_tracker else None, ssh=target, ssh_opts=opts,
+                      wait_s=args.wait)
+        _warn_exposed(where.rpc, "RPC server")
+        _warn_exposed(where.tracker, "RPC tracker (and the boards behind it)")
+        measurer = BoardMeasurer(where, arch=spec.arch, repeat=args.repeat, min_repeat_ms=args.min_repeat_ms,
+                                 profile=not args.no_profile, session_timeout=args.session_timeout)
+        _sigterm_as_interrupt()  # so the RPC server started on the board is stopped on the way out
+    else:
+        measurer = HostMeasurer(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
+    with measurer if isinstance(measurer, BoardMeasurer) else contextlib.nullcontext():
+        result = run_compare(spec, args.output, grid=args.grid, records_dir=args.tuning_records,
+                             measurer=measurer, tune_trials_per_config=args.tune_trials, profile=not args.no_profile)
     state = "complete" if result.complete else "INCOMPLETE (run the same command again to continue)"
-    print(f"report {state}: {result.out_dir}/summary.md ({result.measured} points measured, "
+    emulated = " [EMULATED board: timings meaningless]" if result.report.get("emulated") else ""
+    print(f"report {state}{emulated}: {result.out_dir}/summary.md ({result.measured} points measured, "
           f"{result.reused} reused); plots: " + ", ".join(str(p) for n, p in result.files.items() if n.endswith(".png")))
 
 
@@ -373,11 +399,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="tuned latency against MAdd predictions over a grid of configs")
     p.add_argument("--target", default="host", help="a targets/ name, 'host', or a .toml path")
-    p.add_argument("--grid", default="default", help="'default' or a JSON/TOML file of configs")
+    p.add_argument("--grid", default="default",
+                   help="'default' (the paper's 25 MobileNetV2 configs + SSDLite + DeepLab), 'quick' (MobileNetV2 "
+                        "0.35 and 1.0 x 96, 160, 224) or a JSON/TOML file of configs")
     p.add_argument("--tuning-records", "--records", type=Path, dest="tuning_records",
                    help="records folder (default: schedules/<target>/)")
     p.add_argument("--tune-trials", type=int, default=0, help="tune configs the records miss, N trials each")
     p.add_argument("-o", "--output", type=Path, default=Path("reports/compare"), help="report folder")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="measure on the board behind this TVM RPC server (direct)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a board behind this TVM RPC tracker")
+    p.add_argument("--rpc-key", help="the boards' key at the tracker (default: the target's)")
+    p.add_argument("--wait", type=float, default=120.0, metavar="S", help="wait this long for a free board (tracker)")
+    _add_ssh_args(p)
+    p.add_argument("--repeat", type=int, default=7, help="timed repeats per point (the median is reported)")
+    p.add_argument("--min-repeat-ms", type=int, default=100, help="stretch each repeat to at least this long")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip per-kernel timing (on a board it rebuilds each point's kernels; no per-layer report)")
+    p.add_argument("--session-timeout", type=float, default=0, metavar="S",
+                   help="the board's server ends the session after S seconds (0: never)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("run", help="run a bundle on this machine")

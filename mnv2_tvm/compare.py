@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_RESOLUTIONS",
     "DEFAULT_WIDTHS",
     "REFERENCE_CONFIG",
+    "BoardMeasurer",
     "CompareResult",
     "HostMeasurer",
     "KernelTime",
@@ -52,7 +53,6 @@ __all__ = [
     "LayerTime",
     "Measurement",
     "Measurer",
-    "BoardMeasurer",
     "default_grid",
     "grid_configs",
     "load_grid",
@@ -65,6 +65,10 @@ __all__ = [
 FORMAT = "mnv2-tvm-compare/1"
 DEFAULT_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.4)
 DEFAULT_RESOLUTIONS = (96, 128, 160, 192, 224)
+#: ``--grid quick`` (the main job's compact run): a 27x MAdd range in 12 builds, a few minutes on
+#: 2 cores. Untuned 1.0/224 alone runs ~165 ms; compiling (~10 s a build) dominates.
+QUICK_WIDTHS = (0.35, 1.0)
+QUICK_RESOLUTIONS = (96, 160, 224)
 #: The configuration whose tuned per-layer profile makes the layer-share plot.
 REFERENCE_CONFIG = ModelConfig("mobilenet_v2", 1.0, 224)
 VARIANTS = ("untuned", "tuned")
@@ -97,6 +101,21 @@ def default_grid() -> list[ModelConfig]:
     """The paper's MobileNetV2 width × resolution grid, then SSDLite 320 and DeepLabv3 513."""
     grid = [ModelConfig("mobilenet_v2", w, r) for w in DEFAULT_WIDTHS for r in DEFAULT_RESOLUTIONS]
     return grid + [ModelConfig("ssdlite"), ModelConfig("deeplabv3")]
+
+
+def quick_grid() -> list[ModelConfig]:
+    """A compact MobileNetV2 grid: widths 0.35 and 1.0 × resolutions 96, 160 and 224."""
+    return [ModelConfig("mobilenet_v2", w, r) for w in QUICK_WIDTHS for r in QUICK_RESOLUTIONS]
+
+
+#: Built-in grids by name; ``--grid NAME`` picks one, anything else is a grid file.
+GRIDS = {"default": default_grid, "quick": quick_grid}
+
+
+def grid_configs(grid: str | Path) -> list[ModelConfig]:
+    """The configurations of a built-in grid (:data:`GRIDS`) or of a grid file (:func:`load_grid`)."""
+    named = GRIDS.get(str(grid).lower())
+    return named() if named is not None else load_grid(grid)
 
 
 def load_grid(path: str | Path) -> list[ModelConfig]:
@@ -319,16 +338,6 @@ class BoardMeasurer:
         self.board: dict[str, Any] = {}
         self._stack: contextlib.ExitStack | None = None
         self._remote: Any = None
-        self._cpuinfo_x86: bool | None = None
-
-    @property
-    def notes(self) -> list[str]:
-        if self._remote is None and not self.board:
-            return []
-        if self.emulation == "unknown":
-            return [f"the board behind {self.name} could not be identified as real or emulated (its RPC server "
-                    "does not serve /proc/cpuinfo): if it is qemu, these timings mean nothing; --ssh detects it"]
-        return []
 
     def __enter__(self) -> BoardMeasurer:
         return self
@@ -375,8 +384,6 @@ class BoardMeasurer:
             stack.close()
             raise
         self._stack, self._remote = stack, sess
-        if self.emulation == "unknown":
-            self._cpuinfo_x86 = _remote_cpuinfo_is_x86(sess)
         self.board = {k: v for k, v in sess.identity().items() if v is not None}
         return sess
 
@@ -384,15 +391,8 @@ class BoardMeasurer:
         from dataclasses import replace
 
         from .bench import run_bench
-        from .bundle import load_manifest
 
         sess = self._open()
-        arch = load_manifest(bundle_dir)["arch"]
-        if self.emulation == "unknown" and self._cpuinfo_x86 is not None:
-            # The library loaded, so the board runs ``arch`` code; an ARM userland that shows an x86
-            # CPU list is qemu-user (board.py's probe makes the same call over SSH).
-            self.emulated = arch not in ("x86_64", "i686") and self._cpuinfo_x86
-            self.emulation = "emulated" if self.emulated else "real"
         settings = replace(self.settings, profile=profile and self.profile)
         chatter = io.StringIO()
         # profile_kernels announces each rebuild; keep only what a user must see.
@@ -406,24 +406,9 @@ class BoardMeasurer:
         with contextlib.suppress(Exception):  # a runtime without the function: the report says n/a
             threads = int(sess.session.get_function("runtime.NumThreads")())
         measured = {"number": settings.number, "repeat": settings.repeat, "min_repeat_ms": settings.min_repeat_ms,
-                    "threads": threads, "max_abs_error": result.max_abs_error, "board": self.board,
-                    "emulated": self.emulated, "profile_method": "board-kernels-alone" if kernels else None}
+                    "threads": threads, "max_abs_error": result.max_abs_error, "emulated": self.emulated,
+                    "emulation": self.emulation, "profile_method": "board-kernels-alone" if kernels else None}
         return Measurement(statistics.median(result.samples_ms), result.samples_ms, kernels, measured)
-
-
-def _remote_cpuinfo_is_x86(remote: Any) -> bool | None:
-    """Whether the board's /proc/cpuinfo lists x86 CPUs; None when it cannot be read.
-
-    TVM's Python RPC server joins a download path onto its work folder with os.path.join, so an
-    absolute path reads that file; C++ servers (Android, bare runtimes) refuse, hence None.
-    """
-    try:
-        text = bytes(remote.session.download("/proc/cpuinfo")).decode("utf-8", errors="replace")
-    except Exception:  # noqa: BLE001 - any refusal means: unknown
-        return None
-    if not text.strip():
-        return None
-    return "GenuineIntel" in text or "AuthenticAMD" in text
 
 
 def _board_kernels(profile: list[dict[str, Any]]) -> list[KernelTime]:
@@ -734,16 +719,17 @@ class CompareResult:
 
 def run_compare(spec: TargetSpec, out_dir: Path, *, grid: str | Path = "default", records_dir: Path | None = None,
                 measurer: Measurer | None = None, tune_trials_per_config: int = 0,
-                progress: bool = True) -> CompareResult:
+                progress: bool = True, profile: bool = True) -> CompareResult:
     """Measure ``grid`` on ``spec`` untuned and tuned, and write the report to ``out_dir``.
 
-    ``grid`` is ``"default"`` or a JSON/TOML file (:func:`load_grid`). ``records_dir`` defaults to
+    ``grid`` is a built-in grid's name (``"default"``, ``"quick"``) or a JSON/TOML file (:func:`load_grid`). ``records_dir`` defaults to
     the target's schedules folder. Finished points in ``out_dir/points.jsonl`` are reused (tuned
     ones only while the records are unchanged). Ctrl-C keeps the finished points, writes the
-    report marked incomplete and re-raises ``KeyboardInterrupt``.
+    report marked incomplete and re-raises ``KeyboardInterrupt``. ``profile=False`` skips the
+    per-kernel timings (no per-layer report).
     """
     out_dir = Path(out_dir)
-    configs = default_grid() if str(grid).lower() == "default" else load_grid(grid)
+    configs = grid_configs(grid)
     if tune_trials_per_config < 0:
         raise UserError(f"the tuning budget per configuration must be >= 0, not {tune_trials_per_config}")
     measurer = measurer or HostMeasurer()
@@ -760,7 +746,7 @@ def run_compare(spec: TargetSpec, out_dir: Path, *, grid: str | Path = "default"
         raise UserError(f"cannot create report folder {out_dir}: {e.strerror}") from None
     lock = _lock_report_dir(out_dir)
     try:
-        return _run(configs, spec, out_dir, records, measurer, tune_trials_per_config, progress)
+        return _run(configs, spec, out_dir, records, measurer, tune_trials_per_config, progress, profile)
     finally:
         os.close(lock)  # releases the flock
 
@@ -779,7 +765,7 @@ def _lock_report_dir(out_dir: Path) -> int:
 
 
 def _run(configs: list[ModelConfig], spec: TargetSpec, out_dir: Path, records: Path, measurer: Measurer,
-         tune_trials_per_config: int, progress: bool) -> CompareResult:
+         tune_trials_per_config: int, progress: bool, profile: bool = True) -> CompareResult:
     from .madds import count
 
     store = PointStore(out_dir / POINTS_FILE)
@@ -839,7 +825,8 @@ def _run(configs: list[ModelConfig], spec: TargetSpec, out_dir: Path, records: P
                     bar.point(key, f"{cfg.label} tuned: skipped, no records")
                     continue
                 try:
-                    rec = _measure_point(cfg, variant, spec, out_dir, records, fingerprint, measurer, counts[cfg.label])
+                    rec = _measure_point(cfg, variant, spec, out_dir, records, fingerprint, measurer, counts[cfg.label],
+                                         profile)
                 except UserError:
                     raise
                 except Exception as e:  # a TVM build/run failure of one config should not stop the grid
@@ -930,7 +917,7 @@ def _tune_grid(configs: list[ModelConfig], spec: TargetSpec, records: Path, tria
 
 
 def _measure_point(cfg: ModelConfig, variant: str, spec: TargetSpec, out_dir: Path, records: Path,
-                   fingerprint: str | None, measurer: Measurer, counted: Any) -> dict[str, Any]:
+                   fingerprint: str | None, measurer: Measurer, counted: Any, profile: bool = True) -> dict[str, Any]:
     import shutil
 
     import tvm
@@ -964,7 +951,7 @@ def _measure_point(cfg: ModelConfig, variant: str, spec: TargetSpec, out_dir: Pa
         shutil.rmtree(bundle_dir, ignore_errors=True)
         return dict(rec, status="uncovered", latency_ms=None)
     t = time.perf_counter()
-    m = measurer.measure(bundle_dir, cfg, profile=True)
+    m = measurer.measure(bundle_dir, cfg, profile=profile)
     rec.update(status="ok", latency_ms=m.latency_ms, times_ms=m.times_ms, settings=m.settings,
                measure_s=round(time.perf_counter() - t, 2))
     if m.kernels is not None:
@@ -1084,7 +1071,9 @@ def _write_report(configs: list[ModelConfig], store: PointStore, spec: TargetSpe
     from . import predict as P
     from .bundle import write_atomic
 
-    emulated = bool(measurer.emulated or getattr(spec, "emulated", False))
+    # Points reused from an earlier run carry what their board was, even if no board was opened now.
+    emulated = bool(measurer.emulated or getattr(spec, "emulated", False)
+                    or any(r.get("settings", {}).get("emulated") for r in store.points.values()))
     recs: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
     for cfg in configs:
@@ -1120,6 +1109,12 @@ def _write_report(configs: list[ModelConfig], store: PointStore, spec: TargetSpe
     notes = [] if spec.peak_gflops else [f"naive prediction skipped: {spec.path} gives no peak throughput "
                                          "(device.peak_gflops or device.flops_per_cycle)"]
     notes += [n for v in VARIANTS for n in evaluation[v]["notes"]]
+    states = {r.get("settings", {}).get("emulation") for r in recs.values() if r.get("status") == "ok"}
+    emulation = "emulated" if emulated else "unknown" if "unknown" in states else "real"
+    if emulation == "unknown":
+        notes.append(f"measured on the board behind {measurer.name}: over RPC alone it cannot be told whether that "
+                     "board is real or emulated (qemu); if it is emulated these timings mean nothing "
+                     "(--ssh USER@BOARD checks it)")
     ranking: dict[str, Any]
     try:
         ranking = P.ranking_change([_to_point(r) for r in usable("untuned", None)],
@@ -1145,7 +1140,8 @@ def _write_report(configs: list[ModelConfig], store: PointStore, spec: TargetSpe
         "target": {"name": spec.name, "title": spec.title, "arch": spec.arch, "cores": spec.cores,
                    "clock_ghz": spec.clock_ghz, "peak_gflops": spec.peak_gflops, "peak_source": spec.peak_source,
                    "bandwidth_gbs": spec.bandwidth_gbs, "bandwidth_source": spec.bandwidth_source},
-        "measurer": {"name": measurer.name, "emulated": emulated},
+        "measurer": {"name": measurer.name, "emulated": emulated, "board": getattr(measurer, "board", None) or None,
+                     "emulation": emulation},
         "records": {"dir": str(records), "fingerprint": fingerprint, "fingerprints_of_tuned_points": fingerprints},
         "grid": [cfg.label for cfg in configs],
         "missing": missing,
@@ -1285,6 +1281,9 @@ def _summary(rep: dict[str, Any], files: dict[str, Path], n_tuned: int, n_untune
     L: list[str] = [f"# MAdds vs latency on {t['title']} (`{t['name']}`)", ""]
     if rep["emulated"]:
         L += ["> **emulated board: timings meaningless.** The numbers below exercise the pipeline only.", ""]
+    elif rep["measurer"].get("emulation") == "unknown":
+        L += ["> **board not identified as real or emulated** (reached over RPC only): if it is an emulator, "
+              "these timings mean nothing.", ""]
     if rep["complete"]:
         L += [f"Complete: all {2 * len(rep['grid'])} points of the {len(rep['grid'])}-configuration grid measured.", ""]
     else:
@@ -1389,13 +1388,16 @@ def _summary(rep: dict[str, Any], files: dict[str, Path], n_tuned: int, n_untune
         tasks = f"{tp['tasks_tuned']}/{tp['tasks_total']}" if tp else "—"
         L += [f"| {label} | {ms(u)} | {ms(tp)} | {_fmt(madds / 1e6 if madds else None, '.1f', '—')} | {tasks} |"]
     L += [""]
+    methods = {p.get("settings", {}).get("profile_method") for p in rep["points"]}
+    on_board = "board-kernels-alone" in methods
+    how = "each kernel timed alone on the board" if on_board else "instrumented"
     if pl is not None:
         rows = [r for r in pl["rows"] if r["ms"] is not None]
         t_total = sum(r["ms"] for r in rows) or 1.0
         m_total = sum(r["madds"] for r in rows) or 1
         diff = sorted(rows, key=lambda r: r["ms"] / t_total - r["madds"] / m_total)
         L += [f"## Per layer: {pl['label']} ({pl['variant']})", "",
-              f"Kernel times sum to {_fmt(pl['profiled_ms'], '.2f')} ms (instrumented) against a measured "
+              f"Kernel times sum to {_fmt(pl['profiled_ms'], '.2f')} ms ({how}) against a measured "
               f"latency of {_fmt(pl['latency_ms'], '.2f')} ms."
               + ("" if pl["is_reference"] else f" ({REFERENCE_CONFIG.label} tuned was not measured.)"), ""]
         if pl["unmatched_layers"] or pl["unmatched_kernels"]:
@@ -1422,8 +1424,12 @@ def _summary(rep: dict[str, Any], files: dict[str, Path], n_tuned: int, n_untune
         L += [f"- TVM runtime threads: {', '.join(threads)}."]
     L += [f"- Latency is the median of repeated runs (TVM time_evaluator); tuned points whose untuned "
           f"kernels take ≥ {FALLBACK_TIME_LIMIT:.0%} of their time are listed but not fitted.",
-          "- Per-layer times: the Relax VM instrument hook around each kernel call, median over runs, "
-          "mapped to conv/linear layers by output shape and MAdds.",
+          ("- Per-layer times: each kernel of the model rebuilt alone (same records, same target), timed on "
+           "the board with time_evaluator on inputs of its shapes (warm caches), times its calls; "
+           if on_board else
+           "- Per-layer times: the Relax VM instrument hook around each kernel call, median over runs; "
+           if pl is not None else "- Per-layer times: not profiled in this run.")
+          + ("mapped to conv/linear layers by output shape and MAdds." if pl is not None else ""),
           "- MAdds and bytes per layer: `mnv2-tvm madds` (bytes = fp32 weights + input and output activations).",
           "", "## Files", ""]
     L += [f"- `{name}`" for name in sorted(files)] + [f"- `{POINTS_FILE}` (raw points; resumes the run)", ""]

@@ -333,3 +333,133 @@ def test_tuned_points_are_tied_to_the_records_they_were_measured_with(tmp_path):
     with open(records / "database_tuning_record.json", "a") as f:
         f.write('[0, {"run_secs": [9e-6]}]\n')
     assert before is not None and compare._records_fingerprint(records) not in (None, before)
+
+
+# --------------------------------------------------------------------------------------
+# Built-in grids and the board measurer's command line
+# --------------------------------------------------------------------------------------
+
+
+def test_the_quick_grid_is_built_in_and_spans_the_madd_range():
+    from mnv2_tvm.madds import count
+
+    grid = compare.grid_configs("quick")
+    assert grid == compare.quick_grid() == compare.grid_configs("QUICK")
+    assert [(c.width, c.resolution) for c in grid] == [(0.35, 96), (0.35, 160), (0.35, 224),
+                                                       (1.0, 96), (1.0, 160), (1.0, 224)]
+    madds = [count(c).madds for c in grid]
+    assert max(madds) / min(madds) > 20 and compare.REFERENCE_CONFIG in grid
+    assert compare.grid_configs("default") == compare.default_grid()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--rpc", "127.0.0.1:1", "--ssh", "root@127.0.0.1"], "exactly one of --rpc"),
+    (["--rpc", "nonsense"], "--rpc takes HOST:PORT"),
+    (["--repeat", "0"], "--repeat must be at least 1"),
+    (["--grid", "no-such-grid.json"], "grid file no-such-grid.json does not exist"),
+])
+def test_compare_flags_are_checked_before_anything_runs(tmp_path, capsys, args, needle):
+    from mnv2_tvm.cli import main
+
+    rc = main(["compare", "--target", "rpi4b", "-o", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r" / compare.POINTS_FILE).exists()
+
+
+def test_board_kernel_rows_become_calls_in_execution_order():
+    rows = [{"name": "fused_conv2d1_add", "calls": 2, "ms_per_call": 0.5, "args": [[1, 8, 4, 4], [8, 8, 1, 1], [1, 8, 4, 4]],
+             "dtypes": ["float32"] * 3, "at": [1, 3]},
+            {"name": "fused_conv2d_add", "calls": 1, "ms_per_call": 2.0, "args": [[1, 3, 8, 8], [8, 3, 3, 3], [1, 8, 4, 4]],
+             "dtypes": ["float32"] * 3, "at": [0]},
+            {"name": "mean", "calls": 1, "ms_per_call": 0.1, "args": [[1, 8, 4, 4], [1, 8]], "dtypes": ["float32"] * 2,
+             "at": [2]}]
+    kernels = compare._board_kernels(rows)
+    assert [k.name for k in kernels] == ["fused_conv2d_add", "fused_conv2d1_add", "mean", "fused_conv2d1_add"]
+    assert kernels[0].madds == 8 * 16 * 27 and kernels[1].madds == 8 * 16 * 8 and kernels[2].madds is None
+    assert kernels[0].bytes == 4 * (3 * 64 + 8 * 27 + 8 * 16) and kernels[2].output_shape == (1, 8)
+
+
+# --------------------------------------------------------------------------------------
+# On the virtual aarch64 board (emulated: its timings are never checked, only that the
+# report says they are emulation)
+# --------------------------------------------------------------------------------------
+
+
+BOARD_GRID = [{"model": "mobilenet_v2", "width": 0.35, "resolutions": [96, 128]}]
+
+
+@pytest.fixture(scope="module")
+def compare_board(virtual_board):
+    b = virtual_board()
+    yield b
+    virtual_board.stop(b)
+
+
+def test_compare_on_the_virtual_board_over_ssh(compare_board, tmp_path, capsys):
+    from test_deploy import ours_left_on, ssh_args
+
+    from mnv2_tvm.cli import main
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(BOARD_GRID))
+    (tmp_path / "no-records").mkdir()
+    out = tmp_path / "report"
+    argv = ["compare", "--target", "rpi4b", "--grid", str(grid), "--records", str(tmp_path / "no-records"),
+            "-o", str(out), *ssh_args(compare_board), "--repeat", "2", "--min-repeat-ms", "0"]
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "EMULATED board" in captured.out and "summary.md" in captured.out
+    report = json.loads((out / compare.RESULTS_JSON).read_text())
+    b = compare_board
+    assert report["emulated"] is True and report["measurer"]["emulation"] == "emulated"
+    assert report["measurer"]["name"] == f"ssh:{b.user}@{b.host}:{b.ssh_port}"
+    assert report["measurer"]["board"]["uname_m"] == "aarch64"
+    points = _points(out)
+    assert [(p["label"], p["status"]) for p in points] == [("mobilenet_v2-0.35-96", "ok"), ("mobilenet_v2-0.35-128", "ok")]
+    for p in points:
+        s = p["settings"]
+        assert s["emulated"] is True and s["max_abs_error"] <= 1e-4 and s["repeat"] == 2 and len(p["times_ms"]) == 2
+        assert s["profile_method"] == "board-kernels-alone"
+        # The board's per-kernel profile maps onto every conv/linear layer, as the host's does.
+        assert p["layer_map"]["unmatched_layers"] == [] and p["layer_map"]["unmatched_kernels"] == []
+        assert all(r["ms"] > 0 for r in p["layer_map"]["rows"])
+    summary = (out / compare.SUMMARY).read_text()
+    assert "emulated board: timings meaningless" in summary
+    assert "timed on the board with time_evaluator" in summary
+    assert (out / compare.PLOT_LAYERS).read_bytes()[:4] == b"\x89PNG"
+    assert ours_left_on(b) == []
+
+    # Resumed: nothing left to measure, so no board is opened, and the report still says emulated.
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0 and "0 points measured, 2 reused" in captured.out and "EMULATED board" in captured.out
+
+
+def test_compare_over_plain_rpc_says_the_board_may_be_emulated(compare_board, tmp_path, capsys):
+    """Over RPC alone a board cannot be told real or emulated: the report says so, up front."""
+    from test_deploy import opts_of, target_of
+
+    from mnv2_tvm import board as B
+    from mnv2_tvm.cli import main
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"model": "mobilenet_v2", "width": 0.35, "resolution": 96}]))
+    (tmp_path / "no-records").mkdir()
+    out = tmp_path / "report"
+    with B.open_board(target_of(compare_board), opts_of(compare_board)) as ob:
+        rc = main(["compare", "--target", "rpi4b", "--grid", str(grid), "--records", str(tmp_path / "no-records"),
+                   "-o", str(out), "--rpc", f"127.0.0.1:{ob.local_port}", "--repeat", "2", "--min-repeat-ms", "0",
+                   "--no-profile"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads((out / compare.RESULTS_JSON).read_text())
+    assert report["measurer"]["name"] == f"rpc:127.0.0.1:{ob.local_port}"
+    assert report["measurer"]["emulation"] == "unknown" and report["emulated"] is False
+    (point,) = _points(out)
+    assert point["status"] == "ok" and point["settings"]["max_abs_error"] <= 1e-4 and "layer_map" not in point
+    summary = (out / compare.SUMMARY).read_text()
+    assert "**board not identified as real or emulated**" in summary.split("## In numbers")[0]
+    assert "cannot be told whether that board is real or emulated" in summary
+    assert "Per-layer times: not profiled in this run." in summary
