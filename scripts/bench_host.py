@@ -5,6 +5,12 @@ Engines are timed in interleaved rounds (a shuffled order each round) so that th
 noisy machine slows them alike; the figure per engine is the median of its per-round medians.
 Only ratios measured in one run are meant to be quoted.
 
+Peak RSS per engine is measured afterwards, one fresh process per engine that imports only what
+that engine needs, loads it from the artefact built here (the bundle folder for TVM, the .onnx
+file for ONNX Runtime, the model for PyTorch), runs a few inferences and reports ``ru_maxrss``.
+The TVM processes keep torch out (tvm_ffi would import it just because it is installed).
+The "RSS +MB" growth seen inside the timing process (which also compiled) is kept beside it.
+
     .venv/bin/python scripts/bench_host.py                       # all three models, 1 and 2 threads
     .venv/bin/python scripts/bench_host.py --models mobilenet_v2 --threads 2 --rounds 9
 """
@@ -22,6 +28,7 @@ import time
 from pathlib import Path
 
 ENGINES = ("tvm_tuned", "tvm_untuned", "pytorch", "onnxruntime")
+RSS_RUNS = 5  # inferences in each peak-RSS process: first-run allocations are what count
 FULL = {"mobilenet_v2": {}, "ssdlite": {}, "deeplabv3": {}}
 
 
@@ -94,6 +101,82 @@ def make_engines(cfg, spec, work: Path, threads: list[int], skip_untuned: bool):
                              "total_tasks": len(tuned.get("tuned", [])) + len(tuned.get("fallback", []))}
 
 
+def rss_child(engine: str, artefact: str, config: dict, threads: int, runs: int) -> dict:
+    """In a fresh process: load one engine, run it ``runs`` times, report its peak RSS."""
+    import resource
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read once, when TVM's pool starts
+    import numpy as np
+
+    from mnv2_tvm.models import ModelConfig
+
+    cfg = ModelConfig.from_dict(config)
+    x = np.random.default_rng(0).standard_normal(cfg.input_shape).astype("float32")
+    if engine.startswith("tvm"):
+        # tvm_ffi imports torch whenever it is installed (for DLPack exchange); a deployed bundle
+        # runs with NumPy and the TVM runtime only, so keep torch out as a board would.
+        sys.modules["torch"] = None  # type: ignore[assignment]
+        from mnv2_tvm.bundle import Runner
+
+        imported = peak_mb()
+        runner = Runner(Path(artefact))
+        run = lambda: runner.run(x)  # noqa: E731
+    elif engine == "onnxruntime":
+        import onnxruntime as ort
+
+        imported = peak_mb()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(artefact, so, providers=["CPUExecutionProvider"])
+        run = lambda: sess.run(None, {"input": x})  # noqa: E731
+    elif engine == "pytorch":
+        import torch
+
+        from mnv2_tvm.models import build
+
+        torch.set_num_threads(threads)
+        imported = peak_mb()
+        model = build(cfg)
+        xt = torch.from_numpy(x)
+
+        def run():
+            with torch.no_grad():
+                model(xt)
+    else:
+        raise ValueError(f"unknown engine {engine}")
+    for _ in range(runs):
+        run()
+    return {"engine": engine, "peak_rss_mb": peak_mb(), "after_imports_mb": imported, "runs": runs,
+            "threads": threads,
+            "modules": sorted(m for m in ("torch", "tvm", "onnxruntime") if sys.modules.get(m) is not None)}
+
+
+def peak_rss(engines: list[str], work: Path, cfg, threads: int) -> dict[str, dict]:
+    """Peak RSS of each engine, each in its own process (see the module docstring)."""
+    import subprocess
+
+    # PyTorch has no artefact here: its child builds the model from the config (same seed).
+    artefacts = {"tvm_tuned": work / "tuned", "tvm_untuned": work / "untuned", "onnxruntime": work / "model.onnx",
+                 "pytorch": ""}
+    out = {}
+    for name in engines:
+        job = json.dumps({"engine": name, "artefact": str(artefacts[name]), "config": cfg.to_dict(),
+                          "threads": threads, "runs": RSS_RUNS})
+        proc = subprocess.run([sys.executable, __file__, "--rss-child", job], capture_output=True, text=True,
+                              timeout=900, stdin=subprocess.DEVNULL)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"[{cfg.label}] peak RSS of {name} not measured: {tail}", file=sys.stderr)
+            continue
+        out[name] = json.loads(lines[-1])
+    return out
+
+
 def set_threads(n: int) -> None:
     import torch
     import tvm
@@ -141,6 +224,7 @@ def main() -> int:
             if tuning["tuned_tasks"] == 0:
                 print(f"[{cfg.label}] warning: no records in {spec.records_dir} apply: 'tuned' is untuned",
                       file=sys.stderr)
+            model_rows = []
             for threads in args.threads:
                 set_threads(threads)
                 engines = {n: f for n, f in all_engines.items() if not n.startswith("onnxruntime@")}
@@ -164,10 +248,26 @@ def main() -> int:
                                   "tuned/pytorch": med["tvm_tuned"] / med["pytorch"]}}
                 if "tvm_untuned" in med:
                     row["ratios"]["untuned/tuned"] = med["tvm_untuned"] / med["tvm_tuned"]
+                model_rows.append(row)
+            # The timing process's engines would otherwise sit in memory beside each child.
+            all_engines.clear()
+            import gc
+
+            gc.collect()
+            rss_threads = max(args.threads)
+            print(f"[{cfg.label}] peak RSS: one fresh process per engine, {rss_threads} thread(s), "
+                  f"{RSS_RUNS} inferences ...", file=sys.stderr)
+            rss = peak_rss([n for n in ENGINES if n in model_rows[0]["median_ms"]], Path(tmp) / cfg.label, cfg,
+                           rss_threads)
+            for row in model_rows:
+                row["peak_rss_mb"] = {n: r["peak_rss_mb"] for n, r in rss.items()}
+                row["peak_rss"] = rss
                 results.append(row)
                 print_row(row)
     meta = {"cpu": spec.title, "host_target": spec.name, "cores": spec.cores, "clock_ghz": spec.clock_ghz,
             "peak_gflops_all_cores": spec.peak_gflops, "rounds": args.rounds,
+            "peak_rss": f"ru_maxrss of a fresh process per engine: imports, load from the built artefact, "
+                        f"{RSS_RUNS} inferences at max(--threads) threads",
             "command": "python scripts/bench_host.py " + " ".join(sys.argv[1:])}
     (args.out / "bench_host.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     plot(results, args.out / "bench_host.png")
@@ -180,11 +280,13 @@ def print_row(row: dict) -> None:
     peak = f"{row['peak_gflops']:.0f}" if row["peak_gflops"] else "?"
     print(f"\n{row['model']}  threads={row['threads']}  ({row['madds'] / 1e6:,.0f}M MAdds; "
           f"{row['tuned_tasks']}/{row['total_tasks']} tasks tuned; FMA peak {peak} GFLOP/s)")
-    print(f"  {'engine':12s} {'median ms':>10s} {'GFLOP/s':>8s} {'% peak':>7s} {'RSS +MB':>8s}")
+    print(f"  {'engine':12s} {'median ms':>10s} {'GFLOP/s':>8s} {'% peak':>7s} {'RSS +MB':>8s} {'peak RSS MB':>11s}")
     for name in ENGINES:
         if name in med:
             pct = f"{100 * g[name] / row['peak_gflops']:.1f}" if row["peak_gflops"] else "?"
-            print(f"  {name:12s} {med[name]:10.2f} {g[name]:8.1f} {pct:>7s} {row['rss_growth_mb'][name]:8.0f}")
+            rss = row.get("peak_rss_mb", {}).get(name)
+            print(f"  {name:12s} {med[name]:10.2f} {g[name]:8.1f} {pct:>7s} {row['rss_growth_mb'][name]:8.0f} "
+                  f"{'n/a' if rss is None else f'{rss:.0f}':>11s}")
     print("  ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in row["ratios"].items()))
 
 
@@ -211,8 +313,12 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TVM_NUM_THREADS", "2")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+    if len(sys.argv) == 3 and sys.argv[1] == "--rss-child":
+        job = json.loads(sys.argv[2])
+        print(json.dumps(rss_child(job["engine"], job["artefact"], job["config"], job["threads"], job["runs"])))
+        sys.exit(0)
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
     sys.exit(main())
