@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: MobileNetV2 1.0/224 on this host, tuned (shipped
 # schedules, or a short tuning run where none match this CPU) against untuned TVM,
-# ONNX Runtime and PyTorch.
+# ONNX Runtime and PyTorch, then a compact MAdds-vs-latency comparison (`compare --grid quick`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,3 +20,7 @@ mnv2-tvm compile mobilenet_v2 --target host -o build/mobilenet_v2-host
 mnv2-tvm run build/mobilenet_v2-host --time
 echo "== tuned vs untuned TVM vs ONNX Runtime vs PyTorch (interleaved rounds, one process)"
 python scripts/bench_host.py --models mobilenet_v2 --threads "$(nproc)" --rounds 3 --out reports/bench_host
+echo "== MAdds vs measured latency on this host: compact grid (MobileNetV2 0.35 and 1.0 x 96, 160, 224; a few minutes)"
+mnv2-tvm compare --target host --grid quick --repeat 5 -o reports/compare-quick
+echo "== summary: reports/compare-quick/summary.md; plots: reports/compare-quick/latency_vs_madds.png," \
+     "reports/compare-quick/predicted_vs_measured.png, reports/compare-quick/layer_share.png"
