@@ -19,13 +19,14 @@ import math
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .remote import RemoteSession, one_line, session_errors
+from .remote import RUNNER_MARGIN_S, STEP_TIMEOUT_S, RemoteSession, one_line, session_errors
 
 DEFAULT_TOLERANCE = 1e-4
 EMULATED_NOTE = "the board is emulated (qemu): these timings mean nothing about real hardware; parity still holds"
@@ -89,6 +90,7 @@ class BenchSettings:
     profile: bool = False
     tolerance: float = DEFAULT_TOLERANCE
     session_timeout: float = 0  # seconds the server grants the session (0: unlimited)
+    rpc_timeout: float = 0  # seconds this side waits for the board to answer one step (0: see step_timeout)
 
     def __post_init__(self) -> None:
         for name in ("number", "repeat"):
@@ -104,6 +106,25 @@ class BenchSettings:
             raise UserError(f"--min-repeat-ms must be >= 0, not {self.min_repeat_ms}")
         if not self.tolerance > 0:
             raise UserError(f"--tolerance must be positive, not {self.tolerance}")
+        if self.rpc_timeout < 0:
+            raise UserError(f"--rpc-timeout must be >= 0, not {self.rpc_timeout}")
+
+    def step_timeout(self, run_s: float | None = None, runs: int = 1) -> float:
+        """How long this side waits for one remote step of ``runs`` runs of ``run_s`` seconds each.
+
+        A board that stops answering without closing the connection would otherwise hang bench
+        for ever (TVM's client has no timeout). Unless --rpc-timeout says, the bound is
+        generous: 300 s, or three times what the parity run predicts for a timing loop, and
+        never past the server's own --session-timeout (plus a margin for the round trips).
+        """
+        if self.rpc_timeout:
+            return self.rpc_timeout
+        bound = STEP_TIMEOUT_S
+        if run_s is not None:
+            bound = max(bound, 3 * (run_s * runs + self.repeat * self.min_repeat_ms / 1e3 * 4) + 60)
+        if self.session_timeout:
+            bound = min(bound, self.session_timeout + RUNNER_MARGIN_S)
+        return bound
 
 
 @dataclass
@@ -175,13 +196,18 @@ def _device(remote: RemoteSession, manifest: dict[str, Any]) -> Any:
     return sess.cpu(0)
 
 
-def load_on_board(remote: RemoteSession, lib: Path, manifest: dict[str, Any], upload_name: str) -> Any:
+def load_on_board(remote: RemoteSession, lib: Path, manifest: dict[str, Any], upload_name: str,
+                  timeout: float = STEP_TIMEOUT_S) -> Any:
     """Upload and load a library; a load failure that smells of another architecture says so."""
     where = f"board {remote.address}"
     with session_errors(where, "check the board"):
-        remote.session.upload(str(lib), upload_name)
+        remote.call(lambda: remote.session.upload(str(lib), upload_name), f"uploading {lib.name}", timeout,
+                    "check the board")
     try:
-        return remote.session.load_module(upload_name)
+        return remote.call(lambda: remote.session.load_module(upload_name), f"loading {lib.name}", timeout,
+                           "check the board")
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001
         msg = one_line(e)
         if any(s in msg for s in ("ELF", "wrong ELF class", "Exec format", "cannot open shared object")):
@@ -207,12 +233,14 @@ def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, 
     where = f"board {remote.address}"
     hint = "run `mnv2-tvm board status --ssh USER@BOARD` to see what is left"
     name = f"{manifest['library_sha256'][:16]}.so"
-    rlib = load_on_board(remote, lib, manifest, name)
+    rlib = load_on_board(remote, lib, manifest, name, settings.step_timeout())
     with session_errors(where, hint):
         dev = _device(remote, manifest)
         vm = VirtualMachine(rlib, dev)
         xt = tvm.runtime.tensor(np.ascontiguousarray(x, dtype=manifest["input"]["dtype"]), dev)
-        out = vm["main"](xt).numpy()
+        t0 = time.monotonic()
+        out = remote.call(lambda: vm["main"](xt).numpy(), "the parity run", settings.step_timeout(), hint)
+        run_s = time.monotonic() - t0
     if out.shape != expected.shape:
         raise UserError(f"{where} returned shape {out.shape}, PyTorch {expected.shape}: the bundle is inconsistent; "
                         "recompile it")
@@ -223,7 +251,8 @@ def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, 
     with session_errors(where, hint):
         f = vm.time_evaluator("main", dev, number=settings.number, repeat=settings.repeat,
                               min_repeat_ms=settings.min_repeat_ms)
-        samples = list(f(xt).results)
+        samples = remote.call(lambda: list(f(xt).results), "the timing runs",
+                              settings.step_timeout(run_s, settings.number * settings.repeat + 1), hint)
     timing = TimingStats.from_seconds(samples)
     board = {**remote.identity()}
     board.setdefault("arch", manifest["arch"])
@@ -313,7 +342,8 @@ def profile_kernels(bundle_dir: Path, manifest: dict[str, Any], remote: RemoteSe
         path = Path(tmp) / "kernels.so"
         fcompile = _fcompile(spec)
         libs[0].export_library(str(path), fcompile=fcompile) if fcompile else libs[0].export_library(str(path))
-        rk = load_on_board(remote, path, manifest, f"{manifest['library_sha256'][:16]}-kernels.so")
+        rk = load_on_board(remote, path, manifest, f"{manifest['library_sha256'][:16]}-kernels.so",
+                           settings.step_timeout())
     rng = np.random.default_rng(0)
     rows = []
     with session_errors(f"board {remote.address}", "profile again without the failing kernel"):
@@ -326,7 +356,9 @@ def profile_kernels(bundle_dir: Path, manifest: dict[str, Any], remote: RemoteSe
             except Exception as e:  # noqa: BLE001 - a kernel inlined away or renamed
                 print(f"profile: skipped {k['name']}: {one_line(e)}", file=sys.stderr)
                 continue
-            per_call = statistics.median(f(*tensors).results) * 1e3
+            results = remote.call(lambda: list(f(*tensors).results), f"timing {k['name']}", settings.step_timeout(),
+                                  "profile again without the failing kernel")
+            per_call = statistics.median(results) * 1e3
             rows.append({"name": k["name"], "calls": k["calls"], "ms_per_call": per_call,
                          "total_ms": per_call * k["calls"], "args": [list(s) for s, _ in k["args"]],
                          "dtypes": [d for _, d in k["args"]], "at": k["at"]})

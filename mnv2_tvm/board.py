@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -39,6 +40,14 @@ if TYPE_CHECKING:
 #: Where state, logs and uploaded bundles live on the board, relative to the login's home.
 BOARD_DIR = ".cache/mnv2-tvm"
 SSH_TIMEOUT_S = 30.0
+#: Seconds without any answer to SSH keepalive probes after which the link counts as dead. A
+#: link that drops silently (no FIN/RST: a NAT or Wi-Fi drop, a pulled cable) never errors at
+#: the TCP level; probes every third of this catch it. Generous: a busy slow link delays answers.
+SSH_ALIVE_TIMEOUT_S = 60.0
+#: Seconds to wait when a fresh connection is tried only to stop what a dead link left running.
+CLEANUP_CONNECT_TIMEOUT_S = 15.0
+#: Seconds a link may take to answer one keepalive before cleanup after a failure counts it dead.
+CLEANUP_PROBE_S = 10.0
 #: `import tvm` takes 3-6 s under qemu and ~2 s on a Pi 4; a busy board can triple that.
 SERVER_READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
@@ -88,6 +97,7 @@ class SshOptions:
     trust_host_key: str | None = None  # "SHA256:..." to accept (and record) an unknown host key
     board_python: str = "python3"  # the interpreter on the board that has the TVM runtime
     timeout: float = SSH_TIMEOUT_S
+    keepalive: float = SSH_ALIVE_TIMEOUT_S  # the link is dead after this long without an answer (0: never)
 
     @property
     def known_hosts_file(self) -> Path:
@@ -119,10 +129,86 @@ def _append_known_host(path: Path, name: str, key: paramiko.PKey) -> None:
         f.write(line)
 
 
-class BoardConnection:
-    """One authenticated SSH connection to a board, host key verified."""
+def _request_lock(transport: paramiko.Transport) -> threading.Lock:
+    """The lock every waited-for global request on ``transport`` must hold.
 
-    def __init__(self, target: SshTarget, opts: SshOptions) -> None:
+    paramiko keeps a single ``completion_event`` per transport for global requests: two at once
+    (a keepalive probe and a port-forward request) would replace each other's event, and one of
+    them would wait for ever.
+    """
+    lock = getattr(transport, "_mnv2_request_lock", None)
+    if lock is None:
+        lock = transport._mnv2_request_lock = threading.Lock()  # type: ignore[attr-defined]
+    return lock
+
+
+def _answers(transport: paramiko.Transport, timeout: float) -> bool:
+    """Whether the peer answers one keepalive request within ``timeout`` s."""
+    answered = threading.Event()
+
+    def probe() -> None:
+        with contextlib.suppress(Exception), _request_lock(transport):
+            # OpenSSH answers an unknown request with REQUEST_FAILURE: any answer proves the link.
+            transport.global_request("keepalive@openssh.com", wait=True)
+        answered.set()
+
+    threading.Thread(target=probe, name="ssh keepalive probe", daemon=True).start()
+    return answered.wait(timeout) and transport.is_active()
+
+
+class LinkWatch:
+    """Declares an SSH link dead when it stops answering, and closes it (OpenSSH's
+    ServerAliveInterval / ServerAliveCountMax, which paramiko lacks).
+
+    paramiko's own ``set_keepalive`` sends packets that need no answer: they keep NAT mappings
+    warm but never notice a peer that went silent. Here a probe that wants an answer goes out
+    every ``timeout / 3`` s; without an answer for ``timeout`` s the transport is closed, so every
+    channel and port forward on it ends with EOF instead of waiting for ever.
+    """
+
+    def __init__(self, transport: paramiko.Transport, timeout: float, where: str,
+                 on_lost: Callable[[str], None] | None = None) -> None:
+        self.transport = transport
+        self.timeout = timeout
+        self.where = where
+        self.on_lost = on_lost
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._interval = max(timeout / 3, 0.2)
+        transport.set_keepalive(max(1, int(self._interval)))
+        self._thread = threading.Thread(target=self._loop, name=f"ssh keepalive {where}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            if not self.transport.is_active():
+                self._declare(f"the SSH connection to {self.where} was closed by the board or the network")
+                return
+            if not _answers(self.transport, self.timeout - self._interval) and not self._stop.is_set():
+                self._declare(f"the SSH link to {self.where} went silent (no answer to keepalives for "
+                              f"{self.timeout:.0f} s): the board hung or the network dropped it")
+                # Closing ends every channel and forward on it at once; a blocked reader gets EOF.
+                with contextlib.suppress(Exception):
+                    self.transport.close()
+                return
+
+    def _declare(self, reason: str) -> None:
+        if self._stop.is_set() or self.lost is not None:
+            return
+        self.lost = reason
+        if self.on_lost is not None:
+            with contextlib.suppress(Exception):
+                self.on_lost(reason)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class BoardConnection:
+    """One authenticated SSH connection to a board, host key verified; a link that stops
+    answering for ``opts.keepalive`` s is closed and ``on_lost(reason)`` called."""
+
+    def __init__(self, target: SshTarget, opts: SshOptions, on_lost: Callable[[str], None] | None = None) -> None:
         import paramiko
 
         self.target = target
@@ -198,6 +284,24 @@ class BoardConnection:
             raise UserError(f"{where}: {e.strerror or e}") from None
         self.client = client
         self._home: str | None = None
+        self.watch: LinkWatch | None = None
+        transport = client.get_transport()
+        if opts.keepalive > 0 and transport is not None:
+            self.watch = LinkWatch(transport, opts.keepalive, str(target), on_lost)
+
+    def link_lost(self) -> str | None:
+        """Why the link is gone (silent for too long, or closed under us); None while it is up."""
+        if self.watch is not None and self.watch.lost:
+            return self.watch.lost
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            return f"the SSH connection to {self.target} was closed by the board or the network"
+        return None
+
+    def answers(self, timeout: float) -> bool:
+        """Whether the board answers a keepalive within ``timeout`` s (False once the link is closed)."""
+        transport = self.client.get_transport()
+        return transport is not None and transport.is_active() and _answers(transport, timeout)
 
     @property
     def transport(self) -> paramiko.Transport:
@@ -248,6 +352,8 @@ class BoardConnection:
             client.close()
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
         self.client.close()
 
     def __enter__(self) -> BoardConnection:
@@ -648,7 +754,8 @@ class ReverseForward:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         try:
-            self.port = int(transport.request_port_forward("127.0.0.1", 0, handler=self._handler))
+            with _request_lock(transport):
+                self.port = int(transport.request_port_forward("127.0.0.1", 0, handler=self._handler))
         except paramiko.SSHException as e:
             raise UserError(f"the board's sshd refused a reverse port forward ({e}); allow it with "
                             "`AllowTcpForwarding yes` in its sshd_config") from None
@@ -666,7 +773,7 @@ class ReverseForward:
 
     def close(self) -> None:
         self._stop.set()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), _request_lock(self.transport):
             self.transport.cancel_port_forward("127.0.0.1", self.port)
         for t in self._threads:
             t.join(2)
@@ -687,6 +794,7 @@ class Tunnel:
 
         self.target = target
         self.timeout = timeout or opts.timeout + 30
+        self.lost: str | None = None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mnv2_tvm.board", "--tunnel"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -694,7 +802,7 @@ class Tunnel:
         )
         cfg = {"user": target.user, "host": target.host, "port": target.port,
                "identity": str(opts.identity) if opts.identity else None,
-               "known_hosts": str(opts.known_hosts_file), "timeout": opts.timeout}
+               "known_hosts": str(opts.known_hosts_file), "timeout": opts.timeout, "keepalive": opts.keepalive}
         try:
             self._call(cfg)
         except BaseException:
@@ -713,9 +821,26 @@ class Tunnel:
         if not line:
             raise UserError(f"the SSH tunnel helper for {self.target} did not answer within {self.timeout:.0f} s")
         reply = json.loads(line)
+        if "lost" in reply:  # the link died while we asked
+            self.lost = reply["lost"]
+            raise UserError(self.lost)
         if "error" in reply:
             raise UserError(reply["error"])
         return reply
+
+    def link_lost(self, wait: float = 1.0) -> str | None:
+        """Why the helper's SSH link died (it says so on stdout before closing it), or None.
+
+        The RPC client sees only EOF on its forwarded socket; this tells a dead link apart from a
+        dead server. ``wait``: how long to give a report that may be on its way.
+        """
+        if self.lost is None and self.proc.stdout is not None and not self.proc.stdout.closed:
+            with contextlib.suppress(OSError, ValueError):
+                if select.select([self.proc.stdout], [], [], wait)[0]:
+                    line = self.proc.stdout.readline()
+                    if line:
+                        self.lost = json.loads(line).get("lost")
+        return self.lost
 
     def local(self, dest_host: str, dest_port: int, local_port: int = 0) -> int:
         """Forward this host's 127.0.0.1:``local_port`` (0: any) to dest as the board sees it."""
@@ -746,15 +871,20 @@ class Tunnel:
 def _tunnel_main() -> int:
     """The helper process behind :class:`Tunnel`."""
 
+    out_lock = threading.Lock()  # replies and the keepalive thread's report share stdout
+
     def reply(obj: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
+        with out_lock:
+            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.flush()
 
     cfg = json.loads(sys.stdin.readline() or "{}")
     try:
         conn = BoardConnection(SshTarget(cfg["user"], cfg["host"], int(cfg["port"])),
                                SshOptions(identity=Path(cfg["identity"]) if cfg.get("identity") else None,
-                                          known_hosts=Path(cfg["known_hosts"]), timeout=float(cfg["timeout"])))
+                                          known_hosts=Path(cfg["known_hosts"]), timeout=float(cfg["timeout"]),
+                                          keepalive=float(cfg.get("keepalive", SSH_ALIVE_TIMEOUT_S))),
+                               on_lost=lambda reason: reply({"lost": reason}))
     except UserError as e:
         reply({"error": str(e)})
         return 2
@@ -816,11 +946,14 @@ def open_board(target: SshTarget, opts: SshOptions, *, name: str | None = None, 
 
     With ``tracker`` (host, port) on this side, the server registers there under ``key``.
     ``precheck(info)`` may refuse the board (by raising) before anything is started on it.
+    When the SSH link dies under the caller, the caller's error becomes one line saying so, and
+    the server is stopped over a fresh connection if the board can still be reached.
     """
     conn = BoardConnection(target, opts)
     tunnel: Tunnel | None = None
     state: ServerState | None = None
     started = False
+    failure: BaseException | None = None
     try:
         info = probe(conn)
         if precheck is not None:
@@ -856,21 +989,53 @@ def open_board(target: SshTarget, opts: SshOptions, *, name: str | None = None, 
         else:
             port = tunnel.local("127.0.0.1", state.port, state.port if tracker else local_port)
         yield OpenBoard(conn, info, state, port, started, key)
+    except BaseException as e:
+        failure = e
+        raise
     finally:
-        errors = []
+        # Asked before the tunnel closes: its helper reports a dead link before it closes it.
+        lost = ((tunnel.link_lost(0.2) if tunnel is not None else None) or conn.link_lost()) if failure else None
+        if failure is not None and lost is None and not conn.answers(CLEANUP_PROBE_S):
+            # Keepalives off or not due yet: without this, cleanup would wait on a silent link.
+            lost = (f"the SSH link to {target} went silent (no answer to a keepalive within {CLEANUP_PROBE_S:.0f} s "
+                    "after the failure): the board hung or the network dropped it")
         if tunnel is not None:
             tunnel.close()
-        if started and state is not None:
-            try:
-                _stop_group(conn, state)
-                conn.run(f"rm -rf {shlex.quote(state.workdir)}", timeout=60)
-            except UserError as e:
-                errors.append(str(e))
-                print(f"warning: {e}; stop it with `mnv2-tvm board stop --ssh {target} --name {state.name}`",
-                      file=sys.stderr)
+        problem = _stop_started(conn, state, relink=lost is not None) if started and state is not None else None
         conn.close()
-        if errors and sys.exc_info()[0] is None:
-            raise UserError(errors[0])
+        stop_hint = f"stop it with `mnv2-tvm board stop --ssh {target} --name {state.name}`" if state else ""
+        if lost is not None and isinstance(failure, Exception):
+            if problem:
+                lost += (f"; the RPC server {state.name!r} started there may still run ({problem}): {stop_hint} "
+                         "once the board is reachable")
+            elif started:
+                lost += "; stopped the RPC server started there over a new connection"
+            raise UserError(lost) from None
+        if problem:
+            print(f"warning: {problem}; {stop_hint}", file=sys.stderr)
+            if failure is None:
+                raise UserError(problem)
+
+
+def _stop_started(conn: BoardConnection, state: ServerState, relink: bool) -> str | None:
+    """Stop the server ``open_board`` started and remove its folder; the problem, or None.
+
+    ``relink``: the connection is dead (or silent), so try one fresh, short-lived connection.
+    """
+    fresh: BoardConnection | None = None
+    try:
+        if relink:
+            fresh = BoardConnection(conn.target, dataclasses.replace(
+                conn.opts, timeout=min(conn.opts.timeout, CLEANUP_CONNECT_TIMEOUT_S)))
+        use = fresh or conn
+        _stop_group(use, state)
+        use.run(f"rm -rf {shlex.quote(state.workdir)}", timeout=60)
+    except UserError as e:
+        return str(e)
+    finally:
+        if fresh is not None:
+            fresh.close()
+    return None
 
 
 def _free_port_here() -> int:

@@ -184,6 +184,8 @@ def _add_ssh_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="accept this (unknown) host key fingerprint and record it in the known_hosts file")
     p.add_argument("--board-python", default="python3", metavar="CMD",
                    help="the board's Python that has the TVM runtime (default: python3)")
+    p.add_argument("--ssh-keepalive", type=float, default=None, metavar="S",
+                   help="give the SSH link up when it answers no keepalive for S seconds (default: 60; 0: never)")
 
 
 def _ssh(args: argparse.Namespace) -> tuple[board.SshTarget | None, board.SshOptions | None]:
@@ -192,8 +194,12 @@ def _ssh(args: argparse.Namespace) -> tuple[board.SshTarget | None, board.SshOpt
 
     if not getattr(args, "ssh", None):
         return None, None
+    if args.ssh_keepalive is not None and args.ssh_keepalive < 0:
+        raise UserError(f"--ssh-keepalive must be >= 0, not {args.ssh_keepalive}")
+    keepalive = {} if args.ssh_keepalive is None else {"keepalive": args.ssh_keepalive}
     return SshTarget.parse(args.ssh), SshOptions(identity=args.identity, known_hosts=args.known_hosts,
-                                                 trust_host_key=args.trust_host_key, board_python=args.board_python)
+                                                 trust_host_key=args.trust_host_key, board_python=args.board_python,
+                                                 **keepalive)
 
 
 def _sigterm_as_interrupt() -> None:
@@ -260,7 +266,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     settings = BenchSettings(number=args.number, repeat=args.repeat, min_repeat_ms=args.min_repeat_ms,
                              cache_flush=args.cache_flush, profile=args.profile, tolerance=args.tolerance,
-                             session_timeout=args.session_timeout)
+                             session_timeout=args.session_timeout, rpc_timeout=args.rpc_timeout)
     target, opts = _ssh(args)
     where = Where(rpc=parse_hostport(args.rpc, "--rpc") if args.rpc else None,
                   tracker=parse_hostport(args.rpc_tracker, "--rpc-tracker") if args.rpc_tracker else None,
@@ -448,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed against PyTorch")
     p.add_argument("--session-timeout", type=float, default=0, metavar="S",
                    help="the server ends the session after S seconds (0: never)")
+    p.add_argument("--rpc-timeout", type=float, default=0, metavar="S",
+                   help="give up when the board answers one step (upload, load, a run, the timing loop) not within "
+                        "S seconds (default 0: 300 s, more for a long timing loop, at most --session-timeout + 10)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -30,6 +31,9 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 30.0
 #: Seconds to wait for a free board behind a tracker.
 DEFAULT_WAIT_S = 120.0
+#: Seconds this side waits for the board to answer one remote step (upload, load, a run) when
+#: nothing better is known: a large library over a slow link, or a first run on a slow board.
+STEP_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -41,10 +45,28 @@ class RemoteSession:
     address: str  # host:port the session was opened to (after a tracker: the board's)
     via: str  # "rpc", "tracker HOST:PORT" or "ssh USER@HOST:PORT"
     info: dict[str, Any] = field(default_factory=dict)  # what else is known: arch, python, ...
+    endpoint: tuple[str, int] | None = None  # where the RPC socket is connected (address may be prettier)
 
     def close(self) -> None:
         # Dropping the last reference closes the socket; the server then ends the session.
         self.session = None
+
+    def call(self, fn: Callable[[], T], what: str, timeout: float, hint: str) -> T:
+        """``fn()`` (remote calls on this session), given up after ``timeout`` s without an answer.
+
+        On giving up the session's socket is shut down: the abandoned call then fails at once
+        instead of holding the session, and the remote objects freed on the way out (each a
+        blocking round trip made while holding the GIL) fail too instead of hanging the exit.
+        """
+        return bounded(fn, timeout, f"board {self.address}: {what}",
+                       f"the board hung or the link to it dropped silently; gave up the session; {hint}",
+                       on_timeout=self.sever)
+
+    def sever(self) -> int:
+        """Shut down this process's TCP connections to ``endpoint``; how many there were."""
+        if self.endpoint is None:
+            return 0
+        return sever_connections(*self.endpoint)
 
     def identity(self) -> dict[str, Any]:
         return {"key": self.key or None, "address": self.address, "via": self.via, **self.info}
@@ -92,12 +114,14 @@ def one_line(err: BaseException) -> str:
     return (lines[-1] if lines else type(err).__name__)[:300]
 
 
-def bounded(fn: Callable[[], T], timeout: float, what: str, hint: str) -> T:
+def bounded(fn: Callable[[], T], timeout: float, what: str, hint: str,
+            on_timeout: Callable[[], Any] | None = None) -> T:
     """Run ``fn`` in a helper thread and give up after ``timeout`` seconds.
 
     TVM's RPC client blocks in C++ without a timeout (e.g. on a port that accepts and then says
     nothing); a daemon thread lets us raise a clear error instead of hanging. The abandoned
-    thread dies with the process.
+    thread dies with the process. ``on_timeout`` (also run on Ctrl-C) should unblock it, e.g.
+    by shutting its socket down; it is then given a few seconds to finish.
     """
     box: dict[str, Any] = {}
 
@@ -109,12 +133,52 @@ def bounded(fn: Callable[[], T], timeout: float, what: str, hint: str) -> T:
 
     th = threading.Thread(target=target, name=f"bounded: {what}", daemon=True)
     th.start()
-    th.join(timeout)
+    try:
+        th.join(timeout)
+    except BaseException:
+        if on_timeout is not None:
+            on_timeout()
+            th.join(5)
+        raise
     if th.is_alive():
+        if on_timeout is not None:
+            on_timeout()
+            th.join(5)
         raise UserError(f"{what}: no answer within {timeout:.0f} s; {hint}")
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def sever_connections(host: str, port: int) -> int:
+    """Shut down (both ways) every TCP socket of this process connected to host:port.
+
+    TVM's RPC client keeps its socket in C++ with no timeout and no handle for Python; this
+    finds it among the process's descriptors. A reader blocked on it gets EOF at once.
+    """
+    try:
+        peers = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc (not Linux): nothing to do
+        return 0
+    n = 0
+    for fd in fds:
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with sock:
+            try:
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+                    peer = sock.getpeername()
+                    if peer[1] == port and peer[0] in peers:
+                        sock.shutdown(socket.SHUT_RDWR)  # acts on the shared socket, not only this dup
+                        n += 1
+            except OSError:
+                pass
+    return n
 
 
 def probe_tcp(host: str, port: int, what: str, hint: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -154,7 +218,7 @@ def connect(host: str, port: int, *, key: str = "", session_timeout: float = 0,
             raise UserError(f"{what} refused the session ({msg}); a server registered with a tracker only "
                             "serves sessions the tracker hands out: use --rpc-tracker HOST:PORT --rpc-key KEY") from None
         raise UserError(f"{what}: {msg}") from None
-    return RemoteSession(sess, key, f"{host}:{port}", via)
+    return RemoteSession(sess, key, f"{host}:{port}", via, endpoint=(host, port))
 
 
 class _TrackerClient:
@@ -251,7 +315,7 @@ def request(host: str, port: int, key: str, *, wait_s: float = DEFAULT_WAIT_S, s
     except Exception as e:  # noqa: BLE001
         raise UserError(f"board {url}:{bport} handed out by {where} (key {key!r}) refused the session: "
                         f"{one_line(e)}") from None
-    return RemoteSession(sess, key, f"{url}:{bport}", f"tracker {client.addr}")
+    return RemoteSession(sess, key, f"{url}:{bport}", f"tracker {client.addr}", endpoint=(url, int(bport)))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -896,3 +897,239 @@ def test_no_secrets_in_written_files(tmp_path, host_bundles):
     manifest = json.loads((host_bundles("mobilenet_v2") / "manifest.json").read_text())
     assert not {"identity", "key_path", "password", "known_hosts"} & set(manifest)
     row("safe defaults: secrets", f"no key material/password in {len(files)} manifest/meta/log files", None, None, None)
+
+
+# --------------------------------------------------------------------------- SSH tunnel drops mid-benchmark
+
+
+class Relay:
+    """A TCP relay 127.0.0.1:``port`` → ``dest`` in threads of this process, standing for the
+    network between this host and the board's sshd.
+
+    ``blackhole()`` silently stops the open connections: bytes are read and dropped both ways and
+    nothing is closed, as when a NAT forgets the mapping or a cable is pulled (no FIN, no RST:
+    TCP itself never notices). New connections still go through. ``drop()`` closes the open
+    connections and stops listening (new ones are refused); ``listen()`` opens the port again.
+    """
+
+    def __init__(self, dest: tuple[str, int]) -> None:
+        self.dest = dest
+        self.port = remote.free_port()
+        self.links: list[dict] = []
+        self.lock = threading.Lock()
+        self.srv: socket.socket | None = None
+        self.listen()
+
+    def listen(self) -> None:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(16)
+        self.srv = srv
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def _accept(self, srv: socket.socket) -> None:
+        while True:
+            try:
+                down, _ = srv.accept()
+            except OSError:  # closed by drop()/stop()
+                return
+            up = socket.create_connection(self.dest)
+            link = {"socks": (down, up), "silent": False, "closed": False}
+            with self.lock:
+                self.links.append(link)
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(link, a, b), daemon=True).start()
+
+    def _pump(self, link: dict, a: socket.socket, b: socket.socket) -> None:
+        a.settimeout(0.5)
+        while not link["closed"]:
+            try:
+                data = a.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            if link["silent"]:
+                continue  # swallowed: the sender's TCP sees its bytes acknowledged, nothing more
+            try:
+                b.sendall(data)
+            except OSError:
+                break
+        self._close(link)
+
+    def _close(self, link: dict) -> None:
+        link["closed"] = True
+        for s in link["socks"]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def blackhole(self) -> int:
+        with self.lock:
+            live = [ln for ln in self.links if not ln["closed"]]
+        for ln in live:
+            ln["silent"] = True
+        return len(live)
+
+    def drop(self) -> int:
+        if self.srv is not None:
+            # shutdown, not only close: a close does not wake the thread blocked in accept(),
+            # and the port would go on accepting.
+            with contextlib.suppress(OSError):
+                self.srv.shutdown(socket.SHUT_RDWR)
+            self.srv.close()
+            self.srv = None
+        with self.lock:
+            live = [ln for ln in self.links if not ln["closed"]]
+        for ln in live:
+            self._close(ln)
+        return len(live)
+
+    def stop(self) -> None:
+        self.drop()
+
+
+def left_on(board_root: Path, pid: int) -> list[str]:
+    """What the mnv2-tvm process ``pid`` started on the board and is still there: its server
+    folders and processes working in them (the board shares this kernel: /proc shows them)."""
+    base = board_root / "root/.cache/mnv2-tvm"
+    tag = f"-{pid}-"
+    left = [str(p) for p in base.glob(f"rpc-*{tag}*")]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cwd = os.readlink(entry / "cwd")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if tag in cwd and str(base) in cwd and state not in "ZX":
+                left.append(f"pid {entry.name} in {cwd}")
+    return left
+
+
+@pytest.fixture(scope="module")
+def tunnel_board(virtual_board):
+    b = virtual_board()
+    yield b
+    virtual_board.stop(b)
+
+
+@pytest.fixture(scope="module")
+def rpi_mobilenet(tmp_path_factory, virtual_board_setup) -> Path:
+    """A small MobileNetV2 cross-compiled (untuned) for the Raspberry Pi 4 target."""
+    from conftest import SMALL
+    from mnv2_tvm import targets
+    from mnv2_tvm.compile import compile_bundle
+    from mnv2_tvm.models import ModelConfig
+
+    root = tmp_path_factory.mktemp("rpi4b-faults")
+    compile_bundle(ModelConfig(**SMALL["mobilenet_v2"]), targets.load("rpi4b"), root / "mnv2",
+                   records_dir=root / "no-records")
+    return root / "mnv2"
+
+
+KEEPALIVE_S = 6.0  # --ssh-keepalive of the runs below: a silent link is given up after this long
+CLEANUP_S = 60.0  # reconnect + stop the server group + rm under qemu, on a loaded 2-core machine
+
+
+def bench_through_relay(board, bundle_dir: Path, tmp: Path, fault: Callable[[Relay], int],
+                        extra: list[str]) -> dict:
+    """`mnv2-tvm bench BUNDLE --ssh` (a subprocess, own group) to the board through a Relay;
+    ``fault(relay)`` strikes ~3 s after the board's server loaded the library, i.e. during the
+    parity run or the timing loop (600 runs, about a minute under qemu)."""
+    relay = Relay((board.host, board.ssh_port))
+    known_hosts = tmp / "known_hosts"
+    known_hosts.write_text(Path(board.known_hosts).read_text().replace(f"]:{board.ssh_port} ", f"]:{relay.port} "))
+    ssh = [f"{board.user}@127.0.0.1:{relay.port}", "-i", str(board.key_path), "--known-hosts", str(known_hosts)]
+    proc = subprocess.Popen([PY, "-m", "mnv2_tvm.cli", "bench", str(bundle_dir), "--ssh", *ssh,
+                             "--number", "20", "--repeat", "30", *extra],
+                            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    base = Path(board.root) / "root/.cache/mnv2-tvm"
+    out: dict = {"relay": relay, "ssh": ssh, "pid": proc.pid}
+    try:
+        deadline = time.monotonic() + 300
+        while "t_fault" not in out and time.monotonic() < deadline and proc.poll() is None:
+            for state in base.glob(f"rpc-session-*-{proc.pid}-*/state.json"):
+                log = state.parent / "rpc.log"
+                if log.exists() and "load_module" in log.read_text():
+                    time.sleep(3)
+                    out["name"] = json.loads(state.read_text())["name"]
+                    out["links"] = fault(relay)
+                    out["t_fault"] = time.monotonic()
+                    break
+            time.sleep(0.2)
+        assert "t_fault" in out, f"the benchmark never reached the board's server: {proc.communicate(timeout=60)}"
+        try:
+            out["stdout"], out["stderr"] = proc.communicate(timeout=KEEPALIVE_S + CLEANUP_S + 60)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            pytest.fail("bench hung after the SSH link dropped")
+        out["rc"], out["elapsed"] = proc.returncode, time.monotonic() - out["t_fault"]
+        return out
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+
+
+def one_clean_error(out: dict) -> str:
+    lines = [ln for ln in out["stderr"].splitlines() if ln.strip()]
+    assert out["rc"] == 2 and len(lines) == 1 and lines[0].startswith("mnv2-tvm: error: "), out["stderr"]
+    assert "Traceback" not in out["stderr"] and not out["stdout"].strip()
+    return lines[0]
+
+
+def test_ssh_tunnel_goes_silent_mid_benchmark(tunnel_board, rpi_mobilenet, tmp_path):
+    """The link to the board black-holes mid-benchmark (no FIN/RST): the keepalive gives it up within
+    its bound, bench ends with one line saying so, and the server it started is stopped over a
+    new connection (the board is reachable again)."""
+    out = bench_through_relay(tunnel_board, rpi_mobilenet, tmp_path, Relay.blackhole,
+                              ["--ssh-keepalive", str(KEEPALIVE_S)])
+    try:
+        line = one_clean_error(out)
+        assert "went silent" in line and f"{KEEPALIVE_S:.0f} s" in line, line
+        assert "stopped the RPC server started there over a new connection" in line, line
+        assert out["elapsed"] < KEEPALIVE_S + CLEANUP_S, out["elapsed"]
+        assert left_on(tunnel_board.root, out["pid"]) == []
+    finally:
+        out["relay"].stop()
+    row("SSH tunnel silently black-holed mid-benchmark (bench --ssh, --ssh-keepalive 6)",
+        f"{out['links']} SSH connections stopped forwarding without closing; the keepalive gave the link up, "
+        f"exit 2 with one line ({line[len('mnv2-tvm: error: '):][:90]}...); the board's RPC server was stopped over "
+        f"a fresh connection, nothing left on the board; {out['elapsed']:.1f} s from fault to exit",
+        None, None, out["elapsed"])
+
+
+def test_ssh_tunnel_hard_drop_mid_benchmark(tunnel_board, rpi_mobilenet, tmp_path):
+    """Both sides of every SSH connection are closed mid-benchmark and the board stays unreachable:
+    one line at once, naming the server that may still run and the command that stops it, which
+    works once the board is back."""
+    from mnv2_tvm.cli import main
+
+    out = bench_through_relay(tunnel_board, rpi_mobilenet, tmp_path, Relay.drop, [])
+    relay = out["relay"]
+    try:
+        line = one_clean_error(out)
+        assert "was closed by the board or the network" in line and "may still run" in line, line
+        assert f"--name {out['name']}`" in line, line
+        assert out["elapsed"] < CLEANUP_S, out["elapsed"]
+        assert left_on(tunnel_board.root, out["pid"]), "expected the unreachable board to keep its server"
+        relay.listen()  # the board is back
+        t0 = time.monotonic()
+        assert main(["board", "stop", "--ssh", *out["ssh"], "--name", out["name"]]) == 0
+        stop_s = time.monotonic() - t0
+        assert left_on(tunnel_board.root, out["pid"]) == []
+    finally:
+        relay.stop()
+        for path in (Path(tunnel_board.root) / "root/.cache/mnv2-tvm").glob(f"rpc-*-{out['pid']}-*/state.json"):
+            with contextlib.suppress(Exception):  # never leave a server behind, even when an assert failed
+                main(["board", "stop", "--ssh", f"{tunnel_board.user}@{tunnel_board.host}:{tunnel_board.ssh_port}",
+                      "-i", str(tunnel_board.key_path), "--known-hosts", str(tunnel_board.known_hosts),
+                      "--name", json.loads(path.read_text())["name"]])
+    row("SSH tunnel hard-dropped mid-benchmark (both sides closed, board unreachable)",
+        f"{out['links']} SSH connections closed; exit 2 with one line after {out['elapsed']:.1f} s naming the server "
+        f"left on the board and `board stop --name ...`; that command stopped it in {stop_s:.1f} s once the board "
+        "was reachable again", None, None, out["elapsed"] + stop_s)

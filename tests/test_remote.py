@@ -125,10 +125,41 @@ def test_port_that_never_answers_is_bounded() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)
         port = silent.getsockname()[1]
+        import tvm.rpc  # noqa: F401 - before the clock: on a loaded 2-core machine the import alone takes ~10 s
         t0 = time.monotonic()
         with pytest.raises(UserError, match="no answer within 2 s"):
             remote.connect("127.0.0.1", port, timeout=2)
         assert time.monotonic() - t0 < 10
+
+
+def test_a_step_without_answer_is_given_up_and_its_socket_shut_down() -> None:
+    """A peer that stays connected and says nothing (a silently dropped link): the call is given
+    up within the bound, and the session's socket is shut down so the abandoned call ends too
+    (otherwise it would hold the session, and freeing remote objects on the way out would hang)."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        peer, _ = srv.accept()
+        sess = remote.RemoteSession(None, "", f"127.0.0.1:{port}", "rpc", endpoint=("127.0.0.1", port))
+        ended = threading.Event()
+
+        def blocked() -> bytes:
+            try:
+                return client.recv(1)
+            finally:
+                ended.set()
+
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match=r"the timing runs: no answer within 1 s; the board hung") as err:
+            sess.call(blocked, "the timing runs", 1.0, "check the board")
+        assert time.monotonic() - t0 < 5 and ended.is_set() and "\n" not in str(err.value)
+        peer.settimeout(5)
+        assert peer.recv(1) == b""  # the other end saw the shutdown
+        client.close()
+        peer.close()
+        assert sess.call(lambda: 42, "a quick step", 1.0, "") == 42
 
 
 def test_port_of_another_service_is_named_as_such() -> None:
