@@ -4,6 +4,7 @@ engine from an artefact already built (a tiny MobileNetV2 here)."""
 from __future__ import annotations
 
 import importlib.util
+import resource
 from pathlib import Path
 
 from conftest import SMALL
@@ -29,6 +30,7 @@ def test_peak_rss_is_measured_per_engine_in_a_process_that_loads_only_that_engin
     (work / "untuned").symlink_to(host_bundles("mobilenet_v2"))
     export_onnx(build(cfg), cfg, work / "model.onnx")
 
+    own_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch, TVM and a compile
     rss = bench_host.peak_rss(["tvm_untuned", "onnxruntime", "pytorch"], work, cfg, threads=1)
     assert set(rss) == {"tvm_untuned", "onnxruntime", "pytorch"}
     for name, r in rss.items():
@@ -38,3 +40,6 @@ def test_peak_rss_is_measured_per_engine_in_a_process_that_loads_only_that_engin
     assert rss["tvm_untuned"]["modules"] == ["tvm"]
     assert rss["onnxruntime"]["modules"] == ["onnxruntime"]
     assert rss["pytorch"]["modules"] == ["torch"]
+    # The children's own peaks, not this (larger) process's high-water mark carried across exec.
+    assert rss["onnxruntime"]["peak_rss_mb"] < 0.8 * own_peak_mb
+    assert len({round(r["peak_rss_mb"]) for r in rss.values()}) == 3
