@@ -129,6 +129,8 @@ def rss_child(engine: str, artefact: str, config: dict, threads: int, runs: int)
         # tvm_ffi imports torch whenever it is installed (for DLPack exchange); a deployed bundle
         # runs with NumPy and the TVM runtime only, so keep torch out as a board would.
         sys.modules["torch"] = None  # type: ignore[assignment]
+        import tvm  # noqa: F401  (Runner imports it lazily: count it among the imports)
+
         from mnv2_tvm.bundle import Runner
 
         imported = peak_mb()
