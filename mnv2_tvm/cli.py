@@ -156,7 +156,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         _warn_exposed(where.rpc, "RPC server")
         _warn_exposed(where.tracker, "RPC tracker (and the boards behind it)")
         measurer = BoardMeasurer(where, arch=spec.arch, repeat=args.repeat, min_repeat_ms=args.min_repeat_ms,
-                                 profile=not args.no_profile, session_timeout=args.session_timeout)
+                                 profile=not args.no_profile, session_timeout=args.session_timeout,
+                                 rpc_timeout=args.rpc_timeout)
         _sigterm_as_interrupt()  # so the RPC server started on the board is stopped on the way out
     else:
         measurer = HostMeasurer(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
@@ -423,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip per-kernel timing (on a board it rebuilds each point's kernels; no per-layer report)")
     p.add_argument("--session-timeout", type=float, default=0, metavar="S",
                    help="the board's server ends the session after S seconds (0: never)")
+    p.add_argument("--rpc-timeout", type=float, default=0, metavar="S",
+                   help="give up when the board answers one step (upload, load, a run, the timing loop) not within "
+                        "S seconds (default 0: as `bench`)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("run", help="run a bundle on this machine")

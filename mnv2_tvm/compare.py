@@ -313,7 +313,7 @@ class BoardMeasurer:
     """
 
     def __init__(self, where: Any, *, arch: str | None = None, repeat: int = 7, min_repeat_ms: int = 100,
-                 number: int = 1, profile: bool = True, session_timeout: float = 0.0,
+                 number: int = 1, profile: bool = True, session_timeout: float = 0.0, rpc_timeout: float = 0.0,
                  tolerance: float | None = None) -> None:
         from .bench import DEFAULT_TOLERANCE, BenchSettings
 
@@ -324,7 +324,7 @@ class BoardMeasurer:
         self.arch = arch  # with --ssh, a board of another architecture is refused before anything starts
         self.settings = BenchSettings(number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
                                       tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
-                                      session_timeout=session_timeout)
+                                      session_timeout=session_timeout, rpc_timeout=rpc_timeout)
         self.profile = profile
         if where.rpc:
             self.name = f"rpc:{where.rpc[0]}:{where.rpc[1]}"
