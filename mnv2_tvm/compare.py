@@ -407,7 +407,8 @@ class BoardMeasurer:
             threads = int(sess.session.get_function("runtime.NumThreads")())
         measured = {"number": settings.number, "repeat": settings.repeat, "min_repeat_ms": settings.min_repeat_ms,
                     "threads": threads, "max_abs_error": result.max_abs_error, "emulated": self.emulated,
-                    "emulation": self.emulation, "profile_method": "board-kernels-alone" if kernels else None}
+                    "emulation": self.emulation, "profile_method": "board-kernels-alone" if kernels else None,
+                    "board": self.board}
         return Measurement(statistics.median(result.samples_ms), result.samples_ms, kernels, measured)
 
 
@@ -1140,8 +1141,11 @@ def _write_report(configs: list[ModelConfig], store: PointStore, spec: TargetSpe
         "target": {"name": spec.name, "title": spec.title, "arch": spec.arch, "cores": spec.cores,
                    "clock_ghz": spec.clock_ghz, "peak_gflops": spec.peak_gflops, "peak_source": spec.peak_source,
                    "bandwidth_gbs": spec.bandwidth_gbs, "bandwidth_source": spec.bandwidth_source},
-        "measurer": {"name": measurer.name, "emulated": emulated, "board": getattr(measurer, "board", None) or None,
-                     "emulation": emulation},
+        # A resumed run that measured nothing opened no board: its points still say which it was.
+        "measurer": {"name": measurer.name, "emulated": emulated, "emulation": emulation,
+                     "board": getattr(measurer, "board", None) or next(
+                         (r["settings"]["board"] for r in reversed(list(recs.values()))
+                          if r.get("settings", {}).get("board")), None)},
         "records": {"dir": str(records), "fingerprint": fingerprint, "fingerprints_of_tuned_points": fingerprints},
         "grid": [cfg.label for cfg in configs],
         "missing": missing,

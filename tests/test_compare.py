@@ -436,6 +436,7 @@ def test_compare_on_the_virtual_board_over_ssh(compare_board, tmp_path, capsys):
     rc = main(argv)
     captured = capsys.readouterr()
     assert rc == 0 and "0 points measured, 2 reused" in captured.out and "EMULATED board" in captured.out
+    assert json.loads((out / compare.RESULTS_JSON).read_text())["measurer"]["board"]["uname_m"] == "aarch64"
 
 
 def test_compare_over_plain_rpc_says_the_board_may_be_emulated(compare_board, tmp_path, capsys):
