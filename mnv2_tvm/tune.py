@@ -665,31 +665,41 @@ def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target, params: dict | N
     return tasks
 
 
-def allocate_trials(total: int, importance: list[float], min_per_task: int = MIN_TRIALS_PER_TASK) -> list[int]:
-    """Split ``total`` trials over tasks, one at a time (so it is monotone in ``total``).
+def allocate_trials(total: int, importance: list[float], min_per_task: int = MIN_TRIALS_PER_TASK,
+                    done: list[int] | None = None) -> list[int]:
+    """Split ``total`` trials over tasks, one at a time (so it is monotone in ``total``); the
+    ``done`` trials a task already has count as given to it. Returns each task's total.
 
-    First every task is brought to ``min_per_task`` (round-robin, most important first), then
+    First every task is brought to ``min_per_task`` (the task with fewest trials first, the
+    more important on ties), then
     each further trial goes to the task with the highest ``sqrt(importance) / (trials + 0.5)``.
     """
     n = len(importance)
-    alloc = [0] * n
-    if n == 0 or total <= 0:
+    alloc = list(done) if done is not None else [0] * n
+    left = total - sum(alloc)
+    if n == 0 or left <= 0:
         return alloc
     pri = [math.sqrt(max(float(x), 0.0)) + 1e-12 for x in importance]
-    order = sorted(range(n), key=lambda i: -pri[i])
-    left = total
     while left > 0 and min(alloc) < min_per_task:
-        for i in order:
-            if left == 0:
-                break
-            if alloc[i] < min_per_task:
-                alloc[i] += 1
-                left -= 1
+        i = min((j for j in range(n) if alloc[j] < min_per_task), key=lambda j: (alloc[j], -pri[j]))
+        alloc[i] += 1
+        left -= 1
     while left > 0:
         i = max(range(n), key=lambda j: pri[j] / (alloc[j] + 0.5))
         alloc[i] += 1
         left -= 1
     return alloc
+
+
+def _importance(tasks: list[_Task], best: list[float | None]) -> list[float]:
+    """A task's share of the end-to-end time once measured (weight × best time), else its
+    FLOPs converted at the median measured rate: depthwise and memory-bound kernels take far
+    more time than their FLOPs say, and time is what tuning can win back."""
+    rates = sorted(b / t.flops for t, b in zip(tasks, best) if b is not None)
+    if not rates:
+        return [t.weight * t.flops for t in tasks]
+    rate = rates[len(rates) // 2]
+    return [t.weight * (b if b is not None else t.flops * rate) for t, b in zip(tasks, best)]
 
 
 # --------------------------------------------------------------------------- runner, builder
@@ -1131,14 +1141,34 @@ class _Session:
         self.existing = [n for n, _ in stats]
         self.best = [b for _, b in stats]  # seconds, best valid mean so far
         self.covered_before = sum(b is not None for b in self.best)
-        self.shares = allocate_trials(trials, [t.weight * t.flops for t in tasks])
-        self.budgets = [max(0, sh - ex) for sh, ex in zip(self.shares, self.existing)]
+        # Every task is brought to the minimum even when records of other models already fill
+        # the total (the tasks they share are tuned, the others are not); a total too small for
+        # that is honoured as asked.
+        floor = sum(max(e, MIN_TRIALS_PER_TASK) for e in self.existing)
+        self.floor = floor if trials >= MIN_TRIALS_PER_TASK * len(tasks) else min(trials, floor)
+        self.remaining = max(0, max(self.floor, trials) - sum(self.existing))  # what this run measures
         self.measured = [0] * len(tasks)  # as seen by the batch callback (progress)
         self.errors = [[0, 0] for _ in tasks]  # build, run
         self.first_trial: float | None = None
         self.current = 0
         self.bar: _Progress | None = None
         self.interrupted = False
+
+    def plan(self) -> Iterator[list[int]]:
+        """This run's budgets per task, in two phases, ``trials`` in all with what the records hold
+        (more where every task needs its minimum).
+
+        Phase 1 brings every task to the minimum, so every kernel has a measured time early
+        (and the estimate is complete); phase 2 then splits the rest by measured time share
+        (:func:`_importance`), planned only once phase 1 has run.
+        """
+        done = list(self.existing)
+        first = allocate_trials(self.floor, _importance(self.tasks, self.best), done=done)
+        yield [a - d for a, d in zip(first, done)]
+        stats = [self.db.workload_stats(t.mod) for t in self.tasks]
+        done = [n for n, _ in stats]
+        final = allocate_trials(self.trials, _importance(self.tasks, [b for _, b in stats]), done=done)
+        yield [a - d for a, d in zip(final, done)]
 
     def estimate(self) -> tuple[float | None, int]:
         known = [self.tasks[i].weight * b * 1e6 for i, b in enumerate(self.best) if b is not None]
@@ -1185,14 +1215,48 @@ class _Session:
             tasks_covered_before=self.covered_before,
             wall_time_s=time.monotonic() - self.t0,
             interrupted=self.interrupted,
-            already_done=sum(self.budgets) == 0,
+            already_done=self.remaining == 0,
             first_trial_s=self.first_trial,
             message=message,
         )
 
 
+def _tune_task(sess: _Session, i: int, budget: int, seed: int, builder: Any, run: Any, callbacks: list,
+               cost_model: Any, ncores: int) -> None:
+    task = sess.tasks[i]
+    sess.current = i
+    if sess.bar is not None:
+        est, untimed = sess.estimate()
+        sess.bar.update(task=task.name, est_us=est, unmeasured=untimed)
+    ctx = ms.TuneContext(
+        mod=task.mod,
+        target=task.target,
+        space_generator="post-order-apply",
+        search_strategy=ms.search_strategy.EvolutionarySearch(**SEARCH_KWARGS),
+        task_name=task.name,
+        logger=logging.getLogger(f"tvm.s_tir.meta_schedule.mnv2_tvm.task{i:02d}_{task.name[:60]}"),
+        rand_state=seed,
+        num_threads=ncores,
+    ).clone()
+    # One task per scheduler call: MetaSchedule's budget is global, ours is per task.
+    ms.task_scheduler.RoundRobin().tune(
+        tasks=[ctx],
+        task_weights=[float(task.weight)],
+        max_trials_global=budget,
+        max_trials_per_task=budget,
+        num_trials_per_iter=min(budget, TRIALS_PER_ITER),
+        builder=builder,
+        runner=run,
+        measure_callbacks=callbacks,
+        database=sess.db,
+        cost_model=cost_model,
+    )
+    _log.info("task %s: %d/%d trials measured", task.name, sess.measured[i], budget)
+
+
 def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, seed: int | None) -> None:
-    """Tune the tasks one after another, each with its exact budget (most important first)."""
+    """Tune the tasks one after another, each with its exact budget (most important first), in
+    the phases of :meth:`_Session.plan`."""
     tasks = sess.tasks
     builder = run = None
     try:
@@ -1206,40 +1270,13 @@ def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, s
             ms.measure_callback.RemoveBuildArtifact(),
             ms.measure_callback.UpdateCostModel(),
         ]
-        seeds = ms.utils.fork_seed(seed, n=len(tasks))
-        for i in sorted(range(len(tasks)), key=lambda j: -tasks[j].weight * tasks[j].flops):
-            budget = sess.budgets[i]
-            if budget <= 0:
-                continue
-            task = tasks[i]
-            sess.current = i
-            if sess.bar is not None:
-                est, untimed = sess.estimate()
-                sess.bar.update(task=task.name, est_us=est, unmeasured=untimed)
-            ctx = ms.TuneContext(
-                mod=task.mod,
-                target=task.target,
-                space_generator="post-order-apply",
-                search_strategy=ms.search_strategy.EvolutionarySearch(**SEARCH_KWARGS),
-                task_name=task.name,
-                logger=logging.getLogger(f"tvm.s_tir.meta_schedule.mnv2_tvm.task{i:02d}_{task.name[:60]}"),
-                rand_state=seeds[i],
-                num_threads=ncores,
-            ).clone()
-            # One task per scheduler call: MetaSchedule's budget is global, ours is per task.
-            ms.task_scheduler.RoundRobin().tune(
-                tasks=[ctx],
-                task_weights=[float(task.weight)],
-                max_trials_global=budget,
-                max_trials_per_task=budget,
-                num_trials_per_iter=min(budget, TRIALS_PER_ITER),
-                builder=builder,
-                runner=run,
-                measure_callbacks=callbacks,
-                database=sess.db,
-                cost_model=cost_model,
-            )
-            _log.info("task %s: %d/%d trials measured", task.name, sess.measured[i], budget)
+        seeds = ms.utils.fork_seed(seed, n=2 * len(tasks))  # a fresh stream per task and phase
+        for phase, budgets in enumerate(sess.plan()):
+            importance = _importance(tasks, sess.best)
+            for i in sorted(range(len(tasks)), key=lambda j: -importance[j]):
+                if budgets[i] > 0:
+                    _tune_task(sess, i, budgets[i], seeds[phase * len(tasks) + i], builder, run, callbacks,
+                               cost_model, ncores)
     except BaseException:
         if builder is not None:
             builder.discard()  # may be mid-build
@@ -1278,20 +1315,17 @@ def tune(
     try:
         with _tvm_logs_to(records_dir / LOG_FILE, progress) as console, _Sigint() as sigint:
             sess = _Session(opened.db, extract_tasks(mod, target, params), trials, target, records_dir, t0)
-            total = sum(sess.budgets)
+            total = sess.remaining
             if not sess.tasks:
                 return sess.report("no tunable tasks in this module")
             if total == 0:
-                done = sum(min(sh, ex) for sh, ex in zip(sess.shares, sess.existing))
-                rep = sess.report(f"already tuned: {done}/{trials} trials for {len(sess.tasks)} tasks "
-                                  f"in {records_dir}; nothing to run")
+                rep = sess.report(f"already tuned: {sum(sess.existing)} trials in {records_dir} for the "
+                                  f"{len(sess.tasks)} tasks (asked for {trials}); nothing to run")
                 if console is not None:
                     console.write(f"[tune] {rep.message}\n")
                 return rep
-            _log.info(
-                "tuning %d tasks for %s: %d trials requested, %d in db, running %d (per task %s)",
-                len(sess.tasks), target, trials, sum(sess.existing), total, sess.budgets,
-            )
+            _log.info("tuning %d tasks for %s: %d trials requested, %d in db, running %d",
+                      len(sess.tasks), target, trials, sum(sess.existing), total)
             sess.bar = _Progress(console, total, t0) if progress else None
             try:
                 _run_session(sess, runner, num_builder_workers, seed)
@@ -1412,7 +1446,9 @@ def compile_kernels(
     try:
         db = opened.db
         kernels = kernels_module(prepared, target, db)
-        prims = {gv.name_hint: f for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+        # Named as the tasks are (SplitLayoutRewritePreproc renames kernels that read packed weights).
+        prims = {gv.name_hint.removesuffix("_prepacked"): f
+                 for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
         tuned = sorted(n for n, f in prims.items() if f.attrs and f.attrs.get("tirx.is_scheduled", False))
         fallback = sorted(n for n in prims if n not in set(tuned))
         report = ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned)
