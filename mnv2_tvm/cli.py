@@ -176,6 +176,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     run_bundle(args.bundle, image=args.input, save=args.save, time_it=args.time, top=args.top)
 
 
+def _add_board_args(p: argparse.ArgumentParser) -> None:
+    """The ways `bench` and `compare` reach a board: an RPC server, a tracker, or SSH."""
+    p.add_argument("--rpc", metavar="HOST:PORT", help="the board behind this TVM RPC server (direct)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="a board behind this TVM RPC tracker")
+    p.add_argument("--rpc-key", help="the boards' key at the tracker (default: the target's)")
+    p.add_argument("--wait", type=float, default=120.0, metavar="S", help="wait this long for a free board (tracker)")
+    _add_ssh_args(p)
+
+
 def _add_ssh_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--ssh", metavar="USER@HOST[:PORT]", required=required,
                    help="the board over SSH: start its RPC server, tunnel to it, stop it afterwards")
@@ -413,11 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records folder (default: schedules/<target>/)")
     p.add_argument("--tune-trials", type=int, default=0, help="tune configs the records miss, N trials each")
     p.add_argument("-o", "--output", type=Path, default=Path("reports/compare"), help="report folder")
-    p.add_argument("--rpc", metavar="HOST:PORT", help="measure on the board behind this TVM RPC server (direct)")
-    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a board behind this TVM RPC tracker")
-    p.add_argument("--rpc-key", help="the boards' key at the tracker (default: the target's)")
-    p.add_argument("--wait", type=float, default=120.0, metavar="S", help="wait this long for a free board (tracker)")
-    _add_ssh_args(p)
+    _add_board_args(p)
     p.add_argument("--repeat", type=int, default=7, help="timed repeats per point (the median is reported)")
     p.add_argument("--min-repeat-ms", type=int, default=100, help="stretch each repeat to at least this long")
     p.add_argument("--no-profile", action="store_true",
@@ -444,11 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-records", "--records", type=Path, dest="tuning_records",
                    help="records folder when compiling (default: schedules/<target>/)")
     p.add_argument("-o", "--output", type=Path, help="bundle folder when compiling (default: build/<model>-<target>)")
-    p.add_argument("--rpc", metavar="HOST:PORT", help="a TVM RPC server (direct)")
-    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="a TVM RPC tracker with boards behind it")
-    p.add_argument("--rpc-key", help="the boards' key at the tracker (default: the target's)")
-    p.add_argument("--wait", type=float, default=120.0, metavar="S", help="wait this long for a free board (tracker)")
-    _add_ssh_args(p)
+    _add_board_args(p)
     p.add_argument("--number", type=int, default=10, help="runs averaged into one repeat")
     p.add_argument("--repeat", type=int, default=5, help="repeats (the samples of the statistics)")
     p.add_argument("--min-repeat-ms", type=int, default=0, help="grow --number until a repeat lasts this long")

@@ -37,7 +37,7 @@ import pytest
 if TYPE_CHECKING:
     import paramiko
 
-__all__ = ["Board", "BoardFactory", "virtual_board", "virtual_board_setup"]
+__all__ = ["Board", "BoardFactory", "left_on", "virtual_board", "virtual_board_setup"]
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "virtual_board.py"
 SETUP_TIMEOUT_S = 900
@@ -161,3 +161,22 @@ def virtual_board(virtual_board_setup: Path) -> Iterator[BoardFactory]:
     factory = BoardFactory(virtual_board_setup)
     yield factory
     factory.stop_all()
+
+
+def left_on(board_root: Path, pid: int) -> list[str]:
+    """What the mnv2-tvm process ``pid`` started on the board and is still there: server and
+    bundle folders named after it, and processes working in them (the board shares this kernel,
+    so /proc shows them)."""
+    base = board_root / "root/.cache/mnv2-tvm"
+    tag = f"-{pid}-"
+    left = [str(p) for p in base.glob(f"rpc-*{tag}*")] + [str(p) for p in base.glob(f"bundles/*-{pid}")]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cwd = os.readlink(entry / "cwd")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if tag in cwd and str(base) in cwd and state not in "ZX":
+                left.append(f"pid {entry.name} in {cwd}")
+    return left

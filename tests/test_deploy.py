@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from board_fixture import Board, BoardFactory
+from board_fixture import Board, BoardFactory, left_on
 from conftest import SMALL
 from mnv2_tvm import board as B
 from mnv2_tvm import bundle, remote
@@ -67,22 +67,8 @@ def ssh_args(b: Board) -> list[str]:
 
 
 def ours_left_on(b: Board) -> list[str]:
-    """What this test process started on the board and is still there: server folders named
-    after our pid, and processes working in them (the board shares this kernel, so /proc shows
-    them)."""
-    base = b.root / "root/.cache/mnv2-tvm"
-    tag = f"-{os.getpid()}-"
-    left = [str(p) for p in base.glob(f"bundles/*-{os.getpid()}")] + [str(p) for p in base.glob(f"rpc-*{tag}*")]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cwd = os.readlink(entry / "cwd")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if tag in cwd and str(base) in cwd and state not in "ZX":
-                left.append(f"pid {entry.name} in {cwd}")
-    return left
+    """What this test process started on the board and is still there."""
+    return left_on(b.root, os.getpid())
 
 
 # --------------------------------------------------------------------------- bundles and parity

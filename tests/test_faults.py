@@ -30,6 +30,7 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
+from board_fixture import left_on
 from mnv2_tvm import remote
 from mnv2_tvm import tune as T
 
@@ -992,22 +993,6 @@ class Relay:
         self.drop()
 
 
-def left_on(board_root: Path, pid: int) -> list[str]:
-    """What the mnv2-tvm process ``pid`` started on the board and is still there: its server
-    folders and processes working in them (the board shares this kernel: /proc shows them)."""
-    base = board_root / "root/.cache/mnv2-tvm"
-    tag = f"-{pid}-"
-    left = [str(p) for p in base.glob(f"rpc-*{tag}*")]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cwd = os.readlink(entry / "cwd")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if tag in cwd and str(base) in cwd and state not in "ZX":
-                left.append(f"pid {entry.name} in {cwd}")
-    return left
 
 
 @pytest.fixture(scope="module")
