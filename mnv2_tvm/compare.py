@@ -8,7 +8,9 @@ One call, :func:`run_compare`, does the whole job for one target:
    (``tune.tune`` only runs what the records lack), so all tuned points see one records state;
 3. every configuration is compiled untuned (an empty records folder) and tuned (the target's
    records) and measured by a :class:`Measurer`; each finished point is appended to
-   ``REPORT_DIR/points.jsonl`` (flushed and fsynced), which is what makes a run resumable;
+   ``REPORT_DIR/points.jsonl`` (flushed and fsynced), which is what makes a run resumable; a
+   tuned point keeps the digest of the records of its own kernels and is measured again only
+   when those change (tuning other configurations into the shared database leaves it valid);
 4. predictors from :mod:`predict` are fitted on a split of the MobileNetV2 points and scored
    on the held-out rest; the report (``results.json``, ``results.csv``, ``summary.md`` and PNG
    plots) is written at the end, each file atomically, marked incomplete when points are missing.
@@ -663,15 +665,6 @@ class PointStore:
 # --------------------------------------------------------------------------------------
 
 
-def _fmt_dur(sec: float | None) -> str:
-    if sec is None or not math.isfinite(sec):
-        return "--:--"
-    sec = int(round(sec))
-    h, rem = divmod(sec, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
 class _Progress:
     """One line per point on stderr with an ETA weighted by each point's expected cost."""
 
@@ -693,7 +686,9 @@ class _Progress:
         elapsed = time.monotonic() - self.t0
         left = sum(self.costs.values()) - self.done_cost
         eta = elapsed / self.done_cost * left if self.done_cost > 0 else None
-        self.say(f"{self.done}/{len(self.costs)} {text} | elapsed {_fmt_dur(elapsed)}, ETA {_fmt_dur(eta)}")
+        from .tune import fmt_duration  # loaded already: points are measured with TVM
+
+        self.say(f"{self.done}/{len(self.costs)} {text} | elapsed {fmt_duration(elapsed)}, ETA {fmt_duration(eta)}")
 
 
 def _expected_cost(madds: int, variant: str) -> float:
@@ -768,6 +763,7 @@ def _lock_report_dir(out_dir: Path) -> int:
 def _run(configs: list[ModelConfig], spec: TargetSpec, out_dir: Path, records: Path, measurer: Measurer,
          tune_trials_per_config: int, progress: bool, profile: bool = True) -> CompareResult:
     from .madds import count
+    from .tune import records_digest_for, workload_digests
 
     store = PointStore(out_dir / POINTS_FILE)
     _check_identity(store, spec, measurer, out_dir)
@@ -781,6 +777,12 @@ def _run(configs: list[ModelConfig], spec: TargetSpec, out_dir: Path, records: P
     if tune_trials_per_config > 0:
         _tune_grid(configs, spec, records, tune_trials_per_config, measurer, bar)
     fingerprint = _records_fingerprint(records)
+    digests = workload_digests(records) if fingerprint else {}
+
+    def stale(rec: dict[str, Any]) -> bool:
+        # Only records of the point's own kernels matter: tuning another config leaves it valid.
+        wl = rec.get("task_workloads")
+        return fingerprint is None or not wl or rec.get("records_fingerprint") != records_digest_for(digests, wl)
 
     # Count every configuration not yet fully measured: this also proves that it builds,
     # before any time is spent compiling the others.
@@ -790,7 +792,7 @@ def _run(configs: list[ModelConfig], spec: TargetSpec, out_dir: Path, records: P
         keys = {v: _point_key(cfg.label, v) for v in VARIANTS}
         for v, key in keys.items():
             rec = store.points.get(key)
-            if rec is not None and v == "tuned" and rec.get("records_fingerprint") != fingerprint:
+            if rec is not None and v == "tuned" and stale(rec):
                 store.discard(key)  # measured against other records: stale
                 rec = None
             if rec is None:
@@ -826,8 +828,7 @@ def _run(configs: list[ModelConfig], spec: TargetSpec, out_dir: Path, records: P
                     bar.point(key, f"{cfg.label} tuned: skipped, no records")
                     continue
                 try:
-                    rec = _measure_point(cfg, variant, spec, out_dir, records, fingerprint, measurer, counts[cfg.label],
-                                         profile)
+                    rec = _measure_point(cfg, variant, spec, out_dir, records, measurer, counts[cfg.label], profile)
                 except UserError:
                     raise
                 except Exception as e:  # a TVM build/run failure of one config should not stop the grid
@@ -918,12 +919,13 @@ def _tune_grid(configs: list[ModelConfig], spec: TargetSpec, records: Path, tria
 
 
 def _measure_point(cfg: ModelConfig, variant: str, spec: TargetSpec, out_dir: Path, records: Path,
-                   fingerprint: str | None, measurer: Measurer, counted: Any, profile: bool = True) -> dict[str, Any]:
+                   measurer: Measurer, counted: Any, profile: bool = True) -> dict[str, Any]:
     import shutil
 
     import tvm
 
     from .compile import compile_bundle
+    from .tune import records_digest_for, workload_digests
 
     work = out_dir / WORK_DIR
     bundle_dir = work / f"{cfg.label}-{variant}"
@@ -940,7 +942,9 @@ def _measure_point(cfg: ModelConfig, variant: str, spec: TargetSpec, out_dir: Pa
     rec: dict[str, Any] = {
         "key": _point_key(cfg.label, variant), "label": cfg.label, "config": cfg.to_dict(), "variant": variant,
         "target": spec.name, "measurer": measurer.name, "tvm_version": tvm.__version__,
-        "records_fingerprint": fingerprint if variant == "tuned" else None,
+        "task_workloads": tuning.get("workloads") if variant == "tuned" else None,
+        "records_fingerprint": (records_digest_for(workload_digests(records), tuning.get("workloads") or [])
+                                if variant == "tuned" else None),
         "madds": counted.madds, "params": counted.params,
         "layers": [asdict(layer) for layer in counted.layers],
         "tasks_tuned": n_tuned, "tasks_total": n_tuned + n_fallback, "fallback": tuning["fallback"],
@@ -1129,8 +1133,6 @@ def _write_report(configs: list[ModelConfig], store: PointStore, spec: TargetSpe
         if _usable(u) and _usable(t):
             speedups[cfg.label] = u["latency_ms"] / t["latency_ms"]
     per_layer = _per_layer(recs)
-    fingerprints = sorted({r.get("records_fingerprint") for r in recs.values()
-                           if r["variant"] == "tuned" and r.get("status") == "ok"} - {None})
 
     report = {
         "format": FORMAT,
@@ -1146,7 +1148,7 @@ def _write_report(configs: list[ModelConfig], store: PointStore, spec: TargetSpe
                      "board": getattr(measurer, "board", None) or next(
                          (r["settings"]["board"] for r in reversed(list(recs.values()))
                           if r.get("settings", {}).get("board")), None)},
-        "records": {"dir": str(records), "fingerprint": fingerprint, "fingerprints_of_tuned_points": fingerprints},
+        "records": {"dir": str(records), "fingerprint": fingerprint},
         "grid": [cfg.label for cfg in configs],
         "missing": missing,
         "points": [{k: v for k, v in r.items() if k not in ("kernels", "layer_map", "layers", "key")}
@@ -1417,12 +1419,10 @@ def _summary(rep: dict[str, Any], files: dict[str, Path], n_tuned: int, n_untune
             L += [f"| {r['layer']} | {r['kind']} | {100 * r['madds'] / m_total:.1f} | {100 * r['ms'] / t_total:.1f} | "
                   f"{r['bytes'] / 1024:.0f} |"]
         L += [""]
-    fps = rep["records"]["fingerprints_of_tuned_points"]
     L += ["## How it was measured", "",
           f"- Measurer `{rep['measurer']['name']}`; records `{rep['records']['dir']}`"
           + (f" (fingerprint {rep['records']['fingerprint']})" if rep["records"]["fingerprint"] else " (none)") + "."]
-    if len(fps) > 1:
-        L += [f"- Tuned points were measured against {len(fps)} different states of the records."]
+    L += ["- A tuned point is measured again only when the records of its own kernels change."]
     threads = sorted({str(p.get("settings", {}).get("threads")) for p in rep["points"] if p.get("settings")})
     if threads:
         L += [f"- TVM runtime threads: {', '.join(threads)}."]

@@ -213,6 +213,33 @@ def _split_lines(path: Path) -> tuple[list[tuple[int, bytes]], bytes, int, bytes
     return lines, tail, cut, raw
 
 
+def workload_digests(records_dir: Path) -> dict[str, str]:
+    """For each workload (by the structural hash its line in the workload file starts with), a
+    digest of its record lines: what a model compiled from these records depends on. Plain file
+    reading, no TVM: cheap enough to check every point of a report against."""
+    by_index: dict[int, str] = {}
+    for i, (_, line) in enumerate(_split_lines(records_dir / WORKLOAD_FILE)[0]):
+        # A line is ["<hash>", "<base64>"]; only the hash is needed, not the (large) module.
+        head = line[: line.find(b",")]
+        by_index[i] = head.strip(b'[" ').decode(errors="replace")
+    digests: dict[str, Any] = {}
+    for _, line in _split_lines(records_dir / RECORD_FILE)[0]:
+        try:
+            shash = by_index[int(line[1 : line.find(b",")])]
+        except (KeyError, ValueError):
+            continue  # a line the database skips too
+        digests.setdefault(shash, hashlib.sha256()).update(line + b"\n")
+    return {h: d.hexdigest() for h, d in digests.items()}
+
+
+def records_digest_for(digests: dict[str, str], workloads: list[str]) -> str:
+    """One digest over the records of ``workloads`` (see :func:`workload_digests`)."""
+    h = hashlib.sha256()
+    for w in sorted(workloads):
+        h.update(f"{w}:{digests.get(w, '-')}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _record_json(record: ms.database.TuningRecord) -> Any:
     """A record as plain JSON, like ``TuningRecord.as_json`` but also for traces that rewrite a
     layout: their IndexMap inputs become the JSON-graph string that
@@ -337,6 +364,9 @@ class RecordsDatabase(ms.database.PyDatabase):
         self.skipped_lines = 0
         self.digest = ""
         self.write_error: str | None = None  # set when appending a line failed (e.g. disk full)
+        # Structural hashes of the workloads asked for (hit or miss), as the workload file writes
+        # them: what a compiled model depends on, so a report can tell when its records changed.
+        self.queried: set[str] = set()
         self._load()
 
     # ---- loading
@@ -453,7 +483,9 @@ class RecordsDatabase(ms.database.PyDatabase):
 
     # ---- MetaSchedule Database interface
     def has_workload(self, mod: tvm.IRModule) -> bool:
-        return self._lookup(mod) is not None
+        h = tvm_ffi.structural_hash(mod)
+        self.queried.add(str(h))
+        return self._lookup(mod, h) is not None
 
     def commit_workload(self, mod: tvm.IRModule) -> ms.database.Workload:
         idx = self._lookup(mod)
@@ -984,12 +1016,15 @@ class ApplyReport:
     records_digest: str | None  # sha256 of workload file + NUL + record file as read
     records_dir: str | None
     untuned: bool = field(default=False)
+    # Structural hashes of every kernel's workload looked up in the records (see workload_digest)
+    workloads: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- progress, logging
 
 
-def _fmt_dur(sec: float | None) -> str:
+def fmt_duration(sec: float | None) -> str:
+    """Seconds as MM:SS or H:MM:SS (``--:--`` when unknown)."""
     if sec is None or not math.isfinite(sec):
         return "--:--"
     sec = int(round(sec))
@@ -1031,8 +1066,8 @@ class _Progress:
         if self.unmeasured and self.est_us is not None:
             est += f" (+{self.unmeasured} untimed)"
         return (
-            f"[tune] {self.done}/{self.total} trials {pct:3.0f}% | {_fmt_dur(now - self.t0)} elapsed"
-            f" | ETA {_fmt_dur(eta)} | est {est} | {self.task[:28]}"
+            f"[tune] {self.done}/{self.total} trials {pct:3.0f}% | {fmt_duration(now - self.t0)} elapsed"
+            f" | ETA {fmt_duration(eta)} | est {est} | {self.task[:28]}"
         )
 
     def _write(self, final: bool = False) -> None:
@@ -1376,9 +1411,38 @@ def prune(records_dir: Path, top_k: int = 1) -> tuple[int, int]:
         raise RecordsError(f"{records_dir} holds no records")
     opened = open_records(records_dir, None, writable=True)
     try:
-        return opened.db.rewrite_top_k(top_k)
+        kept = opened.db.rewrite_top_k(top_k)
+        _compact_workloads(records_dir / WORKLOAD_FILE)
+        return kept
     finally:
         opened.close()
+
+
+def _compact_workloads(path: Path) -> None:
+    """Rewrite the workload file with its modules' JSON unindented (half the size in git).
+
+    Line for line, so record indices stay valid whichever of the two files a crash left new.
+    """
+    import base64
+    import struct
+
+    def compact(line: bytes) -> bytes:
+        try:
+            shash, blob = json.loads(line)
+            raw = base64.b64decode(blob)
+            (n,) = struct.unpack("<Q", raw[:8])
+            if len(raw) != 8 + n:
+                return line  # not the framing we know: leave it
+            text = json.dumps(json.loads(raw[8:]), separators=(",", ":")).encode()
+        except (ValueError, TypeError, struct.error):
+            return line  # the loader warns about such a line; pruning is no place to drop it
+        blob = base64.b64encode(struct.pack("<Q", len(text)) + text).decode()
+        return json.dumps([shash, blob], separators=(",", ":")).encode()
+
+    lines, tail, _, raw = _split_lines(path)
+    new = b"".join(compact(ln) + b"\n" for _, ln in lines) + tail
+    if new != raw:
+        _atomic_write(path, new)
 
 
 def kernels_module(mod: tvm.IRModule, target: tvm.target.Target, db: Any | None = None) -> tvm.IRModule:
@@ -1459,7 +1523,7 @@ def compile_kernels(
                  for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
         tuned = sorted(n for n, f in prims.items() if f.attrs and f.attrs.get("tirx.is_scheduled", False))
         fallback = sorted(n for n in prims if n not in set(tuned))
-        report = ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned)
+        report = ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned, workloads=sorted(db.queried))
         return _build(kernels, target), report, kernels
     finally:
         opened.close()

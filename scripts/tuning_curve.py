@@ -1,20 +1,47 @@
 #!/usr/bin/env python3
-"""Best estimated end-to-end latency against tuning trials, from a records folder.
+"""Best estimated end-to-end latency against tuning trials (and wall time), from a records folder.
 
-Reads the records in the order they were measured. For a fraction f of the budget it takes
-each task's first f·n records (tasks are tuned with budgets in proportion, so this is what a
-run with f times the trials would have kept) and sums weight × best. Run it on the full
-records, before `mnv2-tvm prune`.
+Replays the model's records in the order they were measured (the record file is appended as
+candidates are measured): after each of the first N records, the estimate is the sum over tasks
+of weight × best time so far. Tasks with no valid record yet make the estimate incomplete; the
+curve starts once every task has one. With `--log` (the records folder's `tune.log` of the run)
+trials get a wall-clock axis from the run's per-task progress lines. Run it on the full records,
+before `mnv2-tvm prune`.
 
-    .venv/bin/python scripts/tuning_curve.py mobilenet_v2 --records schedules/x86-64-avx512 --wall 1303
+    .venv/bin/python scripts/tuning_curve.py mobilenet_v2 --records schedules/x86-64-avx2 \
+        --log schedules/x86-64-avx2/tune.log --png docs/tuning_curve_mobilenet_v2.png
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
+import re
+from datetime import datetime
 from pathlib import Path
+
+_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) \[INFO\] mnv2_tvm\.tune: "
+
+
+def wall_axis(log: Path) -> tuple[list[int], list[float]]:
+    """(cumulative trials, seconds since the run started) from the last run in a tune.log."""
+    start, points, done = None, [], {}
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.match(_STAMP + r"tuning \d+ tasks", line)
+        if m:  # a later run in the same log: start over
+            start, points, done = _time(m[1]), [], {}
+            continue
+        m = re.match(_STAMP + r"task (\S+): (\d+)/\d+ trials measured", line)
+        if m and start is not None:
+            done[m[2]] = int(m[3])
+            points.append((sum(done.values()), _time(m[1]) - start))
+    return [0] + [n for n, _ in points], [0.0] + [t for _, t in points]
+
+
+def _time(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def main() -> int:
@@ -23,7 +50,7 @@ def main() -> int:
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--resolution", type=int)
     p.add_argument("--records", type=Path, required=True)
-    p.add_argument("--wall", type=float, help="wall seconds of the tuning run, to put a time axis beside trials")
+    p.add_argument("--log", type=Path, help="the run's tune.log, for a wall-clock axis")
     p.add_argument("--png", type=Path)
     args = p.parse_args()
 
@@ -42,7 +69,7 @@ def main() -> int:
         shash = json.loads(line)[0]
         if shash in weights:
             index[i] = shash
-    runs: dict[str, list[float]] = {s: [] for s in weights}
+    order: list[tuple[str, float]] = []  # (task, mean seconds) in measurement order
     for line in (args.records / "database_tuning_record.json").read_text().splitlines():
         try:
             idx, rec = json.loads(line)
@@ -51,40 +78,55 @@ def main() -> int:
         if idx in index:
             secs = rec[1] or [math.inf]
             mean = sum(secs) / len(secs)
-            runs[index[idx]].append(mean if mean < 1e9 else math.inf)
-    missing = [s for s, r in runs.items() if not r]
-    if missing:
-        print(f"warning: {len(missing)} of {len(runs)} tasks have no records; the curve leaves them out")
-    total = sum(len(r) for r in runs.values())
-    rows = []
-    for step in range(1, 11):
-        f = step / 10
-        est = 0.0
-        for s, r in runs.items():
-            if r:
-                n = max(1, math.ceil(f * len(r)))
-                est += weights[s] * min(r[:n]) * 1e6
-        rows.append((f, round(f * total), est))
-    final = rows[-1][2]
-    print(f"{cfg.label}: {total} records over {len(runs)} tasks")
-    print(f"{'budget':>7} {'trials':>7} {'wall':>8} {'est µs':>9} {'vs final':>9}")
-    for f, n, est in rows:
-        wall = f"{f * args.wall / 60:.1f} min" if args.wall else "-"
-        print(f"{f:7.0%} {n:7d} {wall:>8} {est:9.0f} {est / final:8.2f}x")
-    within = next(f for f, _, est in rows if est <= 1.1 * final)
-    print(f"within 10 % of the final estimate at {within:.0%} of the trials"
-          + (f" (~{within * args.wall / 60:.0f} min)" if args.wall else ""))
+            order.append((index[idx], mean if mean < 1e9 else math.inf))
+    best: dict[str, float] = {}
+    curve: list[tuple[int, float]] = []  # (trials, estimated µs) once every task has a time
+    for n, (shash, secs) in enumerate(order, 1):
+        best[shash] = min(best.get(shash, math.inf), secs)
+        if len(best) == len(weights) and all(math.isfinite(v) for v in best.values()):
+            curve.append((n, sum(weights[s] * best[s] for s in weights) * 1e6))
+    if not curve:
+        print(f"{cfg.label}: {len(order)} records, not every one of its {len(weights)} tasks has a valid one yet")
+        return 1
+    trials_axis, secs_axis = wall_axis(args.log) if args.log else ([], [])
+
+    def wall(n: int) -> float | None:
+        if len(trials_axis) < 2 or n > trials_axis[-1]:
+            return None
+        j = bisect.bisect_left(trials_axis, n)
+        if trials_axis[j] == n or j == 0:
+            return secs_axis[j]
+        t0, t1, s0, s1 = trials_axis[j - 1], trials_axis[j], secs_axis[j - 1], secs_axis[j]
+        return s0 + (s1 - s0) * (n - t0) / (t1 - t0)
+
+    final = curve[-1][1]
+    total = len(order)
+    print(f"{cfg.label}: {total} records over {len(weights)} tasks; every task timed after {curve[0][0]} trials")
+    print(f"{'trials':>7} {'share':>6} {'wall':>9} {'est µs':>9} {'vs final':>9}")
+    marks = sorted({curve[0][0]} | {max(curve[0][0], math.ceil(f / 10 * total)) for f in range(1, 11)})
+    by_n = dict(curve)
+    for n in marks:
+        w = wall(n)
+        print(f"{n:7d} {n / total:6.0%} {f'{w / 60:.1f} min' if w is not None else '-':>9} "
+              f"{by_n[n]:9.0f} {by_n[n] / final:8.2f}x")
+    n10 = next(n for n, est in curve if est <= 1.1 * final)
+    w10 = wall(n10)
+    print(f"within 10 % of the final estimate after {n10} trials ({n10 / total:.0%})"
+          + (f", {w10 / 60:.1f} min into the run" if w10 is not None else ""))
     if args.png:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        ax.plot([n for _, n, _ in rows], [e / 1e3 for _, _, e in rows], marker="o")
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        ax.plot([n for n, _ in curve], [e / 1e3 for _, e in curve])
+        ax.axhline(1.1 * final / 1e3, color="grey", ls=":", label="final + 10 %")
+        ax.axvline(n10, color="grey", ls="--", lw=0.8)
         ax.set_xlabel("tuning trials")
         ax.set_ylabel("estimated end-to-end latency, ms")
-        ax.set_title(f"{cfg.label}: best latency vs trials")
+        ax.set_title(f"{cfg.label}: best latency vs trials" + (f" ({w10 / 60:.0f} min to 10 %)" if w10 else ""))
+        ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(args.png, dpi=120)

@@ -336,6 +336,78 @@ def test_tuned_points_are_tied_to_the_records_they_were_measured_with(tmp_path):
     assert before is not None and compare._records_fingerprint(records) not in (None, before)
 
 
+def test_a_tuned_point_goes_stale_only_when_records_of_its_own_kernels_change(tmp_path):
+    from mnv2_tvm.tune import records_digest_for, workload_digests
+
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "database_workload.json").write_text('["111","AAAA"]\n["222","BBBB"]\n')
+    (records / "database_tuning_record.json").write_text('[0,{"run_secs":[1e-5]}]\n')
+    mine = ["111", "333"]  # 333: a kernel of the point the records do not hold (yet)
+    before = records_digest_for(workload_digests(records), mine)
+
+    def append(path: str, line: str) -> None:
+        with open(records / path, "a") as f:
+            f.write(line + "\n")
+
+    append("database_tuning_record.json", '[1,{"run_secs":[2e-5]}]')  # another config's kernel
+    assert records_digest_for(workload_digests(records), mine) == before
+    append("database_tuning_record.json", '[0,{"run_secs":[9e-6]}]')  # a better schedule of its own
+    after = records_digest_for(workload_digests(records), mine)
+    assert after != before
+    append("database_workload.json", '["333","CCCC"]')
+    assert records_digest_for(workload_digests(records), mine) == after  # a workload alone applies nothing
+    append("database_tuning_record.json", '[2,{"run_secs":[3e-5]}]')  # its untuned kernel now has one
+    assert records_digest_for(workload_digests(records), mine) != after
+
+
+def _other_workload() -> list:
+    """A workload line of a kernel no MobileNetV2 has."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    a = te.placeholder((3,), name="a")
+    b = te.compute((3,), lambda i: a[i] * 3.0, name="b")
+    return [str(x) for x in ms.database.Workload(tvm.IRModule({"main": te.create_prim_func([a, b])})).as_json()]
+
+
+def test_a_tuned_grid_end_to_end_and_only_points_whose_own_records_change_are_measured_again(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"model": "mobilenet_v2", "width": 0.35, "resolutions": [32, 64]}]))
+    out, records = tmp_path / "report", tmp_path / "records"
+    host = targets.load("host")
+    first = CountingMeasurer()
+    result = run_compare(host, out, grid=grid, records_dir=records, measurer=first, tune_trials_per_config=12,
+                         progress=False)
+    assert sorted(first.measured) == ["mobilenet_v2-0.35-32"] * 2 + ["mobilenet_v2-0.35-64"] * 2
+    tuned = {p["label"]: p for p in _points(out) if p["variant"] == "tuned"}
+    for p in tuned.values():
+        assert p["status"] == "ok" and p["tasks_tuned"] > 0 and p["latency_ms"] > 0, p
+        assert len(p["task_workloads"]) == p["tasks_total"] and p["records_fingerprint"]
+    assert result.reused == 0 and result.measured == 4
+
+    # Records of a kernel neither point has (another config's) leave both points valid...
+    wl_file, rec_file = records / "database_workload.json", records / "database_tuning_record.json"
+    lines = wl_file.read_text().splitlines()
+    with open(wl_file, "a") as f:
+        f.write(json.dumps(_other_workload()) + "\n")
+    with open(rec_file, "a") as f:
+        f.write(json.dumps([len(lines), json.loads(rec_file.read_text().splitlines()[0])[1]]) + "\n")
+    again = CountingMeasurer()
+    result = run_compare(host, out, grid=grid, records_dir=records, measurer=again, progress=False)
+    assert again.measured == [] and result.reused == 4
+
+    # ...a new record of a kernel only 0.35/32 has makes just its tuned point stale.
+    only32 = set(tuned["mobilenet_v2-0.35-32"]["task_workloads"]) - set(tuned["mobilenet_v2-0.35-64"]["task_workloads"])
+    own = next(ln for ln in rec_file.read_text().splitlines() if json.loads(lines[json.loads(ln)[0]])[0] in only32)
+    with open(rec_file, "a") as f:
+        f.write(own + "\n")
+    third = CountingMeasurer()
+    result = run_compare(host, out, grid=grid, records_dir=records, measurer=third, progress=False)
+    assert third.measured == ["mobilenet_v2-0.35-32"] and result.reused == 3
+
+
 # --------------------------------------------------------------------------------------
 # Built-in grids and the board measurer's command line
 # --------------------------------------------------------------------------------------
