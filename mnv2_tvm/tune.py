@@ -288,10 +288,13 @@ def _short(err: BaseException, limit: int = 160) -> str:
 class _Sigint:
     """SIGINT handling while tuning.
 
-    Python runs signal handlers in the main thread between bytecodes, so a Ctrl-C could land
-    between writing a record and its fsync; inside :meth:`deferred` the KeyboardInterrupt waits
-    until the line is complete. ``hit`` remembers the signal: a KeyboardInterrupt raised inside a
-    Python callback that C++ called comes back from tvm_ffi as a bare ``RuntimeError``.
+    The first Ctrl-C only sets ``hit``; the run stops at the next safe point (:meth:`check`, after
+    a measured batch or between tasks). Raising at once is not safe: TVM polls for signals inside
+    its parallel evolutionary search, and a KeyboardInterrupt thrown there ends in
+    ``std::terminate`` (the process dies without its report). A second Ctrl-C raises at once,
+    though never between writing a record and its fsync (:meth:`deferred`). A KeyboardInterrupt
+    raised inside a Python callback that C++ called comes back from tvm_ffi as a bare
+    ``RuntimeError``; ``hit`` tells the two apart.
     """
 
     active: _Sigint | None = None
@@ -303,11 +306,22 @@ class _Sigint:
         self._old: Any = None
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.hit = True
+        if not self.hit:
+            self.hit = True
+            with contextlib.suppress(Exception):
+                sys.stderr.write("\n[tune] stopping after the batch being measured (Ctrl-C again: at once)\n")
+            return
         if self._depth:
             self._pending = True
             return
         raise KeyboardInterrupt
+
+    @staticmethod
+    def check() -> None:
+        """Raise KeyboardInterrupt if Ctrl-C was pressed (call where stopping is safe)."""
+        me = _Sigint.active
+        if me is not None and me.hit:
+            raise KeyboardInterrupt
 
     def __enter__(self) -> _Sigint:
         if threading.current_thread() is threading.main_thread() and _Sigint.active is None:
@@ -1177,10 +1191,10 @@ class _Session:
         self.best = [b for _, b in stats]  # seconds, best valid mean so far
         self.covered_before = sum(b is not None for b in self.best)
         # Every task is brought to the minimum even when records of other models already fill
-        # the total (the tasks they share are tuned, the others are not); a total too small for
-        # that is honoured as asked.
-        floor = sum(max(e, MIN_TRIALS_PER_TASK) for e in self.existing)
-        self.floor = floor if trials >= MIN_TRIALS_PER_TASK * len(tasks) else min(trials, floor)
+        # the total (the tasks they share are tuned, the others are not). A total too small for
+        # that lowers the minimum to what it affords per task, never to nothing.
+        least = min(MIN_TRIALS_PER_TASK, max(1, trials // max(1, len(tasks)))) if trials > 0 else 0
+        self.floor = sum(max(e, least) for e in self.existing)
         self.remaining = max(0, max(self.floor, trials) - sum(self.existing))  # what this run measures
         self.measured = [0] * len(tasks)  # as seen by the batch callback (progress)
         self.errors = [[0, 0] for _ in tasks]  # build, run
@@ -1223,6 +1237,7 @@ class _Session:
         if self.bar is not None:
             est, untimed = self.estimate()
             self.bar.update(done=sum(self.measured), est_us=est, unmeasured=untimed)
+        _Sigint.check()  # the batch's records are on disk
 
     def report(self, message: str) -> TuneReport:
         after = [self.db.workload_stats(t.mod) for t in self.tasks]
@@ -1317,6 +1332,7 @@ def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, s
         for phase, budgets in enumerate(sess.plan()):
             importance = _importance(tasks, sess.best)
             for i in sorted(range(len(tasks)), key=lambda j: -importance[j]):
+                _Sigint.check()
                 if budgets[i] > 0:
                     _tune_task(sess, i, budgets[i], seeds[phase * len(tasks) + i], builder, run, callbacks,
                                cost_model, ncores)

@@ -182,7 +182,9 @@ class Injector(threading.Thread):
             while not self.done.is_set():
                 if time.monotonic() > self.deadline:
                     self.fired_watchdog = True
-                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), signal.SIGINT)  # tune() stops after the batch in flight...
+                    if not self.done.wait(30):
+                        os.kill(os.getpid(), signal.SIGINT)  # ...or, hung in it, at a second one
                     return
                 data = self.path.read_bytes() if self.path.exists() else b""
                 lines = data.split(b"\n")[:-1]

@@ -279,6 +279,17 @@ def test_shared_layer_reuses_records_of_another_model(tuned, tmp_path):
     assert rep.trials_run == 3 and rep.trials_in_db_before == 3
 
 
+def test_a_total_smaller_than_the_shared_records_still_tunes_the_unshared_task(tuned, tmp_path):
+    # The shared conv already holds 3 records, more than the 2 asked for: the unshared task must
+    # still get its minimum (here 1), not be starved by another model's records.
+    records_dir = copy_records(tuned[0], tmp_path / "r")
+    mod, params = to_relax(OtherNet(), torch.randn(1, 3, 16, 16))
+    rep = T.tune(mod, TARGET, records_dir, 2, params=params, seed=4)
+    assert rep.trials_run == 1 and sorted(t.trials for t in rep.tasks) == [0, 1]
+    again = T.tune(mod, TARGET, records_dir, 2, params=params, seed=4)
+    assert again.trials_run == 0 and again.already_done
+
+
 def test_sigkill_keeps_records_and_rerun_resumes(tmp_path, tiny):
     records_dir = tmp_path / "records"
     proc, out = start_tuner(tmp_path, records_dir, 12)
