@@ -111,7 +111,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
                         f"--rpc-tracker HOST:PORT --rpc-key {spec.rpc_key}")
     records = args.tuning_records if args.tuning_records is not None else spec.records_dir
     tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
-               tracker=tracker, rpc_key=args.rpc_key or spec.rpc_key, seed=args.seed)
+               tracker=tracker, rpc_key=args.rpc_key or spec.rpc_key, seed=args.seed, transfer=args.transfer)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -256,7 +256,8 @@ def _tune_over_ssh(args: argparse.Namespace) -> None:
         print(f"tuning on {target} ({ob.info['uname_m']}) through a tracker on {tracker.address}, key {key}",
               file=sys.stderr)
         report = tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
-                            tracker=(tracker.host, tracker.port), rpc_key=key, seed=args.seed)
+                            tracker=(tracker.host, tracker.port), rpc_key=key, seed=args.seed,
+                            transfer=args.transfer)
     failed = sum(getattr(t, "run_errors", 0) for t in getattr(report, "tasks", []))
     if failed and failed == getattr(report, "trials_run", -1):
         raise UserError(f"every measurement on {target} failed; see tune.log in {records} for the board's error")
@@ -403,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records folder (default: schedules/<target>/)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on boards behind this RPC tracker")
     p.add_argument("--rpc-key", help="the boards' key at the tracker (default: the target's)")
+    p.add_argument("--transfer", action="store_true",
+                   help="first train the cost model on every record already in the database (other widths, "
+                        "resolutions, models); ~1 min")
     _add_ssh_args(p)
     p.set_defaults(func=cmd_tune)
 

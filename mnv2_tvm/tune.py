@@ -541,6 +541,19 @@ class RecordsDatabase(ms.database.PyDatabase):
         best = recs[0][0] if recs and recs[0][0] != math.inf else None
         return len(recs), best
 
+    def sample_records(self, per_workload: int) -> list[tuple[ms.database.Workload, list[ms.database.TuningRecord]]]:
+        """Per workload, up to ``per_workload`` valid records spread from best to worst (a cost
+        model learns from the contrast, not from the best alone)."""
+        out = []
+        for idx in sorted(self._records):
+            valid = [r for key, _, r in self._records[idx] if key != math.inf]
+            if len(valid) > per_workload:
+                step = (len(valid) - 1) / (per_workload - 1)
+                valid = [valid[round(k * step)] for k in range(per_workload)]
+            if valid:
+                out.append((self._workloads[idx], valid))
+        return out
+
     def close(self) -> None:
         for name in ("_fd_workload", "_fd_record"):
             fd = getattr(self, name)
@@ -1100,6 +1113,17 @@ class _Progress:
             except (OSError, ValueError):
                 pass
 
+    def note(self, text: str) -> None:
+        """A line of its own above the live one."""
+        if self.stream is None:
+            return
+        with self._lock:
+            try:
+                self.stream.write(("\r\x1b[2K" if self.tty else "") + f"[tune] {text}\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
     def _tick(self) -> None:
         while not self._stop.wait(1.0):
             self._write()
@@ -1202,6 +1226,7 @@ class _Session:
         self.current = 0
         self.bar: _Progress | None = None
         self.interrupted = False
+        self.transfer = False  # train the cost model on the database first (_warm_start)
 
     def plan(self) -> Iterator[list[int]]:
         """This run's budgets per task, in two phases, ``trials`` in all with what the records hold
@@ -1312,6 +1337,47 @@ def _tune_task(sess: _Session, i: int, budget: int, seed: int, builder: Any, run
     _log.info("task %s: %d/%d trials measured", task.name, sess.measured[i], budget)
 
 
+#: Records per workload the cost model is trained on before tuning (see :func:`_warm_start`).
+WARM_RECORDS_PER_WORKLOAD = 24
+
+
+def _warm_start(cost_model: Any, db: Any, target: tvm.target.Target, ncores: int) -> tuple[int, int]:
+    """Train the cost model on what the database already holds, for every workload in it.
+
+    MetaSchedule shares records between models only for identical workloads; a new width or
+    resolution has almost none. Its cost model, though, reads features of the loop nest (tile
+    sizes, vector lengths, bytes touched), which carry over between shapes of the same kind of
+    kernel on the same CPU: trained first, it ranks even a task's first candidates instead of
+    guessing. Returns (records, workloads) used.
+    """
+    batches = []
+    for workload, records in db.sample_records(WARM_RECORDS_PER_WORKLOAD):
+        cands, results = [], []
+        for rec in records:
+            try:
+                cands.append(rec.as_measure_candidate())
+            except Exception:  # noqa: BLE001 - a trace that no longer replays teaches nothing
+                continue
+            results.append(ms.runner.RunnerResult([float(x) for x in rec.run_secs], None))
+        if cands:
+            batches.append((workload, cands, results))
+        _Sigint.check()
+    adaptive = cost_model.adaptive_training
+    try:
+        for k, (workload, cands, results) in enumerate(batches):
+            # Collect every group, then train once (each training starts from scratch).
+            last = k == len(batches) - 1
+            cost_model.adaptive_training = not last
+            if not last:
+                cost_model.last_train_size = 1 << 40
+            ctx = ms.TuneContext(mod=workload.mod, target=target, num_threads=ncores)
+            cost_model.update(ctx, cands, results)
+    finally:
+        cost_model.adaptive_training = adaptive
+        cost_model.last_train_size = cost_model.data_size
+    return sum(len(c) for _, c, _ in batches), len(batches)
+
+
 def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, seed: int | None) -> None:
     """Tune the tasks one after another, each with its exact budget (most important first), in
     the phases of :meth:`_Session.plan`."""
@@ -1322,6 +1388,15 @@ def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, s
         run = runner.make_runner()
         ncores = ms.utils.cpu_count(logical=True)
         cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=ncores, tree_method="auto")
+        if sess.transfer:
+            t = time.monotonic()
+            n, groups = _warm_start(cost_model, sess.db, sess.target, ncores)
+            if n:
+                _log.info("cost model trained on %d records of %d workloads in the database (%.1f s)",
+                          n, groups, time.monotonic() - t)
+                if sess.bar is not None:
+                    sess.bar.note(f"cost model trained on {n} records of {groups} workloads already in "
+                                  f"the database ({time.monotonic() - t:.0f} s)")
         callbacks = [
             ms.measure_callback.AddToDatabase(),  # RecordsDatabase fsyncs each record
             _BatchCallback(sess.on_batch),
@@ -1356,9 +1431,15 @@ def tune(
     num_builder_workers: int = 2,
     progress: bool = True,
     seed: int | None = None,
+    transfer: bool = False,
 ) -> TuneReport:
     """Tune every task of ``mod`` (MetaSchedule, XGBoost cost model) until ``records_dir`` holds
     ``trials`` measurements for them; only the remainder is run.
+
+    With ``transfer`` the cost model is first trained on the records the database holds for
+    other workloads too (:func:`_warm_start`), so a new config starts from what the CPU taught
+    earlier runs (measured: 9 % lower estimated latency after 96 trials of MobileNetV2 1.0/192
+    over a database holding 1.0/224; it costs ~1 min of replaying records).
 
     ``trials`` is split over the tasks (:func:`allocate_trials`); records of a task's workload
     already in the database (from any run or model) count toward that task's share, up to the
@@ -1374,6 +1455,7 @@ def tune(
     try:
         with _tvm_logs_to(records_dir / LOG_FILE, progress) as console, _Sigint() as sigint:
             sess = _Session(opened.db, extract_tasks(mod, target, params), trials, target, records_dir, t0)
+            sess.transfer = transfer
             total = sess.remaining
             if not sess.tasks:
                 return sess.report("no tunable tasks in this module")
@@ -1547,7 +1629,7 @@ def compile_kernels(
 
 def tune_model(cfg: Any, spec: Any, records_dir: Path, trials: int, *, frontend: str = "torch",
                weights: Path | None = None, tracker: tuple[str, int] | None = None, rpc_key: str | None = None,
-               seed: int = 0, progress: bool = True) -> TuneReport:
+               seed: int = 0, progress: bool = True, transfer: bool = False) -> TuneReport:
     """Build a model config, lower it and tune it for a target spec (the CLI's ``tune``).
 
     ``tracker`` measures on the boards registered under ``rpc_key`` at that RPC tracker;
@@ -1563,7 +1645,8 @@ def tune_model(cfg: Any, spec: Any, records_dir: Path, trials: int, *, frontend:
         runner = RunnerSpec.rpc(tracker[0], tracker[1], rpc_key or spec.rpc_key,
                                 cross_compiler=spec.cross_compiler)
     try:
-        report = tune(mod, spec.tvm_target(), Path(records_dir), trials, runner=runner, progress=progress)
+        report = tune(mod, spec.tvm_target(), Path(records_dir), trials, runner=runner, progress=progress,
+                      transfer=transfer)
     except RecordsError as e:
         raise UserError(str(e)) from None
     if not progress:  # with progress on, tune() already printed the table

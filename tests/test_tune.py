@@ -290,6 +290,18 @@ def test_a_total_smaller_than_the_shared_records_still_tunes_the_unshared_task(t
     assert again.trials_run == 0 and again.already_done
 
 
+def test_transfer_trains_the_cost_model_on_every_workload_in_the_database(tuned):
+    from tvm.s_tir import meta_schedule as ms
+
+    db = T.RecordsDatabase(str(tuned[0]), writable=False)
+    valid = sum(1 for r in db.get_all_tuning_records() if r.run_secs and min(float(x) for x in r.run_secs) < 1e9)
+    model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=1)
+    used, workloads = T._warm_start(model, db, TARGET, 1)
+    assert used == valid > 0 and workloads == 3
+    assert model.data_size == used and model.booster is not None  # trained once, at the end
+    assert model.last_train_size == used and model.adaptive_training  # tuning retrains as before
+
+
 def test_sigkill_keeps_records_and_rerun_resumes(tmp_path, tiny):
     records_dir = tmp_path / "records"
     proc, out = start_tuner(tmp_path, records_dir, 12)
