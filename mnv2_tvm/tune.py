@@ -1028,7 +1028,8 @@ class TuneReport:
         est_s = f"{est:.1f} µs" if est is not None else f"n/a ({self.tasks_without_measurement} unmeasured)"
         rows.append(
             f"{self.trials_run} trials this session (trials/total above; in db for this model "
-            f"{self.trials_in_db_before} -> {self.trials_in_db_after}); estimated end-to-end {est_s}; "
+            f"{self.trials_in_db_before} -> {self.trials_in_db_after}; {self.tasks_covered_before}/{len(self.tasks)} "
+            f"tasks had records before); estimated end-to-end {est_s}; "
             f"{self.wall_time_s:.0f} s" + (" [interrupted]" if self.interrupted else "")
         )
         return "\n".join(rows)
@@ -1467,6 +1468,10 @@ def tune(
                 return rep
             _log.info("tuning %d tasks for %s: %d trials requested, %d in db, running %d",
                       len(sess.tasks), target, trials, sum(sess.existing), total)
+            if console is not None and sess.covered_before:
+                # Records are shared by exact workload: other configs and models cover some tasks.
+                console.write(f"[tune] {sess.covered_before} of {len(sess.tasks)} tasks already have records in "
+                              f"{records_dir} ({sum(sess.existing)} trials, from this or other models)\n")
             sess.bar = _Progress(console, total, t0) if progress else None
             try:
                 _run_session(sess, runner, num_builder_workers, seed)

@@ -125,7 +125,8 @@ def main() -> int:
         ax.axvline(n10, color="grey", ls="--", lw=0.8)
         ax.set_xlabel("tuning trials")
         ax.set_ylabel("estimated end-to-end latency, ms")
-        ax.set_title(f"{cfg.label}: best latency vs trials" + (f" ({w10 / 60:.0f} min to 10 %)" if w10 else ""))
+        ax.set_title(f"{cfg.label}: best estimate vs trials" + (f"\n(within 10 % after {w10 / 60:.0f} min)" if w10 else ""),
+                     fontsize=10)
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
