@@ -13,7 +13,7 @@ mnv2-tvm madds mobilenet_v2
 if [ -s "$records" ]; then
     echo "== using the shipped schedules in schedules/$target/"
 else
-    echo "== no shipped schedules for $target: tuning MobileNetV2 with 300 trials (about 10 minutes on 2 cores)"
+    echo "== no shipped schedules for $target: tuning MobileNetV2 with 300 trials (about 12 minutes on 2 cores)"
     mnv2-tvm tune mobilenet_v2 --target host --trials 300
 fi
 mnv2-tvm compile mobilenet_v2 --target host -o build/mobilenet_v2-host
