@@ -327,7 +327,8 @@ def profile_kernels(bundle_dir: Path, manifest: dict[str, Any], remote: RemoteSe
     cfg = ModelConfig.from_dict(manifest["config"])
     weights = Path(manifest["weights"]) if manifest.get("weights") else None
     print("profile: rebuilding the kernels alone for timing ...", file=sys.stderr)
-    mod = to_relax(build(cfg, seed=int(manifest.get("seed", 0)), weights=weights), cfg, manifest.get("frontend", "torch"))
+    mod = to_relax(build(cfg, seed=int(manifest.get("seed", 0)), weights=weights), cfg, manifest.get("frontend", "torch"),
+                   manifest.get("layout", "NCHW"))
     tuning = manifest.get("tuning", {})
     records = Path(tuning["records_dir"]) if tuning.get("records_dir") and not tuning.get("untuned") else None
     executable, report, fused = compile_kernels(mod, spec.tvm_target(), records)

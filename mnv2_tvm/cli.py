@@ -405,8 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on boards behind this RPC tracker")
     p.add_argument("--rpc-key", help="the boards' key at the tracker (default: the target's)")
     p.add_argument("--transfer", action="store_true",
-                   help="first train the cost model on every record already in the database (other widths, "
-                        "resolutions, models); ~1 min")
+                   help="start from what the database holds for other widths, resolutions and models: "
+                        "train the cost model on it and give each new task the best schedules of the "
+                        "nearest layers of its kind, refitted to its shapes")
     _add_ssh_args(p)
     p.set_defaults(func=cmd_tune)
 

@@ -424,7 +424,7 @@ def _board_kernels(profile: list[dict[str, Any]]) -> list[KernelTime]:
         shapes = [tuple(int(d) for d in s) for s in row["args"]]
         dtypes = row.get("dtypes") or ["float32"] * len(shapes)
         nbytes = sum(math.prod(s) * np.dtype(d).itemsize for s, d in zip(shapes, dtypes))
-        k = KernelTime(row["name"], shapes[-1] if shapes else (), int(nbytes), float(row["ms_per_call"]),
+        k = KernelTime(row["name"], _nchw(shapes[-1]) if shapes else (), int(nbytes), float(row["ms_per_call"]),
                        _kernel_madds(row["name"], shapes))
         positions = row.get("at") or [len(calls) + i for i in range(row["calls"])]
         calls += [(p, k) for p in positions]
@@ -438,11 +438,20 @@ def _is_kernel(symbol: str) -> bool:
     return "." not in symbol
 
 
+def _nchw(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A kernel's output shape as the model's layer has it: blocked NCHW[b]c (5-D) → NCHW."""
+    shape = tuple(shape)
+    if len(shape) == 5:
+        n, blocks, h, w, lanes = shape
+        return (n, blocks * lanes, h, w)
+    return shape
+
+
 def _kernel_madds(name: str, shapes: list[tuple[int, ...]]) -> int | None:
     """MAdds of a conv2d / matmul kernel from its argument shapes (data, weight, ..., out)."""
     if len(shapes) < 3:
         return None
-    out, weight = shapes[-1], shapes[1]
+    out, weight = _nchw(shapes[-1]), shapes[1]
     numel = math.prod(out)
     # Tuned CPU kernels read their weights pre-packed (5-D and up): the element count is the
     # same, so weight elements per output channel still give k_h·k_w·C_in/groups.
@@ -504,7 +513,7 @@ def profile_kernels(vm: Any, device: Any, x: Any, runs: int = 5) -> list[KernelT
     per_call = np.median(np.array(samples, dtype=float), axis=0) / 1e6
     out = []
     for (symbol, arg_shapes, nbytes), ms in zip(shapes, per_call):
-        out_shape = arg_shapes[-1] if arg_shapes else ()
+        out_shape = _nchw(arg_shapes[-1]) if arg_shapes else ()
         out.append(KernelTime(symbol, out_shape, int(nbytes), float(ms), _kernel_madds(symbol, arg_shapes)))
     return out
 
@@ -907,9 +916,10 @@ def _tune_grid(configs: list[ModelConfig], spec: TargetSpec, records: Path, tria
     target = spec.tvm_target()
     for i, cfg in enumerate(configs, 1):
         bar.say(f"tuning {i}/{len(configs)} {cfg.label}: up to {trials} trials into {records}")
-        mod = to_relax(build(cfg), cfg)
+        mod = to_relax(build(cfg), cfg, layout=spec.layout)
         try:
-            rep = tune(mod, target, records, trials, runner=runner, progress=bar.enabled)
+            # Grid configs share layers of one kind at other sizes: start each from the others.
+            rep = tune(mod, target, records, trials, runner=runner, progress=bar.enabled, transfer=True)
         except RecordsError as e:
             raise UserError(str(e)) from None
         if rep.interrupted:

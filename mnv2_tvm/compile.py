@@ -93,7 +93,7 @@ def compile_bundle(cfg: ModelConfig, spec: TargetSpec, out_dir: Path, *, fronten
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     counts = count(cfg, model)  # before to_relax folds batch norm into the convs
-    mod = to_relax(model, cfg, frontend)
+    mod = to_relax(model, cfg, frontend, spec.layout)
     seconds["lower"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -123,6 +123,7 @@ def compile_bundle(cfg: ModelConfig, spec: TargetSpec, out_dir: Path, *, fronten
         "label": cfg.label,
         "config": cfg.to_dict(),
         "frontend": frontend,
+        "layout": spec.layout,
         "library": LIBRARY,
         "library_sha256": bundle.sha256(lib),
         "input": {"name": INPUT_NAME, "shape": list(cfg.input_shape), "dtype": "float32"},

@@ -2,6 +2,13 @@
 
 Batch norm is folded first (Relax keeps it as a separate op). Weights are bound as
 constants, so the compiled library is self-contained: one file to ship to a board.
+
+A target may ask for blocked activations (``NCHW8c``: channels in blocks of the CPU's vector
+width, innermost), as x86 libraries such as oneDNN and ONNX Runtime's MLAS use: every
+convolution then vectorises over a block of 8 channels whatever its spatial size, where in
+NCHW the vector runs along a row (7 or 14 wide in the late stages, or strided). On the AVX2
+host MetaSchedule tuned it slower than NCHW at equal trials (README), so no shipped x86
+target uses it; it stays a per-target choice.
 """
 
 from __future__ import annotations
@@ -17,9 +24,18 @@ from .models import ModelConfig, fold_batchnorm
 if TYPE_CHECKING:
     import torch
     import tvm
+    from tvm import relax, te
 
 FRONTENDS = ("torch", "onnx")
 INPUT_NAME = "input"
+LAYOUTS = ("NCHW", "NCHW4c", "NCHW8c", "NCHW16c")
+
+
+def layout_block(layout: str) -> int:
+    """Channels per block of a layout name (1 for plain NCHW); a clear error for any other."""
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    return 1 if layout == "NCHW" else int(layout[4:-1])
 
 
 def export_onnx(model: "torch.nn.Module", cfg: ModelConfig, path: Path) -> Path:
@@ -38,8 +54,10 @@ def export_onnx(model: "torch.nn.Module", cfg: ModelConfig, path: Path) -> Path:
     return path
 
 
-def to_relax(model: "torch.nn.Module", cfg: ModelConfig, frontend: str = "torch") -> "tvm.IRModule":
-    """The model as a Relax module with one function ``main(input) -> output``."""
+def to_relax(model: "torch.nn.Module", cfg: ModelConfig, frontend: str = "torch",
+             layout: str = "NCHW") -> "tvm.IRModule":
+    """The model as a Relax module with one function ``main(input) -> output`` (NCHW in and
+    out; inside, convolutions in ``layout``)."""
     import torch
     from tvm import relax
 
@@ -61,4 +79,83 @@ def to_relax(model: "torch.nn.Module", cfg: ModelConfig, frontend: str = "torch"
         with tempfile.TemporaryDirectory() as d:
             path = export_onnx(model, cfg, Path(d) / "model.onnx")
             mod = from_onnx(onnx.load(str(path)), shape_dict={INPUT_NAME: list(cfg.input_shape)})
-    return relax.transform.DecomposeOpsForInference()(mod)
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    block = layout_block(layout)
+    return mod if block == 1 else to_blocked_layout(mod, block)
+
+
+def to_blocked_layout(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
+    """Convolutions over channel blocks of ``block``; layout transforms remain only where a
+    tensor enters or leaves the blocked region (the stem's 3 channels, pooling, heads whose
+    channels ``block`` does not divide)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    # ConvertLayout carries blocked layouts through binary element-wise ops but not through
+    # clip, so ReLU6 as clip would convert back to NCHW after every convolution.
+    @mutator
+    class ClipAsMinMax(PyExprMutator):
+        def visit_call_(self, call: "relax.Call") -> "relax.Expr":
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.clip":
+                x, lo, hi = call.args
+                dtype = x.ty.dtype
+                return relax.op.minimum(relax.op.maximum(x, relax.const(lo.value, dtype)),
+                                        relax.const(hi.value, dtype))
+            return call
+
+    rewriter = ClipAsMinMax(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    mod = rewriter.builder_.get()
+    # Convolutions whose channels the block does not divide stay NCHW (the pass checks).
+    return relax.transform.ConvertLayout({"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}o"]})(mod)
+
+
+def _blocked_conv2d(data: "te.Tensor", kernel: "te.Tensor", strides: tuple, padding: tuple,
+                    dilation: tuple, groups: int, out_dtype: str) -> "te.Tensor":
+    """conv2d over NCHW[b]c data and OIHW[b]o weights, dense (groups 1) or depthwise."""
+    from tvm import te, topi
+
+    n, cin_blocks, h, w, cb = (int(v) for v in data.shape)
+    cout_blocks, cin_per_group, kh, kw, ob = (int(v) for v in kernel.shape)
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    top, left, bottom, right = (int(v) for v in padding)
+    oh = (h + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + left + right - (kw - 1) * dw - 1) // sw + 1
+    if top or left or bottom or right:
+        data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="pad")
+    rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+    if groups == 1:
+        # Input channels as (block, lane): the lane is contiguous in memory, so tiling it
+        # never needs a division in the index.
+        rc, rl = te.reduce_axis((0, cin_blocks), "rc"), te.reduce_axis((0, cb), "rl")
+        return te.compute(
+            (n, cout_blocks, oh, ow, ob),
+            lambda b, o, y, x, lane: te.sum(
+                data[b, rc, y * sh + rh * dh, x * sw + rw * dw, rl].astype(out_dtype)
+                * kernel[o, rc * cb + rl, rh, rw, lane].astype(out_dtype), axis=[rc, rl, rh, rw]),
+            name="conv2d_nchwc")
+    if cin_per_group != 1 or groups != cin_blocks * cb or cb != ob or cout_blocks != cin_blocks:
+        raise NotImplementedError(f"blocked grouped conv2d with {groups} groups of {cin_per_group}")
+    return te.compute(
+        (n, cout_blocks, oh, ow, ob),
+        lambda b, o, y, x, lane: te.sum(
+            data[b, o, y * sh + rh * dh, x * sw + rw * dw, lane].astype(out_dtype)
+            * kernel[o, 0, rh, rw, lane].astype(out_dtype), axis=[rh, rw]),
+        name="depthwise_conv2d_nchwc")
+
+
+def legalize_conv2d(bb: "relax.BlockBuilder", call: "relax.Call") -> "relax.Expr":
+    """TOPI's conv2d legalisation, plus blocked layouts (which TOPI's leaves unlowered)."""
+    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
+
+    attrs = call.attrs
+    if len(attrs.data_layout) == 4:
+        return _nn_conv2d(bb, call)
+    out_dtype = attrs.out_dtype or call.args[0].ty.dtype
+    return bb.call_te(_blocked_conv2d, call.args[0], call.args[1], attrs.strides, attrs.padding,
+                      attrs.dilation, int(attrs.groups), out_dtype, primfunc_name_hint="conv2d")

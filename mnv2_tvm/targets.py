@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .lower import LAYOUTS
 
 if TYPE_CHECKING:
     import tvm
@@ -42,6 +43,7 @@ class TargetSpec:
     bandwidth_gbs: float | None
     bandwidth_source: str
     path: Path = field(compare=False)
+    layout: str = "NCHW"  # of activations inside the model: NCHW or NCHW[b]c (see lower.py)
 
     @property
     def records_dir(self) -> Path:
@@ -172,10 +174,14 @@ def _parse(path: Path, data: dict) -> TargetSpec:
     cross = build.get("cross_compiler")
     if cross is not None and not isinstance(cross, str):
         raise UserError(f"{path}: field 'build.cross_compiler' must be a command name")
+    layout = build.get("layout", "NCHW")
+    if layout not in LAYOUTS:
+        raise UserError(f"{path}: field 'build.layout' must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     return TargetSpec(
         name=path.stem, title=title, target=target, host=host, arch=arch, device_kind=device_kind,
         cross_compiler=cross, ndk=bool(build.get("ndk", False)), rpc_key=str(rpc.get("key", path.stem)),
         cores=cores, clock_ghz=clock, peak_gflops=float(peak) if peak else None,
         peak_source=str(device.get("peak_source", "")), bandwidth_gbs=float(bandwidth) if bandwidth else None,
         bandwidth_source=str(device.get("bandwidth_source", "")), path=path,
+        layout=layout,
     )

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -36,6 +37,8 @@ from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule._ffi_api import TuningRecordAsJSON as _TuningRecordAsJSON
+
+from .lower import legalize_conv2d
 
 __all__ = [
     "ApplyReport",
@@ -547,7 +550,9 @@ class RecordsDatabase(ms.database.PyDatabase):
         out = []
         for idx in sorted(self._records):
             valid = [r for key, _, r in self._records[idx] if key != math.inf]
-            if len(valid) > per_workload:
+            if per_workload == 1:
+                valid = valid[:1]
+            elif len(valid) > per_workload:
                 step = (len(valid) - 1) / (per_workload - 1)
                 valid = [valid[round(k * step)] for k in range(per_workload)]
             if valid:
@@ -697,7 +702,7 @@ def _fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalise and fuse as MetaSchedule's ``zero`` pipeline does; the one place that decides
     what a tuning task is, for extraction and compilation alike."""
     fused = tvm.transform.Sequential([
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -836,9 +841,29 @@ def _host_linked_upload(cross_compiler: str) -> Callable[..., Any]:
     return host_linked_upload(cross_compiler)
 
 
-def _builder_worker_init() -> None:
-    """Runs once per builder worker: the slow import (~20 s) that LocalBuilder repeats per batch."""
-    import tvm.s_tir.tensor_intrin  # noqa: F401
+#: Tensor intrinsics no CPU schedule uses; parsing them is most of ``tvm.s_tir.tensor_intrin``'s
+#: import (measured: CUDA's 54 s, ROCm's 10 s, Hexagon's 4 s of 80 s; x86 and Arm 6 s).
+_GPU_INTRINSICS = ("cuda", "rocm", "hexagon")
+
+
+def _import_tensor_intrinsics(cpu_only: bool) -> None:
+    """Register TVM's tensor intrinsics, which MetaSchedule (TuneContext) and every builder
+    process import before anything else. For CPU targets the GPU ones are left out: each of a
+    tuning run's three processes would spend about a minute of CPU parsing them for nothing.
+    Their modules stay empty placeholders in this process."""
+    import importlib
+    import types
+
+    pkg = "tvm.s_tir.tensor_intrin"
+    if cpu_only and pkg not in sys.modules:
+        for name in _GPU_INTRINSICS:
+            sys.modules.setdefault(f"{pkg}.{name}", types.ModuleType(f"{pkg}.{name}"))
+    importlib.import_module(pkg)
+
+
+def _builder_worker_init(cpu_only: bool) -> None:
+    """Runs once per builder worker: the slow import that LocalBuilder repeats per batch."""
+    _import_tensor_intrinsics(cpu_only)
 
 
 def _builder_worker_noop() -> int:
@@ -869,11 +894,11 @@ def _build_one(args: tuple) -> str:
     return _builder_worker_build(*args)
 
 
-_POOLS: dict[tuple[int, float], Any] = {}
+_POOLS: dict[tuple[int, float, bool], Any] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def _shared_pool(max_workers: int, timeout_sec: float) -> Any:
+def _shared_pool(max_workers: int, timeout_sec: float, cpu_only: bool) -> Any:
     """A process-wide builder pool per (workers, timeout): later tune() calls skip the warm-up."""
     import atexit
 
@@ -881,13 +906,14 @@ def _shared_pool(max_workers: int, timeout_sec: float) -> Any:
 
     from tvm.support.popen_pool import PopenPoolExecutor
 
-    key = (max_workers, float(timeout_sec))
+    key = (max_workers, float(timeout_sec), cpu_only)
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None:
             # Workers unpickle our functions by value, so they need not import this package.
             cloudpickle.register_pickle_by_value(sys.modules[__name__])
-            pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, initializer=_builder_worker_init)
+            pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, initializer=_builder_worker_init,
+                                     initargs=(cpu_only,))
             if not _POOLS:
                 atexit.register(_shutdown_pools)
             _POOLS[key] = pool
@@ -926,7 +952,7 @@ def _kill_pool(pool: Any, settle_sec: float = 0.5) -> None:
         pool._threadpool.shutdown(wait=False, cancel_futures=True)
 
 
-def _shutdown_pools(key: tuple[int, float] | None = None) -> None:
+def _shutdown_pools(key: tuple[int, float, bool] | None = None) -> None:
     """Kill builder workers (all pools, or one)."""
     with _POOLS_LOCK:
         keys = list(_POOLS) if key is None else [key]
@@ -940,12 +966,14 @@ class PersistentBuilder(ms.builder.PyBuilder):
     """Builder whose worker processes live across batches (and tune() calls) and import
     ``tvm.s_tir.tensor_intrin`` once, in the pool initializer."""
 
-    def __init__(self, max_workers: int = 2, timeout_sec: float = 60.0, artifact_format: str = "so") -> None:
+    def __init__(self, max_workers: int = 2, timeout_sec: float = 60.0, artifact_format: str = "so",
+                 cpu_only: bool = False) -> None:
         super().__init__()
         self.max_workers = max(1, int(max_workers))
         self.timeout_sec = float(timeout_sec)
         self.artifact_format = artifact_format
-        self.pool = _shared_pool(self.max_workers, self.timeout_sec)
+        self.cpu_only = cpu_only
+        self.pool = _shared_pool(self.max_workers, self.timeout_sec, cpu_only)
 
     def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
         from tvm.support.popen_pool import StatusKind
@@ -963,7 +991,7 @@ class PersistentBuilder(ms.builder.PyBuilder):
 
     def discard(self) -> None:
         """Kill this builder's workers (after an interruption: they may be mid-build)."""
-        _shutdown_pools((self.max_workers, self.timeout_sec))
+        _shutdown_pools((self.max_workers, self.timeout_sec, self.cpu_only))
 
 
 # --------------------------------------------------------------------------- reports
@@ -1237,7 +1265,7 @@ class _Session:
         (and the estimate is complete); phase 2 then splits the rest by measured time share
         (:func:`_importance`), planned only once phase 1 has run.
         """
-        done = list(self.existing)
+        done = [n for n, _ in (self.db.workload_stats(t.mod) for t in self.tasks)]  # seeds count
         first = allocate_trials(self.floor, _importance(self.tasks, self.best), done=done)
         yield [a - d for a, d in zip(first, done)]
         stats = [self.db.workload_stats(t.mod) for t in self.tasks]
@@ -1379,13 +1407,128 @@ def _warm_start(cost_model: Any, db: Any, target: tvm.target.Target, ncores: int
     return sum(len(c) for _, c, _ in batches), len(batches)
 
 
+#: Schedules of other workloads tried on a task that has no records (see :func:`_seed_from_similar`).
+SEEDS_PER_TASK = 3
+
+
+def _sblocks(mod: tvm.IRModule) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
+    """Each block of a workload: its name and (iterator kind, extent) per iterator."""
+    sch = tvm.s_tir.Schedule(mod)
+    out = []
+    for rv in sch.get_child_blocks(sch.get_sblock("root")):
+        blk = sch.get(rv)
+        out.append((blk.name_hint, tuple((int(iv.iter_type), int(iv.dom.extent)) for iv in blk.iter_vars)))
+    return out
+
+
+def _kernel_kind(blocks: list) -> tuple:
+    """What a workload computes, without its sizes: block names, iterator kinds, and which
+    iterators are trivial (a 1x1 conv and a depthwise conv differ there, not in names)."""
+    return tuple((name, tuple((kind, extent == 1) for kind, extent in its)) for name, its in blocks)
+
+
+def _shape_distance(a: list, b: list) -> float:
+    """How far two workloads of one kind are apart: Σ |log extent ratio| over all iterators."""
+    return sum(abs(math.log(x[1] / y[1])) for (_, ia), (_, ib) in zip(a, b) for x, y in zip(ia, ib))
+
+
+def _fit_tile(extent: int, old: list[int], max_innermost: int) -> list[int]:
+    """Factors of ``extent`` (as many as ``old``), each as near as it can be to ``old``'s,
+    fitted from the innermost out (the inner tiles are what vectorisation and caches see);
+    the innermost at most ``max_innermost``, as the sampling instruction demands."""
+    new = [1] * len(old)
+    rest = extent
+    for i in range(len(old) - 1, 0, -1):
+        want = max(1, old[i])
+        cap = max_innermost if i == len(old) - 1 and max_innermost > 0 else rest
+        new[i] = min((d for d in range(1, min(rest, cap) + 1) if rest % d == 0),
+                     key=lambda d: (abs(math.log(d / want)), -d))
+        rest //= new[i]
+    new[0] = rest
+    return new
+
+
+def _refit_decisions(sch: tvm.s_tir.Schedule) -> Callable[..., Any]:
+    """A decision provider that fits another workload's tile sizes to this one's loops."""
+    def decide(inst: Any, inputs: list, attrs: list, decision: Any) -> Any:
+        if inst.kind.name == "SamplePerfectTile":
+            extent = int(sch.get(inputs[0]).extent)
+            old = [int(d) for d in decision]
+            if math.prod(old) != extent:
+                return _fit_tile(extent, old, int(attrs[1]))
+        return decision
+    return decide
+
+
+def _seed_from_similar(sess: _Session, builder: Any, run: Any) -> int:
+    """Give each task without records the best schedules of the nearest workloads of the
+    same kind in the database (another width, resolution or model), refitted to its shapes,
+    measured and recorded like any trial. MetaSchedule shares records only between identical
+    workloads; a refitted schedule is a far better start than a random one, and evolutionary
+    search then begins from it (the database's best seed its population). Returns trials run."""
+    by_kind: dict[tuple, list[tuple[list, Any]]] = {}
+    for workload, records in sess.db.sample_records(1):
+        blocks = _sblocks(workload.mod)
+        by_kind.setdefault(_kernel_kind(blocks), []).append((blocks, records[0]))
+    done = 0
+    for i, task in enumerate(sess.tasks):
+        if sess.existing[i] or sess.best[i] is not None:
+            continue
+        blocks = _sblocks(task.mod)
+        sources = sorted(by_kind.get(_kernel_kind(blocks), []), key=lambda s: _shape_distance(blocks, s[0]))
+        ctx = ms.TuneContext(mod=task.mod, target=task.target, space_generator="post-order-apply",
+                             task_name=task.name, num_threads=1)
+        cands = []
+        for _, record in sources[:SEEDS_PER_TASK]:
+            sch = tvm.s_tir.Schedule(task.mod, debug_mask=0)
+            try:
+                record.trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=_refit_decisions(sch))
+                sch.enter_postproc()
+                if not all(p.apply(sch) for p in ctx.space_generator.postprocs):
+                    continue
+            except Exception:  # noqa: BLE001 - a schedule that does not carry over is no seed
+                continue
+            cands.append(sch)
+        if not cands:
+            continue
+        sess.current = i
+        if sess.bar is not None:
+            sess.bar.update(task=task.name)
+        # As MetaSchedule measures a candidate: with the argument shapes after RewriteLayout.
+        args_info = [ms.arg_info.ArgInfo.from_entry_func(c.mod, remove_preproc=True) for c in cands]
+        built = builder.build([ms.builder.BuilderInput(c.mod, task.target) for c in cands])
+        device = tvm.runtime.Device._DEVICE_TYPE_TO_NAME[task.target.get_target_device_type()]
+        inputs = [ms.runner.RunnerInput(b.artifact_path, device, a)
+                  for b, a in zip(built, args_info) if b.error_msg is None]
+        results = iter(f.result() for f in run.run(inputs)) if inputs else iter(())
+        workload = sess.db.commit_workload(task.mod)
+        runner_results = []
+        for sch, b, a in zip(cands, built, args_info):
+            rr = next(results) if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg)
+            runner_results.append(rr)
+            if rr.error_msg is not None:
+                _log.warning("task %s: a refitted schedule failed: %s", task.name, _short(Exception(rr.error_msg)))
+            secs = rr.run_secs if rr.error_msg is None and rr.run_secs else [1e10]
+            sess.db.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, workload, [float(x) for x in secs], task.target, a))
+        for b in built:
+            if b.artifact_path:
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(os.path.dirname(b.artifact_path))
+        sess.on_batch(built, runner_results)
+        done += len(cands)
+    return done
+
+
 def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, seed: int | None) -> None:
     """Tune the tasks one after another, each with its exact budget (most important first), in
     the phases of :meth:`_Session.plan`."""
     tasks = sess.tasks
     builder = run = None
     try:
-        builder = PersistentBuilder(num_builder_workers, artifact_format=runner.artifact_format)
+        cpu_only = sess.target.kind.name == "llvm"
+        _import_tensor_intrinsics(cpu_only)  # before the builder's workers and TuneContext import them all
+        builder = PersistentBuilder(num_builder_workers, artifact_format=runner.artifact_format, cpu_only=cpu_only)
         run = runner.make_runner()
         ncores = ms.utils.cpu_count(logical=True)
         cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=ncores, tree_method="auto")
@@ -1398,6 +1541,14 @@ def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, s
                 if sess.bar is not None:
                     sess.bar.note(f"cost model trained on {n} records of {groups} workloads already in "
                                   f"the database ({time.monotonic() - t:.0f} s)")
+            t = time.monotonic()
+            seeded = _seed_from_similar(sess, builder, run)
+            if seeded:
+                _log.info("%d schedules of similar workloads measured on new tasks (%.1f s)", seeded,
+                          time.monotonic() - t)
+                if sess.bar is not None:
+                    sess.bar.note(f"{seeded} schedules of similar workloads refitted to the new tasks and "
+                                  f"measured ({time.monotonic() - t:.0f} s)")
         callbacks = [
             ms.measure_callback.AddToDatabase(),  # RecordsDatabase fsyncs each record
             _BatchCallback(sess.on_batch),
@@ -1439,8 +1590,9 @@ def tune(
 
     With ``transfer`` the cost model is first trained on the records the database holds for
     other workloads too (:func:`_warm_start`), so a new config starts from what the CPU taught
-    earlier runs (measured: 9 % lower estimated latency after 96 trials of MobileNetV2 1.0/192
-    over a database holding 1.0/224; it costs ~1 min of replaying records).
+    earlier runs, and each task without records is first given the best schedules of the
+    nearest workloads of its kind, refitted to its shapes and measured
+    (:func:`_seed_from_similar`).
 
     ``trials`` is split over the tasks (:func:`allocate_trials`); records of a task's workload
     already in the database (from any run or model) count toward that task's share, up to the
@@ -1644,7 +1796,7 @@ def tune_model(cfg: Any, spec: Any, records_dir: Path, trials: int, *, frontend:
     from .lower import to_relax
     from .models import build
 
-    mod = to_relax(build(cfg, seed=seed, weights=weights), cfg, frontend)
+    mod = to_relax(build(cfg, seed=seed, weights=weights), cfg, frontend, spec.layout)
     runner = None
     if tracker:
         runner = RunnerSpec.rpc(tracker[0], tracker[1], rpc_key or spec.rpc_key,

@@ -14,6 +14,8 @@ The "RSS +MB" growth seen inside the timing process (which also compiled) is kep
 
     .venv/bin/python scripts/bench_host.py                       # all three models, 1 and 2 threads
     .venv/bin/python scripts/bench_host.py --models mobilenet_v2 --threads 2 --rounds 9
+    # a second tuned build beside the first, e.g. another activation layout with its own records:
+    .venv/bin/python scripts/bench_host.py --models mobilenet_v2 --alt-target my.toml --alt-records DIR
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ("tvm_tuned", "tvm_untuned", "pytorch", "onnxruntime")
+ENGINES = ("tvm_tuned", "tvm_alt", "tvm_untuned", "pytorch", "onnxruntime")
 RSS_RUNS = 5  # inferences in each peak-RSS process: first-run allocations are what count
 FULL = {"mobilenet_v2": {}, "ssdlite": {}, "deeplabv3": {}}
 
@@ -39,7 +41,7 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def make_engines(cfg, spec, work: Path, threads: list[int], skip_untuned: bool):
+def make_engines(cfg, spec, work: Path, threads: list[int], skip_untuned: bool, alt=None):
     """name -> callable running one inference, and the RSS growth in MB when each was loaded
     (for TVM that includes compiling the library in this process)."""
     import numpy as np
@@ -59,9 +61,9 @@ def make_engines(cfg, spec, work: Path, threads: list[int], skip_untuned: bool):
         engines[name] = fn()
         memory[name] = rss_mb() - before
 
-    def tvm_engine(records: Path, out: Path):
+    def tvm_engine(records: Path, out: Path, target=spec):
         def make():
-            result = compile_bundle(cfg, spec, out, records_dir=records)
+            result = compile_bundle(cfg, target, out, records_dir=records)
             notes[out.name] = result.manifest["tuning"]
             runner = Runner(out)
             dev_x = __import__("tvm").runtime.tensor(x)
@@ -70,6 +72,8 @@ def make_engines(cfg, spec, work: Path, threads: list[int], skip_untuned: bool):
         return make
 
     load("tvm_tuned", tvm_engine(spec.records_dir, work / "tuned"))
+    if alt is not None:
+        load("tvm_alt", tvm_engine(alt[1], work / "alt", alt[0]))
     if not skip_untuned:
         load("tvm_untuned", tvm_engine(work / "no-records", work / "untuned"))
 
@@ -172,8 +176,8 @@ def peak_rss(engines: list[str], work: Path, cfg, threads: int) -> dict[str, dic
     import subprocess
 
     # PyTorch has no artefact here: its child builds the model from the config (same seed).
-    artefacts = {"tvm_tuned": work / "tuned", "tvm_untuned": work / "untuned", "onnxruntime": work / "model.onnx",
-                 "pytorch": ""}
+    artefacts = {"tvm_tuned": work / "tuned", "tvm_alt": work / "alt", "tvm_untuned": work / "untuned",
+                 "onnxruntime": work / "model.onnx", "pytorch": ""}
     out = {}
     for name in engines:
         job = json.dumps({"engine": name, "artefact": str(artefacts[name]), "config": cfg.to_dict(),
@@ -216,6 +220,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--seconds", type=float, default=0.5, help="minimum time per engine per round")
     p.add_argument("--skip-untuned", action="store_true", help="untuned DeepLab takes seconds per run")
+    p.add_argument("--alt-target", help="also time a tuned build for this target description (.toml) of this host")
+    p.add_argument("--alt-records", type=Path, help="records for --alt-target (default: its schedules/ folder)")
     p.add_argument("--out", type=Path, default=Path("reports/bench_host"))
     args = p.parse_args()
 
@@ -224,6 +230,10 @@ def main() -> int:
     from mnv2_tvm.models import ModelConfig
 
     spec = targets.load("host")
+    alt = None
+    if args.alt_target:
+        alt_spec = targets.load(args.alt_target)
+        alt = (alt_spec, args.alt_records or alt_spec.records_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,7 +242,7 @@ def main() -> int:
             madds = count(cfg).madds
             print(f"[{cfg.label}] compiling tuned and untuned, loading PyTorch and ONNX Runtime ...", file=sys.stderr)
             all_engines, memory, tuning = make_engines(cfg, spec, Path(tmp) / cfg.label, args.threads,
-                                                       args.skip_untuned)
+                                                       args.skip_untuned, alt)
             if tuning["tuned_tasks"] == 0:
                 print(f"[{cfg.label}] warning: no records in {spec.records_dir} apply: 'tuned' is untuned",
                       file=sys.stderr)
@@ -260,6 +270,10 @@ def main() -> int:
                                   "tuned/pytorch": med["tvm_tuned"] / med["pytorch"]}}
                 if "tvm_untuned" in med:
                     row["ratios"]["untuned/tuned"] = med["tvm_untuned"] / med["tvm_tuned"]
+                if "tvm_alt" in med:
+                    row["alt"] = {"target": alt[0].name, "layout": alt[0].layout, "records": str(alt[1])}
+                    row["ratios"]["alt/ort"] = med["tvm_alt"] / med["onnxruntime"]
+                    row["ratios"]["alt/tuned"] = med["tvm_alt"] / med["tvm_tuned"]
                 model_rows.append(row)
             # The timing process's engines would otherwise sit in memory beside each child.
             all_engines.clear()
@@ -276,7 +290,7 @@ def main() -> int:
                 row["peak_rss"] = rss
                 results.append(row)
                 print_row(row)
-    meta = {"cpu": spec.title, "host_target": spec.name, "cores": spec.cores, "clock_ghz": spec.clock_ghz,
+    meta = {"cpu": spec.title, "host_target": spec.name, "layout": spec.layout, "cores": spec.cores, "clock_ghz": spec.clock_ghz,
             "peak_gflops_all_cores": spec.peak_gflops, "rounds": args.rounds,
             "peak_rss": f"VmHWM of a fresh process per engine: imports, load from the built artefact, "
                         f"{RSS_RUNS} inferences at max(--threads) threads",
@@ -312,7 +326,9 @@ def plot(results: list[dict], path: Path) -> None:
     for ax, row in zip(axes[0], results):
         names = [n for n in ENGINES if n in row["median_ms"]]
         vals = [row["median_ms"][n] for n in names]
-        ax.bar(range(len(names)), vals, color=["#1b7837", "#a6dba0", "#2166ac", "#b2182b"][:len(names)])
+        colors = {"tvm_tuned": "#1b7837", "tvm_alt": "#5aae61", "tvm_untuned": "#a6dba0", "pytorch": "#2166ac",
+                  "onnxruntime": "#b2182b"}
+        ax.bar(range(len(names)), vals, color=[colors[n] for n in names])
         ax.set_xticks(range(len(names)), [n.replace("tvm_", "TVM ").replace("onnxruntime", "ORT") for n in names],
                       rotation=30, fontsize=8)
         ax.set_yscale("log")

@@ -50,6 +50,7 @@ def main() -> int:
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--resolution", type=int)
     p.add_argument("--records", type=Path, required=True)
+    p.add_argument("--target", default="host", help="a targets/ name, 'host', or a .toml path (its layout)")
     p.add_argument("--log", type=Path, help="the run's tune.log, for a wall-clock axis")
     p.add_argument("--png", type=Path)
     args = p.parse_args()
@@ -62,7 +63,8 @@ def main() -> int:
     from mnv2_tvm.tune import extract_tasks
 
     cfg = ModelConfig(args.model, args.width, args.resolution)
-    tasks = extract_tasks(to_relax(build(cfg, calibrate=False), cfg), targets.load("host").tvm_target())
+    spec = targets.load(args.target)
+    tasks = extract_tasks(to_relax(build(cfg, calibrate=False), cfg, layout=spec.layout), spec.tvm_target())
     weights = {str(tvm_ffi.structural_hash(t.mod)): t.weight for t in tasks}
     index = {}
     for i, line in enumerate((args.records / "database_workload.json").read_text().splitlines()):

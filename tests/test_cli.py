@@ -57,6 +57,10 @@ def test_broken_target_file_names_file_and_field(tmp_path):
     bad.write_text('name = "x"\ntarget = "raspberry-pi/4b-aarch64"\narch = "aarch64"\n[device]\ncores = "four"\n')
     proc = mnv2("compile", "mobilenet_v2", "--target", bad)
     assert_one_line_error(proc, "myboard.toml: field 'device.cores' has the wrong type")
+    bad.write_text('name = "x"\ntarget = "raspberry-pi/4b-aarch64"\narch = "aarch64"\n[build]\nlayout = "NHWC"\n'
+                   '[device]\ncores = 4\nclock_ghz = 1.5\n')
+    proc = mnv2("compile", "mobilenet_v2", "--target", bad)
+    assert_one_line_error(proc, "myboard.toml: field 'build.layout' must be one of NCHW, NCHW4c, NCHW8c")
 
 
 def test_android_without_ndk_says_what_to_install(tmp_path):

@@ -1,5 +1,6 @@
 """Lowering and host compile: parity with PyTorch for every model through both frontends."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -33,6 +34,39 @@ def test_onnx_frontend_bundle_matches_pytorch(model, tmp_path):
     x, expected = bundle.reference(tmp_path)
     assert np.abs(Runner(tmp_path).run(x) - expected).max() <= TOLERANCE
     assert json.loads((tmp_path / "manifest.json").read_text())["frontend"] == "onnx"
+
+
+@pytest.mark.parametrize("model", list(SMALL))
+def test_the_layout_the_host_does_not_use_matches_pytorch_too(model, tmp_path):
+    # The host target picks one activation layout; the other one must hold parity as well
+    # (boards and the other x86 target use it).
+    host = targets.load("host")
+    other = dataclasses.replace(host, layout="NCHW" if host.layout != "NCHW" else "NCHW8c")
+    compile_bundle(ModelConfig(**SMALL[model]), other, tmp_path, records_dir=tmp_path / "none", seed=5)
+    x, expected = bundle.reference(tmp_path)
+    assert np.abs(Runner(tmp_path).run(x) - expected).max() <= TOLERANCE
+    assert json.loads((tmp_path / "manifest.json").read_text())["layout"] == other.layout
+
+
+def test_blocked_layout_stays_blocked_from_the_stem_to_the_pooling():
+    import re
+
+    import tvm
+
+    from mnv2_tvm.lower import to_relax
+    from mnv2_tvm.models import build
+    from mnv2_tvm.tune import _fuse, _prepare
+
+    cfg = ModelConfig(**SMALL["mobilenet_v2"])
+    fused = _fuse(_prepare(to_relax(build(cfg), cfg, layout="NCHW8c"), None), tvm.target.Target("llvm"))
+    main = fused["main"].script()
+    calls = re.findall(r"call_tir\((\w+),", main)
+    # one transform into blocks after the 3-channel stem, one out before the global pooling;
+    # weights and biases were repacked at compile time (no transform left on them)
+    assert sum(c.startswith("te_layout_transform") for c in calls) == 2
+    convs = [ln for ln in main.splitlines() if re.search(r"call_tir\(\w*conv2d", ln)]
+    assert len(convs) == 52
+    assert sum(", 8), dtype=" in ln for ln in convs) == 51  # all but the stem write blocks
 
 
 def test_manifest_describes_the_bundle(host_bundles):

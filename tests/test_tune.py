@@ -267,7 +267,7 @@ def test_rerun_bigger_total_runs_only_the_difference(tuned, tiny, tmp_path, capf
     assert "evolutionary_search" in (records_dir / T.LOG_FILE).read_text()
 
 
-def test_shared_layer_reuses_records_of_another_model(tuned, tmp_path):
+def test_shared_layer_reuses_records_of_another_model(tuned, tmp_path, capfd):
     records_dir = copy_records(tuned[0], tmp_path / "r")
     x = torch.randn(1, 3, 16, 16)
     mod, params = to_relax(OtherNet(), x)
@@ -277,6 +277,7 @@ def test_shared_layer_reuses_records_of_another_model(tuned, tmp_path):
     shared = [t for t in rep.tasks if t.trials_total > t.trials]
     assert len(shared) == 1 and shared[0].trials == 0  # its 3-trial share is already in the db
     assert rep.trials_run == 3 and rep.trials_in_db_before == 3
+    assert "[tune] 1 of 2 tasks already have records" in capfd.readouterr().err
 
 
 def test_a_total_smaller_than_the_shared_records_still_tunes_the_unshared_task(tuned, tmp_path):
@@ -300,6 +301,47 @@ def test_transfer_trains_the_cost_model_on_every_workload_in_the_database(tuned)
     assert used == valid > 0 and workloads == 3
     assert model.data_size == used and model.booster is not None  # trained once, at the end
     assert model.last_train_size == used and model.adaptive_training  # tuning retrains as before
+
+
+def test_fit_tile_keeps_inner_factors_and_multiplies_to_the_extent():
+    assert T._fit_tile(56, [2, 7, 4], 64) == [2, 7, 4]  # fits as it is
+    assert T._fit_tile(112, [2, 7, 4], 64) == [4, 7, 4]  # only the outer factor grows
+    assert T._fit_tile(14, [1, 8, 4], 64) == [1, 2, 7]  # nearest divisors (log scale) from the inside
+    assert T._fit_tile(14, [1, 8, 4], 4) == [1, 7, 2]  # ... the innermost within its bound
+    for extent in (1, 7, 12, 96, 1280):
+        for old in ([1, 1, 1, 1], [4, 2, 8, 16], [3, 64]):
+            new = T._fit_tile(extent, old, 16)
+            assert len(new) == len(old) and int(np.prod(new)) == extent
+            assert new[-1] <= 16
+
+
+def test_kernel_kind_ignores_sizes_but_not_what_is_computed(tiny):
+    mod, params, net, _ = tiny
+    tasks = {t.name: t for t in T.extract_tasks(mod, TARGET, params)}
+    big_mod, big_params = to_relax(net, torch.randn(1, 3, 24, 24))
+    bigger = {t.name: t for t in T.extract_tasks(big_mod, TARGET, big_params)}
+    kinds = {n: T._kernel_kind(T._sblocks(t.mod)) for n, t in tasks.items()}
+    assert len(set(kinds.values())) == len(kinds)  # conv3x3, depthwise and 1x1 all differ
+    for name, task in bigger.items():
+        assert T._kernel_kind(T._sblocks(task.mod)) == kinds[name]
+        assert not tvm_ffi.structural_equal(task.mod, tasks[name].mod)
+        assert T._shape_distance(T._sblocks(task.mod), T._sblocks(tasks[name].mod)) > 0
+
+
+def test_transfer_seeds_a_new_resolution_with_refitted_schedules_of_the_old(tuned, tiny, tmp_path, capfd):
+    records_dir = copy_records(tuned[0], tmp_path / "r")
+    _, _, net, _ = tiny
+    mod, params = to_relax(net, torch.randn(1, 3, 24, 24))  # same layers, other shapes: no record applies
+    rep = T.tune(mod, TARGET, records_dir, 6, params=params, seed=6, transfer=True)
+    assert rep.tasks_covered_before == 0 and rep.trials_run == 6 and rep.trials_in_db_after == 6
+    err = capfd.readouterr().err
+    assert "schedules of similar workloads refitted to the new tasks and measured" in err
+    seeds = int(err.split(" schedules of similar workloads")[0].rsplit("] ", 1)[-1])
+    assert 3 <= seeds <= 6  # each of the 3 tasks got at least one carried-over schedule
+    assert all(t.best_us is not None for t in rep.tasks)
+    # the seeds are real measurements, kept like any trial and applied by compile
+    exe, report = T.compile_with_records(mod, TARGET, records_dir, params=params)
+    assert not report.untuned and not report.fallback
 
 
 def test_sigkill_keeps_records_and_rerun_resumes(tmp_path, tiny):
