@@ -550,10 +550,8 @@ class RecordsDatabase(ms.database.PyDatabase):
         out = []
         for idx in sorted(self._records):
             valid = [r for key, _, r in self._records[idx] if key != math.inf]
-            if per_workload == 1:
-                valid = valid[:1]
-            elif len(valid) > per_workload:
-                step = (len(valid) - 1) / (per_workload - 1)
+            if len(valid) > per_workload:
+                step = (len(valid) - 1) / max(1, per_workload - 1)  # one per workload: the best
                 valid = [valid[round(k * step)] for k in range(per_workload)]
             if valid:
                 out.append((self._workloads[idx], valid))
@@ -1472,10 +1470,12 @@ def _seed_from_similar(sess: _Session, builder: Any, run: Any) -> int:
         by_kind.setdefault(_kernel_kind(blocks), []).append((blocks, records[0]))
     done = 0
     for i, task in enumerate(sess.tasks):
-        if sess.existing[i] or sess.best[i] is not None:
+        if sess.existing[i]:
             continue
         blocks = _sblocks(task.mod)
         sources = sorted(by_kind.get(_kernel_kind(blocks), []), key=lambda s: _shape_distance(blocks, s[0]))
+        if not sources:
+            continue
         ctx = ms.TuneContext(mod=task.mod, target=task.target, space_generator="post-order-apply",
                              task_name=task.name, num_threads=1)
         cands = []
