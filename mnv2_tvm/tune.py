@@ -283,6 +283,29 @@ def _is_valid(record: ms.database.TuningRecord) -> bool:
     return any((float(s.value) if hasattr(s, "value") else float(s)) != _FAILED_RUN_SECS for s in secs)
 
 
+def _raw_key(obj: Any) -> float:
+    """The sort key (mean run time, inf when invalid) of a record line's JSON, without parsing
+    its trace: what ``_mean_secs``/``_is_valid`` give on the parsed record."""
+    trace, secs = obj[0], obj[1]
+    insts = trace[0]
+    if not isinstance(insts, list) or not isinstance(secs, (list, type(None))):
+        raise ValueError("expected [trace, run_secs, ...]")
+    vals = [float(v) for v in secs or ()]
+    if not insts or insts[0][0] == "EnterPostproc" or all(v == _FAILED_RUN_SECS for v in vals):
+        return math.inf
+    return sum(vals) / len(vals)
+
+
+class _LazyRecord:
+    """A record line kept as JSON until asked for: ``TuningRecord.from_json`` replays the trace
+    (~8 ms a record), and a compile queries a few dozen of the hundreds a shared database holds."""
+
+    __slots__ = ("obj", "workload", "lineno")
+
+    def __init__(self, obj: Any, workload: ms.database.Workload, lineno: int) -> None:
+        self.obj, self.workload, self.lineno = obj, workload, lineno
+
+
 def _short(err: BaseException, limit: int = 160) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -372,7 +395,8 @@ class RecordsDatabase(ms.database.PyDatabase):
         self._workloads: list[ms.database.Workload | None] = []  # by line index in the file
         self._canon: list[int] = []  # line index -> index of the first equal workload
         self._by_hash: dict[int, list[int]] = {}
-        self._records: dict[int, list[tuple[float, int, ms.database.TuningRecord]]] = {}
+        # per workload, (mean secs or inf, seq, record) sorted; a record may still be a _LazyRecord
+        self._records: dict[int, list[tuple[float, int, Any]]] = {}
         self._n_records = 0
         self._seq = 0
         self._last: tuple[Any, int] | None = None
@@ -417,11 +441,11 @@ class RecordsDatabase(ms.database.PyDatabase):
                 if not 0 <= idx < len(self._workloads) or self._workloads[idx] is None:
                     raise ValueError(f"no readable workload #{idx}")
                 idx = self._canon[idx]
-                record = ms.database.TuningRecord.from_json(obj[1], self._workloads[idx])
+                key = _raw_key(obj[1])
             except Exception as e:  # noqa: BLE001
                 self._warn(self.path_tuning_record, lineno, f"unreadable tuning record ({_short(e)})")
                 continue
-            self._add_record(idx, record)
+            self._add_record(idx, _LazyRecord(obj[1], self._workloads[idx], lineno), key)
         if rec_tail:
             self._warn(self.path_tuning_record, len(rec_lines) + 1, "incomplete last line")
         if self.writable:
@@ -454,11 +478,30 @@ class RecordsDatabase(ms.database.PyDatabase):
                 self._by_hash.setdefault(h, []).append(idx)
         return idx
 
-    def _add_record(self, idx: int, record: ms.database.TuningRecord) -> None:
-        key = _mean_secs(record) if _is_valid(record) else math.inf
+    def _add_record(self, idx: int, record: Any, key: float | None = None) -> None:
+        if key is None:
+            key = _mean_secs(record) if _is_valid(record) else math.inf
         self._seq += 1
         bisect.insort(self._records.setdefault(idx, []), (key, self._seq, record), key=lambda t: t[:2])
         self._n_records += 1
+
+    def _parsed(self, idx: int, entries: list[tuple[float, int, Any]]) -> list[tuple[float, int, Any]]:
+        """``entries`` (of workload ``idx``) with their records parsed; a line whose trace does not
+        parse is dropped with the same warning a malformed line gets at load."""
+        out = []
+        for key, seq, rec in entries:
+            if isinstance(rec, _LazyRecord):
+                try:
+                    parsed = ms.database.TuningRecord.from_json(rec.obj, rec.workload)
+                except Exception as e:  # noqa: BLE001
+                    self._warn(self.path_tuning_record, rec.lineno, f"unreadable tuning record ({_short(e)})")
+                    self._records[idx] = [t for t in self._records[idx] if t[2] is not rec]
+                    self._n_records -= 1
+                    continue
+                self._records[idx] = [(key, seq, parsed) if t[2] is rec else t for t in self._records[idx]]
+                rec = parsed
+            out.append((key, seq, rec))
+        return out
 
     def _lookup(self, mod: tvm.IRModule, h: int | None = None) -> int | None:
         h = tvm_ffi.structural_hash(mod) if h is None else h
@@ -526,10 +569,14 @@ class RecordsDatabase(ms.database.PyDatabase):
         idx = self._index_of(workload)
         if idx is None or top_k == 0:
             return []
-        return [r for key, _, r in self._records.get(idx, [])[:top_k] if key != math.inf]
+        while True:  # a dropped unparsable record lets the next one in
+            best = [t for t in self._records.get(idx, []) if t[0] != math.inf][:top_k]
+            parsed = self._parsed(idx, best)
+            if len(parsed) == len(best):
+                return [r for _, _, r in parsed]
 
     def get_all_tuning_records(self) -> list[ms.database.TuningRecord]:
-        return [r for idx in sorted(self._records) for _, _, r in self._records[idx]]
+        return [r for idx in sorted(self._records) for _, _, r in self._parsed(idx, self._records[idx])]
 
     def __len__(self) -> int:
         return self._n_records
@@ -549,10 +596,11 @@ class RecordsDatabase(ms.database.PyDatabase):
         model learns from the contrast, not from the best alone)."""
         out = []
         for idx in sorted(self._records):
-            valid = [r for key, _, r in self._records[idx] if key != math.inf]
+            valid = [t for t in self._records[idx] if t[0] != math.inf]
             if len(valid) > per_workload:
                 step = (len(valid) - 1) / max(1, per_workload - 1)  # one per workload: the best
                 valid = [valid[round(k * step)] for k in range(per_workload)]
+            valid = [r for _, _, r in self._parsed(idx, valid)]
             if valid:
                 out.append((self._workloads[idx], valid))
         return out
@@ -573,7 +621,8 @@ class RecordsDatabase(ms.database.PyDatabase):
             best = [t for t in self._records[idx] if t[0] != math.inf][:top_k]
             self._records[idx] = best
             kept += len(best)
-            lines += [json.dumps([idx, _record_json(r)], separators=(",", ":")) + "\n" for _, _, r in best]
+            lines += [json.dumps([idx, r.obj if isinstance(r, _LazyRecord) else _record_json(r)], separators=(",", ":"))
+                      + "\n" for _, _, r in best]
         before = self._n_records
         if self._fd_record is not None:
             os.close(self._fd_record)
@@ -1558,7 +1607,9 @@ def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, s
         seeds = ms.utils.fork_seed(seed, n=2 * len(tasks))  # a fresh stream per task and phase
         for phase, budgets in enumerate(sess.plan()):
             importance = _importance(tasks, sess.best)
-            for i in sorted(range(len(tasks)), key=lambda j: -importance[j]):
+            # Untimed tasks first: one measurement each completes the estimate, and a run
+            # interrupted in phase 1 leaves no kernel without a schedule.
+            for i in sorted(range(len(tasks)), key=lambda j: (sess.best[j] is not None, -importance[j])):
                 _Sigint.check()
                 if budgets[i] > 0:
                     _tune_task(sess, i, budgets[i], seeds[phase * len(tasks) + i], builder, run, callbacks,

@@ -410,6 +410,33 @@ def test_corrupt_lines_are_skipped_with_file_and_line(tuned, tiny, tmp_path):
     assert [str(w.message).split(": ")[0] for w in caught] == [f"{path}:3"]
 
 
+def test_record_with_unparsable_trace_is_dropped_when_queried(tuned, tiny, tmp_path):
+    # Traces are parsed only when a workload is asked for, so a line that is well-formed JSON
+    # but holds a bogus trace is caught then: warned about by file and line, and the next best
+    # record of that workload is used.
+    records_dir = copy_records(tuned[0], tmp_path / "r")
+    path = records_dir / T.RECORD_FILE
+    lines = path.read_bytes().split(b"\n")[:-1]
+    idx = json.loads(lines[0])[0]
+    bogus = json.dumps([idx, [[[["NoSuchInstruction", [], [], []]], []], [1e-9], None, None]]).encode()
+    path.write_bytes(b"\n".join([*lines, bogus]) + b"\n")
+    db = T.RecordsDatabase(str(records_dir), writable=False)
+    assert len(db) == len(lines) + 1
+    good = T.RecordsDatabase(str(tuned[0]), writable=False)
+    wkl = db._workloads[idx]
+    with pytest.warns(T.RecordsWarning) as caught:
+        top = db.get_top_k(wkl, 1)
+    assert [str(w.message).split(": ")[0] for w in caught] == [f"{path}:{len(lines) + 1}"]
+    assert len(top) == 1 and len(db) == len(lines)
+    expected = good.get_top_k(good._workloads[idx], 1)[0]
+    assert str(top[0].trace) == str(expected.trace)
+    # compile (its own open of the folder) warns likewise and still gets a schedule for every task
+    mod, params, _, _ = tiny
+    with pytest.warns(T.RecordsWarning, match=f"{path}:{len(lines) + 1}: unreadable tuning record"):
+        _, report = T.compile_with_records(mod, TARGET, records_dir, params=params)
+    assert not report.untuned and not report.fallback
+
+
 def test_other_target_or_tvm_version_refused_and_nothing_written(tuned, tiny, tmp_path):
     records_dir = copy_records(tuned[0], tmp_path / "r")
     mod, params, _, _ = tiny
