@@ -1056,6 +1056,7 @@ class TaskReport:
     best_us: float | None  # best valid measured mean, µs
     build_errors: int = 0
     run_errors: int = 0
+    exhausted: bool = False  # its search found no unmeasured schedule left: no more trials given
 
     @property
     def weighted_us(self) -> float | None:
@@ -1096,7 +1097,7 @@ class TuneReport:
         for i, t in enumerate(self.tasks):
             best = f"{t.best_us:10.2f}" if t.best_us is not None else f"{'-':>10}"
             share = f"{100 * t.weighted_us / known:5.1f}%" if t.weighted_us and known else f"{'-':>6}"
-            trials = f"{t.trials}/{t.trials_total}"
+            trials = f"{t.trials}/{t.trials_total}" + ("*" if t.exhausted else "")
             rows.append(f"{i:>3}  {t.name[:40]:<40} {t.weight:>3} {trials:>11} {best} {share}")
         rows.append("-" * len(head))
         est = self.estimated_e2e_us
@@ -1107,6 +1108,8 @@ class TuneReport:
             f"tasks had records before); estimated end-to-end {est_s}; "
             f"{self.wall_time_s:.0f} s" + (" [interrupted]" if self.interrupted else "")
         )
+        if any(t.exhausted for t in self.tasks):
+            rows.append("* search space used up: its share went to the other tasks")
         return "\n".join(rows)
 
 
@@ -1303,6 +1306,7 @@ class _Session:
         self.bar: _Progress | None = None
         self.interrupted = False
         self.transfer = False  # train the cost model on the database first (_warm_start)
+        self.exhausted: set[int] = set()  # tasks with no unmeasured schedule left to find
 
     def plan(self) -> Iterator[list[int]]:
         """This run's budgets per task, in two phases, ``trials`` in all with what the records hold
@@ -1317,7 +1321,13 @@ class _Session:
         yield [a - d for a, d in zip(first, done)]
         stats = [self.db.workload_stats(t.mod) for t in self.tasks]
         done = [n for n, _ in stats]
-        final = allocate_trials(self.trials, _importance(self.tasks, [b for _, b in stats]), done=done)
+        importance = _importance(self.tasks, [b for _, b in stats])
+        live = [i for i in range(len(self.tasks)) if i not in self.exhausted]  # the rest cannot use more
+        part = allocate_trials(self.trials - sum(d for i, d in enumerate(done) if i in self.exhausted),
+                               [importance[i] for i in live], done=[done[i] for i in live])
+        final = list(done)
+        for i, a in zip(live, part):
+            final[i] = a
         yield [a - d for a, d in zip(final, done)]
 
     def estimate(self) -> tuple[float | None, int]:
@@ -1357,6 +1367,7 @@ class _Session:
                     best_us=None if after[i][1] is None else after[i][1] * 1e6,
                     build_errors=self.errors[i][0],
                     run_errors=self.errors[i][1],
+                    exhausted=i in self.exhausted,
                 )
                 for i, t in enumerate(self.tasks)
             ],
@@ -1387,29 +1398,43 @@ def _tune_task(sess: _Session, i: int, budget: int, seed: int, builder: Any, run
     if sess.bar is not None:
         est, untimed = sess.estimate()
         sess.bar.update(task=task.name, est_us=est, unmeasured=untimed)
-    ctx = ms.TuneContext(
-        mod=task.mod,
-        target=task.target,
-        space_generator="post-order-apply",
-        search_strategy=ms.search_strategy.EvolutionarySearch(**_search_kwargs(budget)),
-        task_name=task.name,
-        logger=logging.getLogger(f"tvm.s_tir.meta_schedule.mnv2_tvm.task{i:02d}_{task.name[:60]}"),
-        rand_state=seed,
-        num_threads=ncores,
-    ).clone()
-    # One task per scheduler call: MetaSchedule's budget is global, ours is per task.
-    ms.task_scheduler.RoundRobin().tune(
-        tasks=[ctx],
-        task_weights=[float(task.weight)],
-        max_trials_global=budget,
-        max_trials_per_task=budget,
-        num_trials_per_iter=min(budget, TRIALS_PER_ITER),
-        builder=builder,
-        runner=run,
-        measure_callbacks=callbacks,
-        database=sess.db,
-        cost_model=cost_model,
-    )
+    # One round per scheduler call, so that a task whose search space is used up stops at the
+    # first short round: MetaSchedule would search again until the budget is sent, each round
+    # (minutes for SSDLite's big fused output kernel) yielding the one candidate left.
+    start = sess.measured[i]
+    for k in range(math.ceil(budget / TRIALS_PER_ITER)):
+        chunk = min(TRIALS_PER_ITER, budget - (sess.measured[i] - start))
+        if chunk <= 0:
+            break
+        before = sess.measured[i]
+        ctx = ms.TuneContext(
+            mod=task.mod,
+            target=task.target,
+            space_generator="post-order-apply",
+            search_strategy=ms.search_strategy.EvolutionarySearch(**_search_kwargs(chunk)),
+            task_name=task.name,
+            logger=logging.getLogger(f"tvm.s_tir.meta_schedule.mnv2_tvm.task{i:02d}_{task.name[:60]}"),
+            rand_state=(seed + k) & 0x7FFFFFFF,
+            num_threads=ncores,
+        ).clone()
+        ms.task_scheduler.RoundRobin().tune(
+            tasks=[ctx],
+            task_weights=[float(task.weight)],
+            # The scheduler stops once it has sent this many: 1 means after the first round,
+            # whatever that round's size (the search strategy asks for up to `chunk`).
+            max_trials_global=1,
+            max_trials_per_task=chunk,
+            num_trials_per_iter=chunk,
+            builder=builder,
+            runner=run,
+            measure_callbacks=callbacks,
+            database=sess.db,
+            cost_model=cost_model,
+        )
+        if sess.measured[i] - before < chunk:
+            sess.exhausted.add(i)
+            _log.info("task %s: search space used up after %d new trials", task.name, sess.measured[i] - start)
+            break
     _log.info("task %s: %d/%d trials measured", task.name, sess.measured[i], budget)
 
 
