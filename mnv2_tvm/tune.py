@@ -1399,8 +1399,9 @@ def _tune_task(sess: _Session, i: int, budget: int, seed: int, builder: Any, run
         est, untimed = sess.estimate()
         sess.bar.update(task=task.name, est_us=est, unmeasured=untimed)
     # One round per scheduler call, so that a task whose search space is used up stops at the
-    # first short round: MetaSchedule would search again until the budget is sent, each round
-    # (minutes for SSDLite's big fused output kernel) yielding the one candidate left.
+    # first round well short of what it asked for: MetaSchedule would search again until the
+    # budget is sent, each round (minutes for SSDLite's big fused output kernel) yielding the
+    # one candidate left.
     start = sess.measured[i]
     for k in range(math.ceil(budget / TRIALS_PER_ITER)):
         chunk = min(TRIALS_PER_ITER, budget - (sess.measured[i] - start))
@@ -1431,7 +1432,9 @@ def _tune_task(sess: _Session, i: int, budget: int, seed: int, builder: Any, run
             database=sess.db,
             cost_model=cost_model,
         )
-        if sess.measured[i] - before < chunk:
+        # Well short, not just short: a big space's round can come back a candidate or two under
+        # what it asked for (duplicates), and stopping such a task would starve it.
+        if 2 * (sess.measured[i] - before) < chunk:
             sess.exhausted.add(i)
             _log.info("task %s: search space used up after %d new trials", task.name, sess.measured[i] - start)
             break

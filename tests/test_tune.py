@@ -297,14 +297,14 @@ class ConvThenPermute(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(2)
-        self.c = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c = torch.nn.Conv2d(3, 16, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c(x).permute(0, 2, 3, 1).reshape(1, -1, 4)
 
 
 def test_a_task_whose_search_space_is_used_up_gives_its_share_to_the_others(tmp_path):
-    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     mod, params = to_relax(ConvThenPermute().eval(), x)
     rep = T.tune(mod, TARGET, tmp_path / "records", 40, params=params, seed=3)
     by_kind = {("conv" if "conv" in t.name else "move"): t for t in rep.tasks}
@@ -312,7 +312,9 @@ def test_a_task_whose_search_space_is_used_up_gives_its_share_to_the_others(tmp_
     move, conv = by_kind["move"], by_kind["conv"]
     # the transpose has fewer distinct schedules than its phase-1 minimum: one short round ends it
     assert move.exhausted and 1 <= move.trials < T.MIN_TRIALS_PER_TASK, rep.table()
-    assert not conv.exhausted and conv.trials == 40 - move.trials, rep.table()
+    # without the move's share the conv would get at most 40 - MIN (the move's phase-1 minimum);
+    # (a round of the conv may come back a candidate short: that does not stop it)
+    assert not conv.exhausted and 40 - T.MIN_TRIALS_PER_TASK < conv.trials <= 40 - move.trials, rep.table()
     assert "search space used up" in rep.table()
 
 
