@@ -264,36 +264,28 @@ def _record_json(record: ms.database.TuningRecord) -> Any:
     return plain(_TuningRecordAsJSON(record))
 
 
-def _mean_secs(record: ms.database.TuningRecord) -> float:
-    secs = record.run_secs
-    if not secs:
-        return _FAILED_RUN_SECS
-    vals = [float(s.value) if hasattr(s, "value") else float(s) for s in secs]
-    return sum(vals) / len(vals)
+def _sort_key(first_inst: str | None, secs: list[float]) -> float:
+    """A record's place among its workload's: mean run time, or inf when it is not valid (the
+    rule of C++ ``TuningRecordNode::IsValid``: a trace that does more than enter postprocessing,
+    and some run that did not fail)."""
+    if first_inst in (None, "EnterPostproc") or all(v == _FAILED_RUN_SECS for v in secs):
+        return math.inf
+    return sum(secs) / len(secs)
 
 
-def _is_valid(record: ms.database.TuningRecord) -> bool:
-    """Mirror of C++ ``TuningRecordNode::IsValid``."""
+def _record_key(record: ms.database.TuningRecord) -> float:
     insts = record.trace.insts
-    if len(insts) == 0 or insts[0].kind.name == "EnterPostproc":
-        return False
-    secs = record.run_secs
-    if not secs:
-        return False
-    return any((float(s.value) if hasattr(s, "value") else float(s)) != _FAILED_RUN_SECS for s in secs)
+    secs = [float(s.value) if hasattr(s, "value") else float(s) for s in record.run_secs or ()]
+    return _sort_key(insts[0].kind.name if len(insts) else None, secs)
 
 
 def _raw_key(obj: Any) -> float:
-    """The sort key (mean run time, inf when invalid) of a record line's JSON, without parsing
-    its trace: what ``_mean_secs``/``_is_valid`` give on the parsed record."""
+    """:func:`_record_key` of a record line's JSON, without parsing its trace."""
     trace, secs = obj[0], obj[1]
     insts = trace[0]
     if not isinstance(insts, list) or not isinstance(secs, (list, type(None))):
         raise ValueError("expected [trace, run_secs, ...]")
-    vals = [float(v) for v in secs or ()]
-    if not insts or insts[0][0] == "EnterPostproc" or all(v == _FAILED_RUN_SECS for v in vals):
-        return math.inf
-    return sum(vals) / len(vals)
+    return _sort_key(insts[0][0] if insts else None, [float(v) for v in secs or ()])
 
 
 class _LazyRecord:
@@ -479,8 +471,7 @@ class RecordsDatabase(ms.database.PyDatabase):
         return idx
 
     def _add_record(self, idx: int, record: Any, key: float | None = None) -> None:
-        if key is None:
-            key = _mean_secs(record) if _is_valid(record) else math.inf
+        key = _record_key(record) if key is None else key
         self._seq += 1
         bisect.insort(self._records.setdefault(idx, []), (key, self._seq, record), key=lambda t: t[:2])
         self._n_records += 1
@@ -1405,8 +1396,6 @@ def _tune_task(sess: _Session, i: int, budget: int, seed: int, builder: Any, run
     start = sess.measured[i]
     for k in range(math.ceil(budget / TRIALS_PER_ITER)):
         chunk = min(TRIALS_PER_ITER, budget - (sess.measured[i] - start))
-        if chunk <= 0:
-            break
         before = sess.measured[i]
         ctx = ms.TuneContext(
             mod=task.mod,

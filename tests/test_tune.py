@@ -313,7 +313,7 @@ def test_a_task_whose_search_space_is_used_up_gives_its_share_to_the_others(tmp_
     # the transpose has fewer distinct schedules than its phase-1 minimum: one round well short of it ends it
     assert move.exhausted and 1 <= move.trials < T.MIN_TRIALS_PER_TASK, rep.table()
     # without the move's share the conv would get at most 40 - MIN (the move's phase-1 minimum);
-    # (a round of the conv may come back a candidate short: that does not stop it)
+    # a round of the conv may come back a candidate short, which does not stop it
     assert not conv.exhausted and 40 - T.MIN_TRIALS_PER_TASK < conv.trials <= 40 - move.trials, rep.table()
     assert "search space used up" in rep.table()
 
