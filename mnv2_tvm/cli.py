@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .compare import DEFAULT_PASSES
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -140,6 +141,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise UserError(f"--tune-trials must be 0 or more, not {args.tune_trials}")
     if args.repeat < 1:
         raise UserError(f"--repeat must be at least 1, not {args.repeat}")
+    if args.passes < 1:
+        raise UserError(f"--passes must be at least 1, not {args.passes}")
     if args.min_repeat_ms < 0:
         raise UserError(f"--min-repeat-ms must be >= 0, not {args.min_repeat_ms}")
     spec = targets.load(args.target)
@@ -163,7 +166,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         measurer = HostMeasurer(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
     with measurer if isinstance(measurer, BoardMeasurer) else contextlib.nullcontext():
         result = run_compare(spec, args.output, grid=args.grid, records_dir=args.tuning_records,
-                             measurer=measurer, tune_trials_per_config=args.tune_trials, profile=not args.no_profile)
+                             measurer=measurer, tune_trials_per_config=args.tune_trials, profile=not args.no_profile,
+                             passes=args.passes)
     state = "complete" if result.complete else "INCOMPLETE (run the same command again to continue)"
     emulated = " [EMULATED board: timings meaningless]" if result.report.get("emulated") else ""
     print(f"report {state}{emulated}: {result.out_dir}/summary.md ({result.measured} points measured, "
@@ -428,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-trials", type=int, default=0, help="tune configs the records miss, N trials each")
     p.add_argument("-o", "--output", type=Path, default=Path("reports/compare"), help="report folder")
     _add_board_args(p)
-    p.add_argument("--repeat", type=int, default=7, help="timed repeats per point (the median is reported)")
+    p.add_argument("--repeat", type=int, default=7, help="timed repeats per point and pass (their median)")
+    p.add_argument("--passes", type=int, default=DEFAULT_PASSES,
+                   help=f"timing passes over the grid; a point's latency is its fastest pass (default {DEFAULT_PASSES})")
     p.add_argument("--min-repeat-ms", type=int, default=100, help="stretch each repeat to at least this long")
     p.add_argument("--no-profile", action="store_true",
                    help="skip per-kernel timing (on a board it rebuilds each point's kernels; no per-layer report)")

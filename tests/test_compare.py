@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -166,16 +167,18 @@ def test_mapping_follows_shapes_and_madds_not_the_order_of_parallel_branches():
 
 
 class CountingMeasurer:
-    """The host measurer, counting which configurations it really measured."""
+    """The host measurer, counting which configurations it really measured: ``measured`` the
+    first passes (profiled), ``retimed`` the later timing passes (not profiled)."""
 
     def __init__(self, emulated: bool = False) -> None:
         self.inner = HostMeasurer(repeat=3, min_repeat_ms=20, profile_budget_ms=300)
         self.name = self.inner.name
         self.emulated = emulated
         self.measured: list[str] = []
+        self.retimed: list[str] = []
 
     def measure(self, bundle_dir, cfg, *, profile=True):
-        self.measured.append(cfg.label)
+        (self.measured if profile else self.retimed).append(cfg.label)
         return self.inner.measure(bundle_dir, cfg, profile=profile)
 
 
@@ -245,8 +248,28 @@ def test_a_resumed_run_measures_only_the_missing_points(resumed_run):
     assert result.reused == 1 and result.measured == 2
     points = _points(resumed_run["out"])
     assert points[0] == resumed_run["first"]["points"][0]  # untouched, not measured again
-    assert [p["label"] for p in points] == TINY_LABELS
+    assert [p["label"] for p in points[:3]] == TINY_LABELS
     assert not (resumed_run["out"] / compare.WORK_DIR).exists()  # no bundles left behind
+
+
+def test_every_point_is_timed_in_passes_spread_over_the_run_and_keeps_its_fastest(resumed_run):
+    measurer = resumed_run["measurer"]
+    # Pass 2 walks the grid backwards, pass 3 forwards (untuned only: the records are empty);
+    # the point measured before the interrupt gets its later passes like the others.
+    assert measurer.retimed == TINY_LABELS[::-1] + TINY_LABELS
+    lines = _points(resumed_run["out"])
+    assert len(lines) == 3 + 6  # each pass appends the point again; the last line of a key wins
+    latest = {p["key"]: p for p in lines}
+    for p in latest.values():
+        assert len(p["passes_ms"]) == 3 and all(x > 0 for x in p["passes_ms"])
+        assert p["latency_ms"] == min(p["passes_ms"]) and p["passes_ms"][0] == statistics.median(p["times_ms"])
+        assert "layer_map" in p  # the first pass's profile is kept
+    report = json.loads((resumed_run["out"] / compare.RESULTS_JSON).read_text())
+    spread = report["pass_spread"]
+    assert spread["points"] == 3 and 0 <= spread["median"] <= spread["max"]
+    csv_rows = (resumed_run["out"] / compare.RESULTS_CSV).read_text().splitlines()
+    assert "passes_ms" in csv_rows[0].split(",")
+    assert "fastest of each point's timing passes" in (resumed_run["out"] / compare.SUMMARY).read_text()
 
 
 def test_the_report_has_every_file_and_holds_out_configs(resumed_run):
@@ -263,7 +286,7 @@ def test_the_report_has_every_file_and_holds_out_configs(resumed_run):
     ev = report["evaluation"]["untuned"]
     assert ev["split"] == {"train": ["mobilenet_v2 w=0.35 r=32", "mobilenet_v2 w=0.35 r=96"],
                            "test": ["mobilenet_v2 w=0.35 r=64"]}
-    assert set(ev["results"]) == {"naive", "linear", "roofline"}
+    assert set(ev["results"]) == {"naive", "linear", "roofline", "layerwise"}
     for r in ev["results"].values():
         assert r["metrics"]["n"] == 1 and r["metrics"]["mape"] >= 0
     assert "tuned: 0 usable MobileNetV2 configuration(s)" in " ".join(report["notes"])
@@ -284,7 +307,7 @@ def test_rerunning_a_finished_grid_measures_nothing_and_an_emulated_measurer_is_
     measurer = CountingMeasurer(emulated=True)
     result = run_compare(targets.load("host"), resumed_run["out"], grid=resumed_run["grid"],
                          records_dir=resumed_run["records"], measurer=measurer, progress=False)
-    assert measurer.measured == [] and result.reused == 3
+    assert measurer.measured == [] and measurer.retimed == [] and result.reused == 3
     summary = (resumed_run["out"] / compare.SUMMARY).read_text()
     assert "emulated board: timings meaningless" in summary
     assert json.loads((resumed_run["out"] / compare.RESULTS_JSON).read_text())["emulated"] is True
