@@ -75,7 +75,7 @@ QUICK_RESOLUTIONS = (96, 160, 224)
 REFERENCE_CONFIG = ModelConfig("mobilenet_v2", 1.0, 224)
 VARIANTS = ("untuned", "tuned")
 #: Timing passes over the grid; a point's latency is its fastest pass's median (see run_compare).
-DEFAULT_PASSES = 3
+DEFAULT_PASSES = 5
 #: A tuned point whose untuned (fallback) kernels take at least this share of its profiled time
 #: measures the records' gaps more than the tuned schedules: it is reported but not fitted.
 FALLBACK_TIME_LIMIT = 0.05
@@ -850,7 +850,10 @@ def _run(configs: list[ModelConfig], spec: TargetSpec, out_dir: Path, records: P
                     bar.point(key, f"{cfg.label} tuned: skipped, no records")
                     continue
                 try:
-                    rec = _measure_point(cfg, variant, spec, out_dir, records, measurer, counts[cfg.label], profile)
+                    # With later passes the profile waits for the last one: the pass right after the
+                    # compile was the slowest for most tuned points (1.0/224: 16.1 ms, then 9.4, 9.2).
+                    rec = _measure_point(cfg, variant, spec, out_dir, records, measurer, counts[cfg.label],
+                                         profile and passes == 1)
                 except UserError:
                     raise
                 except Exception as e:  # a TVM build/run failure of one config should not stop the grid
@@ -866,7 +869,7 @@ def _run(configs: list[ModelConfig], spec: TargetSpec, out_dir: Path, records: P
                 measured += 1
                 bar.point(key, _point_line(rec))
             for n in range(2, passes + 1):
-                _extra_pass(n, passes, configs, store, spec, out_dir, records, measurer, bar, failures)
+                _extra_pass(n, passes, configs, store, spec, out_dir, records, measurer, bar, failures, profile)
     except KeyboardInterrupt:
         interrupted = True
         bar.say("interrupted: finished points are kept; run the same command again to resume")
@@ -978,16 +981,18 @@ def _measure_point(cfg: ModelConfig, variant: str, spec: TargetSpec, out_dir: Pa
     rec.update(status="ok", latency_ms=m.latency_ms, passes_ms=[m.latency_ms], times_ms=m.times_ms,
                settings=m.settings, measure_s=round(time.perf_counter() - t, 2))
     if m.kernels is not None:
-        lmap = map_kernels(m.kernels, counted.layers)
-        rec["kernels"] = [asdict(k) for k in m.kernels]
-        rec["layer_map"] = lmap.to_dict()
-        total = sum(k.ms for k in m.kernels)
-        rec["profiled_ms"] = total
-        if variant == "tuned":
-            fallback = set(tuning["fallback"])
-            rec["fallback_time_share"] = (sum(k.ms for k in m.kernels if k.name in fallback) / total
-                                          if total > 0 else None)
+        _attach_profile(rec, m.kernels, counted.layers)
     return rec  # the bundle stays for the later passes; the work folder goes when the run ends
+
+
+def _attach_profile(rec: dict[str, Any], kernels: list[KernelTime], layers: Sequence[LayerCount]) -> None:
+    rec["kernels"] = [asdict(k) for k in kernels]
+    rec["layer_map"] = map_kernels(kernels, layers).to_dict()
+    total = sum(k.ms for k in kernels)
+    rec["profiled_ms"] = total
+    if rec["variant"] == "tuned":
+        fallback = set(rec["fallback"])
+        rec["fallback_time_share"] = sum(k.ms for k in kernels if k.name in fallback) / total if total > 0 else None
 
 
 def _bundle_dir(out_dir: Path, cfg: ModelConfig, variant: str) -> Path:
@@ -1016,14 +1021,18 @@ def _passes(rec: dict[str, Any]) -> list[float]:
 
 
 def _extra_pass(n: int, passes: int, configs: list[ModelConfig], store: PointStore, spec: TargetSpec, out_dir: Path,
-                records: Path, measurer: Measurer, bar: _Progress, failures: dict[str, str]) -> None:
+                records: Path, measurer: Measurer, bar: _Progress, failures: dict[str, str],
+                profile: bool) -> None:
     """Time every measured point of the grid once more (pass ``n``): latency = the fastest pass.
 
     Every other pass goes through the grid backwards, so a point's passes are spread over the
     run rather than taken back to back; only points with fewer than ``n`` passes are timed, so
-    an interrupted run resumes here too. A bundle removed since (a finished earlier run) is
-    compiled again.
+    an interrupted run resumes here too. The last pass also profiles the kernels (when asked),
+    far from the point's compile. A bundle removed since (a finished earlier run) is compiled
+    again.
     """
+    from .madds import LayerCount
+
     order = [(cfg, v) for cfg in configs for v in VARIANTS]
     if n % 2 == 0:
         order.reverse()
@@ -1043,7 +1052,7 @@ def _extra_pass(n: int, passes: int, configs: list[ModelConfig], store: PointSto
             bundle_dir = _bundle_dir(out_dir, cfg, v)
             if not (bundle_dir / "manifest.json").exists():
                 _build(cfg, v, spec, out_dir, records)
-            m = measurer.measure(bundle_dir, cfg, profile=False)
+            m = measurer.measure(bundle_dir, cfg, profile=profile and n == passes)
         except UserError:
             raise
         except Exception as e:  # like a failed first pass: this point keeps the passes it has
@@ -1053,6 +1062,9 @@ def _extra_pass(n: int, passes: int, configs: list[ModelConfig], store: PointSto
             continue
         seen = _passes(rec) + [m.latency_ms]
         rec = dict(rec, passes_ms=seen, latency_ms=min(seen))
+        if m.kernels is not None:
+            layers = [LayerCount(**dict(d, output_shape=tuple(d["output_shape"]))) for d in rec["layers"]]
+            _attach_profile(rec, m.kernels, layers)
         store.add(rec)
         bar.point(f"{key}#{n}", f"pass {n}/{passes} {cfg.label} {v}: {m.latency_ms:.3f} ms "
                                 f"(passes so far {', '.join(f'{x:.3f}' for x in seen)}; keeps {min(seen):.3f})")
@@ -1094,9 +1106,13 @@ def _to_point(rec: dict[str, Any]):
     from .predict import LayerCost, Point
 
     cfg = rec["config"]
-    timed = {r["layer"]: r["ms"] for r in rec.get("layer_map", {}).get("rows", []) if r["kind"] != "other"}
-    layers = [LayerCost(l["name"], l["kind"], int(l["madds"]), int(l["bytes"]), tuple(l.get("output_shape", ())),
-                        timed.get(l["name"])) for l in rec["layers"]]
+    # The profile's shares, the robust latency's level: a profile is one short burst of runs, and
+    # on a shared machine a burst can land in a slow spell that the fastest pass avoided.
+    level = rec["latency_ms"] / rec["profiled_ms"] if rec.get("profiled_ms") and rec.get("latency_ms") else 1.0
+    timed = {r["layer"]: r["ms"] * level for r in rec.get("layer_map", {}).get("rows", [])
+             if r["kind"] != "other" and r["ms"] is not None}
+    layers = [LayerCost(l["name"], l["kind"], int(l["madds"]), int(l["bytes"]), timed.get(l["name"]))
+              for l in rec["layers"]]
     return Point(cfg["model"], float(cfg["width"]), int(cfg["resolution"]), int(rec["madds"]), layers,
                  float(rec["latency_ms"]), rec["variant"] == "tuned")
 

@@ -78,15 +78,13 @@ ROOFLINE_KINDS: tuple[str, ...] = ("conv", "depthwise", "pointwise", "linear")
 @dataclass
 class LayerCost:
     """Cost of one layer: ``kind`` in :data:`LAYER_KINDS`, ``bytes`` = fp32 weights +
-    input activations + output activations; ``shape`` its output shape (NCHW, or N×features)
-    when known, ``ms`` its measured time when the point was profiled (training data for
-    :class:`LayerwisePredictor`; never read when predicting)."""
+    input activations + output activations; ``ms`` its measured time when the point was
+    profiled (training data for :class:`LayerwisePredictor`; never read when predicting)."""
 
     name: str
     kind: str
     madds: int
     bytes: int
-    shape: tuple[int, ...] = ()
     ms: float | None = None
 
     def __post_init__(self) -> None:
@@ -94,7 +92,6 @@ class LayerCost:
             raise ValueError(f"layer {self.name!r}: kind {self.kind!r} is not one of {LAYER_KINDS}")
         if self.madds < 0 or self.bytes < 0:
             raise ValueError(f"layer {self.name!r}: madds and bytes must be non-negative")
-        self.shape = tuple(int(d) for d in self.shape)
 
 
 @dataclass
@@ -506,62 +503,45 @@ class RooflinePredictor:
 
 
 class LayerwisePredictor:
-    """Per-layer latency laws fitted on measured layer times, summed per configuration::
+    """Per-layer cost laws fitted on measured layer times, summed per configuration::
 
-        layer_ms  = exp(beta[kind] · [1, log MAdds, log bytes, log H·W, log C_out])
+        layer_ms   = call[kind] + MAdds / rate[kind] + bytes / bandwidth[kind]
         latency_ms = a · sum_layers(layer_ms) + b
 
     The roofline above sees one number per training configuration (its end-to-end latency);
-    this model learns from every profiled layer of them (~50 a MobileNetV2), so each kind gets
-    its own law in size, memory traffic and shape: depthwise and small-spatial layers run far
-    below the MAdd rate of the large ones, and tuned kernels do not follow one roofline. ``a``
-    and ``b`` (non-negative) carry what per-kernel times leave out (kernels not in the layer
-    list, VM dispatch, caches colder than in a kernel's own loop).
+    this model learns from every profiled layer of them (~50 a MobileNetV2, so ~750 layers from
+    15 configurations), and each kind gets its own compute rate, memory bandwidth and fixed cost
+    per kernel call: depthwise layers are bound by their bytes, pointwise by their MAdds, and the
+    small layers of small inputs by the call itself. The terms add rather than take the larger
+    (a tuned kernel overlaps its loads and FMAs only in part); ``a`` and ``b`` carry what
+    per-layer times leave out (kernels of no conv/linear layer, VM dispatch), ``b`` of either sign.
 
-    The shape terms are used when every training layer has a shape (then predicting needs
-    them too). Fitted by ridge regression in log space per kind (a kind with fewer samples than
-    twice its features falls back to the law pooled over all kinds); ``a``, ``b`` by
-    non-negative least squares on relative residuals. ``fit`` raises ValueError when the
-    training points have no measured layer times (measured without a profile).
+    Fitted by non-negative least squares on relative residuals per kind (so small and large
+    layers count alike); a kind with fewer than six timed layers gets the law fitted on all
+    kinds pooled. ``fit`` raises ValueError when the training points have no measured layer
+    times (measured without a profile); predicting reads only MAdds and bytes.
     """
 
     name = "layerwise"
 
-    def __init__(self, ridge: float = 1e-3) -> None:
-        self.ridge = float(ridge)
-        self.laws: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None  # kind → (beta, mean, sd)
-        self.pooled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self.use_shape = False
+    def __init__(self) -> None:
+        self.laws: dict[str, np.ndarray] | None = None  # kind → [ms per call, ms per MAdd, ms per byte]
+        self.pooled: np.ndarray | None = None
         self.a = self.b = 0.0
         self.samples: dict[str, int] = {}
 
-    def _features(self, layer: LayerCost) -> np.ndarray:
-        f = [math.log(max(layer.bytes, 1))]
-        if layer.kind != "other":
-            f.insert(0, math.log(max(layer.madds, 1)))
-        if self.use_shape:
-            if not layer.shape:
-                raise ValueError(f"LayerwisePredictor was fitted with layer shapes; layer {layer.name!r} has none")
-            sh = layer.shape
-            hw = sh[2] * sh[3] if len(sh) == 4 else 1
-            f += [math.log(hw), math.log(sh[1] if len(sh) >= 2 else 1)]
-        return np.array(f)
-
-    def _solve(self, X: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        mean, sd = X.mean(axis=0), X.std(axis=0)
-        sd[sd == 0] = 1.0
-        Z = np.column_stack([np.ones(len(X)), (X - mean) / sd])
-        pen = math.sqrt(self.ridge * len(X)) * np.eye(Z.shape[1])
-        pen[0, 0] = 0.0  # the intercept is not shrunk
-        # lstsq, not the normal equations: per kind some features are collinear (a depthwise
-        # layer's MAdds are 9·H·W·C), and with ridge 0 the minimum-norm solution is the answer.
-        beta = np.linalg.lstsq(np.vstack([Z, pen]), np.r_[np.log(t), np.zeros(Z.shape[1])], rcond=None)[0]
-        return beta, mean, sd
-
     @staticmethod
-    def _apply(law: tuple[np.ndarray, np.ndarray, np.ndarray], x: np.ndarray) -> float:
-        beta, mean, sd = law
-        return float(np.exp(beta[0] + ((x - mean) / sd) @ beta[1:]))
+    def _features(layers: Sequence[LayerCost]) -> np.ndarray:
+        return np.array([[1.0, float(l.madds), float(l.bytes)] for l in layers]).reshape(-1, 3)
+
+    @classmethod
+    def _solve(cls, layers: Sequence[LayerCost]) -> np.ndarray:
+        t = np.array([l.ms for l in layers], dtype=float)
+        A = cls._features(layers) / t[:, None]
+        scale = np.sqrt((A ** 2).mean(axis=0))
+        scale[scale == 0] = 1.0
+        theta, _ = nnls(A / scale, np.ones(len(layers)))
+        return theta / scale
 
     def fit(self, points: Sequence[Point]) -> LayerwisePredictor:
         y = _measured(points)
@@ -569,41 +549,26 @@ class LayerwisePredictor:
         if not timed or len(points) < 2:
             raise ValueError("LayerwisePredictor needs measured layer times of at least two configurations "
                              "(points measured with a per-kernel profile)")
-        self.use_shape = all(l.shape for l in timed)
         by_kind: dict[str, list[LayerCost]] = {}
         for l in timed:
             by_kind.setdefault(l.kind, []).append(l)
-        self.laws, self.samples = {}, {k: len(v) for k, v in by_kind.items()}
-        for kind, ls in by_kind.items():
-            X = np.array([self._features(l) for l in ls])
-            if len(ls) >= 2 * (X.shape[1] + 1):
-                self.laws[kind] = self._solve(X, np.array([l.ms for l in ls]))
-        # The pooled law (MAdds and bytes only, "other" layers aside) for kinds seen too rarely.
-        rated = [l for l in timed if l.kind != "other"]
-        if rated:
-            X = np.array([[math.log(max(l.madds, 1)), math.log(max(l.bytes, 1))] for l in rated])
-            self.pooled = self._solve(X, np.array([l.ms for l in rated]))
+        self.samples = {k: len(v) for k, v in by_kind.items()}
+        self.laws = {k: self._solve(v) for k, v in by_kind.items() if len(v) >= 6}
+        self.pooled = self._solve(timed)
         s = self._layer_sums(points)
         A = np.column_stack([s, np.ones_like(s)]) / y[:, None]
         scale = np.sqrt((A ** 2).mean(axis=0))
         scale[scale == 0] = 1.0
-        (a, b), _ = nnls(A / scale, np.ones(len(points)))
+        (a, b), *_ = np.linalg.lstsq(A / scale, np.ones(len(points)), rcond=None)
         self.a, self.b = float(a / scale[0]), float(b / scale[1])
         return self
 
     def layer_times(self, point: Point) -> np.ndarray:
         """Predicted time of each layer of ``point`` in ms (before the ``a``, ``b`` calibration)."""
-        if self.laws is None:
+        if self.laws is None or self.pooled is None:
             raise RuntimeError("LayerwisePredictor used before fit")
-        out = []
-        for l in point.layers:
-            if l.kind in self.laws:
-                out.append(self._apply(self.laws[l.kind], self._features(l)))
-            elif l.kind != "other" and self.pooled is not None:
-                out.append(self._apply(self.pooled, np.array([math.log(max(l.madds, 1)), math.log(max(l.bytes, 1))])))
-            else:
-                out.append(0.0)  # a kind never timed (e.g. "other" kernels): left to a and b
-        return np.array(out)
+        X = self._features(point.layers)
+        return np.array([x @ self.laws.get(l.kind, self.pooled) for x, l in zip(X, point.layers)])
 
     def _layer_sums(self, points: Sequence[Point]) -> np.ndarray:
         return np.array([self.layer_times(p).sum() for p in points])
@@ -614,13 +579,14 @@ class LayerwisePredictor:
     def describe(self) -> dict[str, Any]:
         if self.laws is None:
             return {}
-        names = ["madds", "bytes"] + (["hw", "channels"] if self.use_shape else [])
-        exps = {}
-        for kind, (beta, _, sd) in self.laws.items():
-            cols = names if kind != "other" else names[1:]
-            # Exponents of the power law: time ∝ Π feature^exponent.
-            exps[kind] = {c: float(bv / sv) for c, bv, sv in zip(cols, beta[1:], sd)}
-        return {"exponents": exps, "layers_fitted": dict(self.samples), "scale_a": self.a, "intercept_ms": self.b}
+
+        def law(theta: np.ndarray) -> dict[str, float | None]:
+            call, per_madd, per_byte = (float(v) for v in theta)
+            return {"us_per_call": call * 1e3, "gmadds_per_s": 1e-6 / per_madd if per_madd > 0 else None,
+                    "gb_per_s": 1e-6 / per_byte if per_byte > 0 else None}
+
+        return {"laws": {k: law(v) for k, v in self.laws.items()}, "layers_fitted": dict(self.samples),
+                "scale_a": self.a, "intercept_ms": self.b}
 
 
 def make_predictors(peak_gflops: float | None = None, layer_times: bool = False) -> dict[str, Any]:

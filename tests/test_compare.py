@@ -167,18 +167,20 @@ def test_mapping_follows_shapes_and_madds_not_the_order_of_parallel_branches():
 
 
 class CountingMeasurer:
-    """The host measurer, counting which configurations it really measured: ``measured`` the
-    first passes (profiled), ``retimed`` the later timing passes (not profiled)."""
+    """The host measurer, counting which configurations it really measured (``measured``, in
+    call order) and which of those calls also profiled the kernels (``profiled``)."""
 
     def __init__(self, emulated: bool = False) -> None:
         self.inner = HostMeasurer(repeat=3, min_repeat_ms=20, profile_budget_ms=300)
         self.name = self.inner.name
         self.emulated = emulated
         self.measured: list[str] = []
-        self.retimed: list[str] = []
+        self.profiled: list[str] = []
 
     def measure(self, bundle_dir, cfg, *, profile=True):
-        (self.measured if profile else self.retimed).append(cfg.label)
+        self.measured.append(cfg.label)
+        if profile:
+            self.profiled.append(cfg.label)
         return self.inner.measure(bundle_dir, cfg, profile=profile)
 
 
@@ -229,7 +231,8 @@ def resumed_run(tmp_path_factory):
         "summary": (out / compare.SUMMARY).read_text(),
     }
     measurer = CountingMeasurer()
-    result = run_compare(targets.load("host"), out, grid=grid, records_dir=records, measurer=measurer, progress=True)
+    result = run_compare(targets.load("host"), out, grid=grid, records_dir=records, measurer=measurer, progress=True,
+                         passes=3)
     return {"first": first, "result": result, "measurer": measurer, "out": out, "grid": grid, "records": records}
 
 
@@ -244,7 +247,7 @@ def test_an_interrupted_run_keeps_its_points_and_says_it_is_incomplete(resumed_r
 
 def test_a_resumed_run_measures_only_the_missing_points(resumed_run):
     result, measurer = resumed_run["result"], resumed_run["measurer"]
-    assert measurer.measured == TINY_LABELS[1:]
+    assert measurer.measured[:2] == TINY_LABELS[1:]  # the first pass: only the points not measured yet
     assert result.reused == 1 and result.measured == 2
     points = _points(resumed_run["out"])
     assert points[0] == resumed_run["first"]["points"][0]  # untouched, not measured again
@@ -255,8 +258,10 @@ def test_a_resumed_run_measures_only_the_missing_points(resumed_run):
 def test_every_point_is_timed_in_passes_spread_over_the_run_and_keeps_its_fastest(resumed_run):
     measurer = resumed_run["measurer"]
     # Pass 2 walks the grid backwards, pass 3 forwards (untuned only: the records are empty);
-    # the point measured before the interrupt gets its later passes like the others.
-    assert measurer.retimed == TINY_LABELS[::-1] + TINY_LABELS
+    # the point measured before the interrupt gets its later passes like the others, and the
+    # kernels are profiled in the last pass, away from the compiles.
+    assert measurer.measured[2:] == TINY_LABELS[::-1] + TINY_LABELS
+    assert measurer.profiled == TINY_LABELS
     lines = _points(resumed_run["out"])
     assert len(lines) == 3 + 6  # each pass appends the point again; the last line of a key wins
     latest = {p["key"]: p for p in lines}
@@ -306,8 +311,8 @@ def test_the_report_has_every_file_and_holds_out_configs(resumed_run):
 def test_rerunning_a_finished_grid_measures_nothing_and_an_emulated_measurer_is_flagged(resumed_run, tmp_path):
     measurer = CountingMeasurer(emulated=True)
     result = run_compare(targets.load("host"), resumed_run["out"], grid=resumed_run["grid"],
-                         records_dir=resumed_run["records"], measurer=measurer, progress=False)
-    assert measurer.measured == [] and measurer.retimed == [] and result.reused == 3
+                         records_dir=resumed_run["records"], measurer=measurer, progress=False, passes=3)
+    assert measurer.measured == [] and result.reused == 3
     summary = (resumed_run["out"] / compare.SUMMARY).read_text()
     assert "emulated board: timings meaningless" in summary
     assert json.loads((resumed_run["out"] / compare.RESULTS_JSON).read_text())["emulated"] is True
@@ -402,7 +407,7 @@ def test_a_tuned_grid_end_to_end_and_only_points_whose_own_records_change_are_me
     host = targets.load("host")
     first = CountingMeasurer()
     result = run_compare(host, out, grid=grid, records_dir=records, measurer=first, tune_trials_per_config=12,
-                         progress=False)
+                         progress=False, passes=1)
     assert sorted(first.measured) == ["mobilenet_v2-0.35-32"] * 2 + ["mobilenet_v2-0.35-64"] * 2
     tuned = {p["label"]: p for p in _points(out) if p["variant"] == "tuned"}
     for p in tuned.values():
@@ -418,7 +423,7 @@ def test_a_tuned_grid_end_to_end_and_only_points_whose_own_records_change_are_me
     with open(rec_file, "a") as f:
         f.write(json.dumps([len(lines), json.loads(rec_file.read_text().splitlines()[0])[1]]) + "\n")
     again = CountingMeasurer()
-    result = run_compare(host, out, grid=grid, records_dir=records, measurer=again, progress=False)
+    result = run_compare(host, out, grid=grid, records_dir=records, measurer=again, progress=False, passes=1)
     assert again.measured == [] and result.reused == 4
 
     # ...a new record of a kernel only 0.35/32 has makes just its tuned point stale.
@@ -427,7 +432,7 @@ def test_a_tuned_grid_end_to_end_and_only_points_whose_own_records_change_are_me
     with open(rec_file, "a") as f:
         f.write(own + "\n")
     third = CountingMeasurer()
-    result = run_compare(host, out, grid=grid, records_dir=records, measurer=third, progress=False)
+    result = run_compare(host, out, grid=grid, records_dir=records, measurer=third, progress=False, passes=1)
     assert third.measured == ["mobilenet_v2-0.35-32"] and result.reused == 3
 
 
@@ -502,7 +507,7 @@ def test_compare_on_the_virtual_board_over_ssh(compare_board, tmp_path, capsys):
     (tmp_path / "no-records").mkdir()
     out = tmp_path / "report"
     argv = ["compare", "--target", "rpi4b", "--grid", str(grid), "--records", str(tmp_path / "no-records"),
-            "-o", str(out), *ssh_args(compare_board), "--repeat", "2", "--min-repeat-ms", "0"]
+            "-o", str(out), *ssh_args(compare_board), "--repeat", "2", "--min-repeat-ms", "0", "--passes", "1"]
     rc = main(argv)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -548,7 +553,7 @@ def test_compare_over_plain_rpc_says_the_board_may_be_emulated(compare_board, tm
     with B.open_board(target_of(compare_board), opts_of(compare_board)) as ob:
         rc = main(["compare", "--target", "rpi4b", "--grid", str(grid), "--records", str(tmp_path / "no-records"),
                    "-o", str(out), "--rpc", f"127.0.0.1:{ob.local_port}", "--repeat", "2", "--min-repeat-ms", "0",
-                   "--no-profile"])
+                   "--no-profile", "--passes", "1"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     report = json.loads((out / compare.RESULTS_JSON).read_text())

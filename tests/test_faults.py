@@ -763,6 +763,7 @@ def sweep_cases(root: Path, closed: int) -> list[tuple[str, list[str]]]:
         ("prune missing dir", ["prune", "--records", str(root / "missing_records")]),
         # compare
         ("compare negative budget", ["compare", "--tune-trials", "-1", "-o", str(root / "compare_out")]),
+        ("compare zero passes", ["compare", "--passes", "0", "-o", str(root / "compare_out")]),
         ("compare missing grid", ["compare", "--grid", str(root / "nogrid.json"), "-o", str(root / "compare_out")]),
         ("compare corrupt grid", ["compare", "--grid", str(root / "bad_grid.json"), "-o", str(root / "compare_out")]),
         ("compare invalid grid config", ["compare", "--grid", str(root / "grid_wrong.json"), "-o",
