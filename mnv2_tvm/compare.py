@@ -83,7 +83,7 @@ FALLBACK_TIME_LIMIT = 0.05
 GOAL_WITHIN10, GOAL_SPEARMAN = 0.90, 0.98
 #: Our predictors beyond MAdds, least to most informed (the goal is judged on the last one fitted).
 OWN_PREDICTORS = {"roofline": "Per-layer roofline (fitted on end-to-end latencies)",
-                  "layerwise": "Layerwise (per-kind power laws fitted on measured layer times)"}
+                  "layerwise": "Layerwise (per-kind cost laws fitted on measured layer times)"}
 
 POINTS_FILE = "points.jsonl"
 RESULTS_JSON = "results.json"
@@ -1557,7 +1557,9 @@ def _summary(rep: dict[str, Any], files: dict[str, Path], n_tuned: int, n_untune
            if on_board else
            "- Per-layer times: the Relax VM instrument hook around each kernel call, median over runs; "
            if pl is not None else "- Per-layer times: not profiled in this run.")
-          + ("mapped to conv/linear layers by output shape and MAdds." if pl is not None else ""),
+          + ("mapped to conv/linear layers by output shape and MAdds; taken in the last pass when there are "
+             "several. The layerwise predictor learns from them scaled to the point's latency (the profile "
+             "gives each layer's share, the fastest pass the level)." if pl is not None else ""),
           "- MAdds and bytes per layer: `mnv2-tvm madds` (bytes = fp32 weights + input and output activations).",
           "", "## Files", ""]
     L += [f"- `{name}`" for name in sorted(files)] + [f"- `{POINTS_FILE}` (raw points; resumes the run)", ""]

@@ -19,6 +19,9 @@ Predictors (all ``fit(train_points) -> self`` and ``predict(points) -> np.ndarra
   summed over the layers, plus a constant ``b``; fitted by alternating between assigning
   each layer to its compute or memory bound and solving a (weighted, mildly regularised)
   non-negative least-squares problem (:func:`nnls`, Lawson–Hanson, numpy only).
+* :class:`LayerwisePredictor` — per layer ``call + MAdds / rate + bytes / bandwidth``, all three
+  per kind, fitted on the measured layer times of the training points (``LayerCost.ms``),
+  summed and calibrated as ``a * sum + b``.
 
 Evaluation: :func:`split` (deterministic, stratified on MAdds, extremes kept in train),
 :func:`metrics` (r2, MAPE, worst error, share within ±10 %, Spearman), :func:`evaluate`,
