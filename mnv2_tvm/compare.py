@@ -732,10 +732,10 @@ def run_compare(spec: TargetSpec, out_dir: Path, *, grid: str | Path = "default"
                 progress: bool = True, profile: bool = True, passes: int = DEFAULT_PASSES) -> CompareResult:
     """Measure ``grid`` on ``spec`` untuned and tuned, and write the report to ``out_dir``.
 
-    Every point is timed in ``passes`` passes over the grid (the first compiles, profiles and
-    times; the others time the kept bundles again, in alternating order) and its latency is the
-    fastest pass's median: on a shared machine a slow pass is another process's doing, never a
-    faster program.
+    Every point is timed in ``passes`` passes over the grid (the first compiles and times; the
+    others time the kept bundles again, in alternating order; the last also profiles the kernels)
+    and its latency is the fastest pass's median: on a shared machine a slow pass is another
+    process's doing, never a faster program.
 
     ``grid`` is a built-in grid's name (``"default"``, ``"quick"``) or a JSON/TOML file (:func:`load_grid`). ``records_dir`` defaults to
     the target's schedules folder. Finished points in ``out_dir/points.jsonl`` are reused (tuned
