@@ -203,6 +203,18 @@ def nnls(A: np.ndarray, b: np.ndarray, max_iter: int | None = None,
     return x, float(np.linalg.norm(A @ x - b))
 
 
+def _relative_fit(X: np.ndarray, y: np.ndarray, nonnegative: bool = True) -> np.ndarray:
+    """``theta`` minimising ``||(X @ theta) / y - 1||`` (relative residuals, so small and large
+    rows count alike), with ``theta >= 0`` by :func:`nnls` unless ``nonnegative`` is False; the
+    columns are scaled to unit RMS first so that MAdds, bytes and ones are solved on one footing."""
+    A = X / y[:, None]
+    scale = np.sqrt((A ** 2).mean(axis=0))
+    scale[scale == 0] = 1.0
+    rhs = np.ones(len(y))
+    theta = nnls(A / scale, rhs)[0] if nonnegative else np.linalg.lstsq(A / scale, rhs, rcond=None)[0]
+    return theta / scale
+
+
 def rankdata(values: Sequence[float] | np.ndarray) -> np.ndarray:
     """Ranks starting at 1, ties get the average of their ranks (``scipy.stats.rankdata``)."""
     a = np.asarray(values, dtype=float).ravel()
@@ -373,11 +385,7 @@ class RooflinePredictor:
 
         # Pure-MAdd anchor: latency ≈ a * sum(layer madds of the rated kinds) + b, a, b >= 0.
         total = all_compute[:, :K].sum(axis=1)
-        A0 = np.column_stack([total, np.ones(n)]) / y[:, None]
-        s0 = np.sqrt((A0 ** 2).mean(axis=0))
-        s0[s0 == 0] = 1.0
-        (a0, b0), _ = nnls(A0 / s0, np.ones(n))
-        a0, b0 = a0 / s0[0], b0 / s0[1]
+        a0, b0 = _relative_fit(np.column_stack([total, np.ones(n)]), y)
         theta0 = np.zeros(NP)
         theta0[:K] = a0
         theta0[self._IB] = b0
@@ -539,12 +547,7 @@ class LayerwisePredictor:
 
     @classmethod
     def _solve(cls, layers: Sequence[LayerCost]) -> np.ndarray:
-        t = np.array([l.ms for l in layers], dtype=float)
-        A = cls._features(layers) / t[:, None]
-        scale = np.sqrt((A ** 2).mean(axis=0))
-        scale[scale == 0] = 1.0
-        theta, _ = nnls(A / scale, np.ones(len(layers)))
-        return theta / scale
+        return _relative_fit(cls._features(layers), np.array([l.ms for l in layers], dtype=float))
 
     def fit(self, points: Sequence[Point]) -> LayerwisePredictor:
         y = _measured(points)
@@ -559,11 +562,8 @@ class LayerwisePredictor:
         self.laws = {k: self._solve(v) for k, v in by_kind.items() if len(v) >= 6}
         self.pooled = self._solve(timed)
         s = self._layer_sums(points)
-        A = np.column_stack([s, np.ones_like(s)]) / y[:, None]
-        scale = np.sqrt((A ** 2).mean(axis=0))
-        scale[scale == 0] = 1.0
-        (a, b), *_ = np.linalg.lstsq(A / scale, np.ones(len(points)), rcond=None)
-        self.a, self.b = float(a / scale[0]), float(b / scale[1])
+        a, b = _relative_fit(np.column_stack([s, np.ones_like(s)]), y, nonnegative=False)
+        self.a, self.b = float(a), float(b)
         return self
 
     def layer_times(self, point: Point) -> np.ndarray:
