@@ -363,12 +363,35 @@ def test_transfer_seeds_a_new_resolution_with_refitted_schedules_of_the_old(tune
     assert rep.tasks_covered_before == 0 and rep.trials_run == 6 and rep.trials_in_db_after == 6
     err = capfd.readouterr().err
     assert "schedules of similar workloads refitted to the new tasks and measured" in err
-    seeds = int(err.split(" schedules of similar workloads")[0].rsplit("] ", 1)[-1])
+    seeds = _seeds_in(err)
     assert 3 <= seeds <= 6  # each of the 3 tasks got at least one carried-over schedule
     assert all(t.best_us is not None for t in rep.tasks)
     # the seeds are real measurements, kept like any trial and applied by compile
     exe, report = T.compile_with_records(mod, TARGET, records_dir, params=params)
     assert not report.untuned and not report.fallback
+
+
+def _seeds_in(err: str) -> int:
+    if " schedules of similar workloads" not in err:
+        return 0
+    return int(err.split(" schedules of similar workloads")[0].rsplit("] ", 1)[-1])
+
+
+def test_transfer_seeds_tuned_tasks_too_within_the_budget_and_never_twice(tuned, tiny, tmp_path, capfd):
+    records_dir = copy_records(tuned[0], tmp_path / "r")
+    _, _, net, _ = tiny
+    mod, params = to_relax(net, torch.randn(1, 3, 24, 24))
+    rep = T.tune(mod, TARGET, records_dir, 3, params=params, seed=6)  # one random schedule a task
+    assert rep.trials_run == 3 and all(t.trials == 1 for t in rep.tasks)
+    capfd.readouterr()
+    # two trials to spend: both go to neighbours' schedules on the tasks with the most time
+    rep = T.tune(mod, TARGET, records_dir, 5, params=params, seed=6, transfer=True)
+    assert rep.trials_run == 2 and _seeds_in(capfd.readouterr().err) == 2
+    assert sorted(t.trials for t in rep.tasks) == [0, 1, 1]
+    # the seeds measured before are not measured again: only the third task's is new
+    rep = T.tune(mod, TARGET, records_dir, 9, params=params, seed=6, transfer=True)
+    assert rep.trials_run == 4 and _seeds_in(capfd.readouterr().err) == 1
+    assert rep.trials_in_db_after - rep.trials_in_db_before == 4
 
 
 def test_sigkill_keeps_records_and_rerun_resumes(tmp_path, tiny):
