@@ -410,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-key", help="the boards' key at the tracker (default: the target's)")
     p.add_argument("--transfer", action="store_true",
                    help="start from what the database holds for other widths, resolutions and models: "
-                        "train the cost model on it and give each new task the best schedules of the "
-                        "nearest layers of its kind, refitted to its shapes")
+                        "train the cost model on it and give each task the best schedules of the "
+                        "nearest layers of its kind, refitted to its shapes (new tasks first, then, "
+                        "within --trials, tuned ones by time share)")
     _add_ssh_args(p)
     p.set_defaults(func=cmd_tune)
 

@@ -1638,10 +1638,10 @@ def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, s
             t = time.monotonic()
             seeded = _seed_from_similar(sess, builder, run)
             if seeded:
-                _log.info("%d schedules of similar workloads measured on new tasks (%.1f s)", seeded,
+                _log.info("%d schedules of similar workloads measured (%.1f s)", seeded,
                           time.monotonic() - t)
                 if sess.bar is not None:
-                    sess.bar.note(f"{seeded} schedules of similar workloads refitted to the new tasks and "
+                    sess.bar.note(f"{seeded} schedules of similar workloads refitted to the tasks and "
                                   f"measured ({time.monotonic() - t:.0f} s)")
         callbacks = [
             ms.measure_callback.AddToDatabase(),  # RecordsDatabase fsyncs each record

@@ -362,7 +362,7 @@ def test_transfer_seeds_a_new_resolution_with_refitted_schedules_of_the_old(tune
     rep = T.tune(mod, TARGET, records_dir, 6, params=params, seed=6, transfer=True)
     assert rep.tasks_covered_before == 0 and rep.trials_run == 6 and rep.trials_in_db_after == 6
     err = capfd.readouterr().err
-    assert "schedules of similar workloads refitted to the new tasks and measured" in err
+    assert "schedules of similar workloads refitted to the tasks and measured" in err
     seeds = _seeds_in(err)
     assert 3 <= seeds <= 6  # each of the 3 tasks got at least one carried-over schedule
     assert all(t.best_us is not None for t in rep.tasks)
