@@ -560,13 +560,23 @@ def _compute_kernel(name: str) -> bool:
     return any(k in name for k in ("conv2d", "matmul", "dense"))
 
 
+def _padded(layer: Sequence[int], kernel: Sequence[int]) -> bool:
+    """Whether a blocked kernel's output is the layer's with channels padded to its block
+    (ONNX Runtime's NCHWc convs write 488 channels for a head's 486)."""
+    if len(layer) != 4 or len(kernel) != 4:
+        return False
+    (n, c, h, w), (kn, kc, kh, kw) = layer, kernel
+    return (n, h, w) == (kn, kh, kw) and c < kc < c + 16 and kc % 8 == 0
+
+
 def map_kernels(kernels: Sequence[KernelTime], layers: Sequence[LayerCount]) -> LayerMap:
     """Map fused TIR kernels to the model's conv and linear layers.
 
     Relax fuses each conv (or matmul) with its bias, clip and residual add into one kernel, so a
     conv2d/matmul kernel is one layer. A kernel takes the first free layer with its output shape,
     preferring one with the MAdds its argument shapes imply and one at or after the previous
-    match (execution follows PyTorch's order; parallel branches may swap). Other kernels (pooling,
+    match (execution follows PyTorch's order; parallel branches may swap); failing the shape, one
+    whose channels a blocked kernel padded. Other kernels (pooling,
     resize, concat, box decoding) become rows of kind ``other``.
     """
     free = list(range(len(layers)))
@@ -576,7 +586,8 @@ def map_kernels(kernels: Sequence[KernelTime], layers: Sequence[LayerCount]) -> 
     cursor = 0
     for k in kernels:
         if _compute_kernel(k.name):
-            cands = [i for i in free if tuple(layers[i].output_shape) == tuple(k.output_shape)]
+            cands = ([i for i in free if tuple(layers[i].output_shape) == tuple(k.output_shape)]
+                     or [i for i in free if _padded(layers[i].output_shape, k.output_shape)])
             if cands:
                 exact = [i for i in cands if k.madds is not None and layers[i].madds == k.madds]
                 pool = exact or cands

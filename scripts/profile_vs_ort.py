@@ -218,7 +218,7 @@ def plot(table: list[dict], per_layer: list[dict], med: dict, path: Path, title:
           color="#1b7837")
     a.bar([i + 0.2 for i in idx], [r["ort_ms"] for r in table], 0.4, label=f"ONNX Runtime ({med['ort']:.1f} ms)",
           color="#b2182b")
-    a.set_xticks(list(idx), [r["kind"].replace(" kernels", "\nkernels") for r in table], fontsize=8)
+    a.set_xticks(list(idx), [r["kind"].replace(" kernels", "\nkernels") for r in table], fontsize=8, rotation=30)
     a.set_ylabel("ms per inference")
     a.legend(fontsize=8)
     a.set_title("time by layer kind", fontsize=9)

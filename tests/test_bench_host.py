@@ -43,3 +43,53 @@ def test_peak_rss_is_measured_per_engine_in_a_process_that_loads_only_that_engin
     # The children's own peaks, not this (larger) process's high-water mark carried across exec.
     assert rss["onnxruntime"]["peak_rss_mb"] < 0.8 * own_peak_mb
     assert len({round(r["peak_rss_mb"]) for r in rss.values()}) == 3
+
+
+def _profile_vs_ort():
+    path = SCRIPT.with_name("profile_vs_ort.py")
+    spec = importlib.util.spec_from_file_location("profile_vs_ort", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ort_profile_maps_onto_every_layer_of_each_model(tmp_path):
+    """profile_vs_ort.py reads ONNX Runtime's own profile: every conv and linear layer of the
+    three models gets one ORT node with the layer's output shape and MAdds (its blocked NCHWc
+    kernels included), the warm-up run is left out, and times are positive."""
+    import onnxruntime as ort
+
+    from mnv2_tvm.compare import map_kernels
+    from mnv2_tvm.lower import export_onnx
+    from mnv2_tvm.madds import count
+    from mnv2_tvm.models import ModelConfig, build, example_input
+
+    pvo = _profile_vs_ort()
+    for model in ("mobilenet_v2", "ssdlite", "deeplabv3"):
+        cfg = ModelConfig(**SMALL[model])
+        onnx_path = export_onnx(build(cfg), cfg, tmp_path / f"{model}.onnx")
+        so = ort.SessionOptions()
+        so.enable_profiling, so.profile_file_prefix = True, str(tmp_path / model)
+        sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            sess.run(None, {"input": example_input(cfg)})
+        kernels = pvo.ort_kernels(sess.end_profiling(), skip_runs=1)
+        layers = count(cfg).layers
+        mapped = map_kernels(kernels, layers)
+        assert mapped.complete, (model, mapped.unmatched_layers[:3], mapped.unmatched_kernels[:3])
+        rows = [r for r in mapped.rows if r.kind != "other"]
+        assert len(rows) == len(layers) and all(r.ms > 0 for r in rows)
+        by_name = {lc.name: lc for lc in layers}
+        padded = [r for r in rows if _shape(kernels, r.kernel) != tuple(by_name[r.layer].output_shape)]
+        assert all(by_name[r.layer].madds == _madds(kernels, r.kernel) for r in rows if r not in padded), model
+        # ORT's NCHWc convs pad output channels to 8: SSDLite's heads (12, 243, 486 channels),
+        # DeepLab's 21-class classifier
+        assert all(_shape(kernels, r.kernel)[1] % 8 == 0 for r in padded) and (len(padded) > 0) == (model != "mobilenet_v2")
+
+
+def _madds(kernels, name):
+    return next(k.madds for k in kernels if k.name == name)
+
+
+def _shape(kernels, name):
+    return tuple(next(k.output_shape for k in kernels if k.name == name))
