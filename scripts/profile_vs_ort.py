@@ -192,7 +192,7 @@ def main() -> int:
     for d in gaps[:8]:
         print(f"    {d['layer']:32s} {d['kind']:9s} {'x'.join(map(str, d['shape'][1:])):>12s} "
               f"TVM {d['tvm_ms']:.3f}  ORT {d['ort_ms']:.3f}  (+{d['tvm_ms'] - d['ort_ms']:.3f})")
-    stem = f"{spec.name}_{cfg.label}".replace("/", "_")
+    stem = f"{spec.name}_{cfg.label}_vs_ort".replace("/", "_")
     out = {"model": cfg.label, "target": spec.name, "threads": args.threads, "rounds": args.rounds,
            "runs_per_round": args.runs, "end_to_end_ms": med, "end_to_end_rounds_ms": e2e, "by_kind": table,
            "per_layer": per_layer,
