@@ -1686,9 +1686,9 @@ def tune(
 
     With ``transfer`` the cost model is first trained on the records the database holds for
     other workloads too (:func:`_warm_start`), so a new config starts from what the CPU taught
-    earlier runs, and each task without records is first given the best schedules of the
-    nearest workloads of its kind, refitted to its shapes and measured
-    (:func:`_seed_from_similar`).
+    earlier runs, and tasks are first given the best schedules of the nearest workloads of their
+    kind, refitted to their shapes and measured: every task without records, then tasks with
+    records while the budget lasts (:func:`_seed_from_similar`).
 
     ``trials`` is split over the tasks (:func:`allocate_trials`); records of a task's workload
     already in the database (from any run or model) count toward that task's share, up to the
