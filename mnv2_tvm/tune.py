@@ -1562,10 +1562,10 @@ def _seed_from_similar(sess: _Session, builder: Any, run: Any) -> int:
         blocks = _sblocks(task.mod)
         sources = sorted(((_shape_distance(blocks, b), r) for b, r in by_kind.get(_kernel_kind(blocks), [])),
                          key=lambda s: s[0])
-        tried = {_trace_key(r.trace) for r in sess.db.records_of(task.mod)} if sess.existing[i] else set()
         sources = [r for d, r in sources if d > 0 or not sess.existing[i]]  # not the task's own best
         if not sources:
             continue
+        tried = {_trace_key(r.trace) for r in sess.db.records_of(task.mod)} if sess.existing[i] else set()
         ctx = ms.TuneContext(mod=task.mod, target=task.target, space_generator="post-order-apply",
                              task_name=task.name, num_threads=1)
         cands = []

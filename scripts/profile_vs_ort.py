@@ -88,13 +88,11 @@ def main() -> int:
     args = p.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read once, when TVM's pool starts
 
-    import numpy as np
     import onnxruntime as ort
-    import tvm
 
     from mnv2_tvm import targets
     from mnv2_tvm.bundle import Runner
-    from mnv2_tvm.compare import map_kernels, profile_kernels
+    from mnv2_tvm.compare import KernelTime, map_kernels, profile_kernels
     from mnv2_tvm.compile import compile_bundle
     from mnv2_tvm.lower import export_onnx
     from mnv2_tvm.madds import count
@@ -111,7 +109,6 @@ def main() -> int:
         result = compile_bundle(cfg, spec, Path(tmp) / "tuned", records_dir=records)
         tuning = result.manifest["tuning"]
         runner = Runner(Path(tmp) / "tuned")
-        dev_x = tvm.runtime.tensor(runner.check_input(x), runner.device)
         onnx_path = export_onnx(build(cfg), cfg, Path(tmp) / "model.onnx")
 
         def session(profile: bool):
@@ -141,8 +138,6 @@ def main() -> int:
                   f"ORT {e2e['ort'][-1]:.2f} ms", file=sys.stderr)
         ort_rows = ort_kernels(ort_prof.end_profiling(), skip_runs=1)
     # TVM: per kernel, the median over the rounds' medians
-    from mnv2_tvm.compare import KernelTime
-
     tvm_rows = [KernelTime(k.name, k.output_shape, k.bytes, statistics.median(rr[i].ms for rr in tvm_runs), k.madds)
                 for i, k in enumerate(tvm_runs[0])]
     maps = {"tvm": map_kernels(tvm_rows, layers), "ort": map_kernels(ort_rows, layers)}

@@ -12,8 +12,8 @@ from conftest import SMALL
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_host.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_host", SCRIPT)
+def _script(name: str = "bench_host"):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -45,14 +45,6 @@ def test_peak_rss_is_measured_per_engine_in_a_process_that_loads_only_that_engin
     assert len({round(r["peak_rss_mb"]) for r in rss.values()}) == 3
 
 
-def _profile_vs_ort():
-    path = SCRIPT.with_name("profile_vs_ort.py")
-    spec = importlib.util.spec_from_file_location("profile_vs_ort", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_ort_profile_maps_onto_every_layer_of_each_model(tmp_path):
     """profile_vs_ort.py reads ONNX Runtime's own profile: every conv and linear layer of the
     three models gets one ORT node with the layer's output shape and MAdds (its blocked NCHWc
@@ -64,7 +56,7 @@ def test_ort_profile_maps_onto_every_layer_of_each_model(tmp_path):
     from mnv2_tvm.madds import count
     from mnv2_tvm.models import ModelConfig, build, example_input
 
-    pvo = _profile_vs_ort()
+    pvo = _script("profile_vs_ort")
     for model in ("mobilenet_v2", "ssdlite", "deeplabv3"):
         cfg = ModelConfig(**SMALL[model])
         onnx_path = export_onnx(build(cfg), cfg, tmp_path / f"{model}.onnx")
