@@ -38,6 +38,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule._ffi_api import TuningRecordAsJSON as _TuningRecordAsJSON
 
+from . import microkernels
 from .lower import legalize_conv2d
 
 __all__ = [
@@ -1292,8 +1293,8 @@ class _Session:
         # Every task is brought to the minimum even when records of other models already fill
         # the total (the tasks they share are tuned, the others are not). A total too small for
         # that lowers the minimum to what it affords per task, never to nothing.
-        least = min(MIN_TRIALS_PER_TASK, max(1, trials // max(1, len(tasks)))) if trials > 0 else 0
-        self.floor = sum(max(e, least) for e in self.existing)
+        self.least = min(MIN_TRIALS_PER_TASK, max(1, trials // max(1, len(tasks)))) if trials > 0 else 0
+        self.floor = sum(max(e, self.least) for e in self.existing)
         self.remaining = max(0, max(self.floor, trials) - sum(self.existing))  # what this run measures
         self.measured = [0] * len(tasks)  # as seen by the batch callback (progress)
         self.errors = [[0, 0] for _ in tasks]  # build, run
@@ -1534,6 +1535,83 @@ def _trace_key(trace: Any) -> str:
     return str(trace.as_json(remove_postproc=True))
 
 
+def _finished(task: _Task, schedules: list[Any], tried: set[str]) -> list[Any]:
+    """Schedules postprocessed as MetaSchedule finishes its own candidates (parallel, vectorise,
+    packed weights), those whose trace is in ``tried`` or that fail postprocessing left out;
+    ``tried`` gains the rest."""
+    ctx = ms.TuneContext(mod=task.mod, target=task.target, space_generator="post-order-apply",
+                         task_name=task.name, num_threads=1)
+    out = []
+    for sch in schedules:
+        key = _trace_key(sch.trace)
+        if key in tried:
+            continue
+        try:
+            sch.enter_postproc()
+            if not all(p.apply(sch) for p in ctx.space_generator.postprocs):
+                continue
+        except Exception:  # noqa: BLE001 - a schedule postprocessing rejects is no candidate
+            continue
+        tried.add(key)
+        out.append(sch)
+    return out
+
+
+def _measure_schedules(sess: _Session, i: int, cands: list[Any], builder: Any, run: Any, what: str) -> None:
+    """Build, time and record schedules we wrote for task ``i``, as MetaSchedule records its trials."""
+    task = sess.tasks[i]
+    sess.current = i
+    if sess.bar is not None:
+        sess.bar.update(task=task.name)
+    # As MetaSchedule measures a candidate: with the argument shapes after RewriteLayout.
+    args_info = [ms.arg_info.ArgInfo.from_entry_func(c.mod, remove_preproc=True) for c in cands]
+    built = builder.build([ms.builder.BuilderInput(c.mod, task.target) for c in cands])
+    device = tvm.runtime.Device._DEVICE_TYPE_TO_NAME[task.target.get_target_device_type()]
+    inputs = [ms.runner.RunnerInput(b.artifact_path, device, a)
+              for b, a in zip(built, args_info) if b.error_msg is None]
+    results = iter(f.result() for f in run.run(inputs)) if inputs else iter(())
+    workload = sess.db.commit_workload(task.mod)
+    runner_results = []
+    for sch, b, a in zip(cands, built, args_info):
+        rr = next(results) if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg)
+        runner_results.append(rr)
+        if rr.error_msg is not None:
+            _log.warning("task %s: %s failed: %s", task.name, what, _short(Exception(rr.error_msg)))
+        secs = rr.run_secs if rr.error_msg is None and rr.run_secs else [1e10]
+        sess.db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, [float(x) for x in secs], task.target, a))
+    for b in built:
+        if b.artifact_path:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(os.path.dirname(b.artifact_path))
+    sess.on_batch(built, runner_results)
+
+
+def _seed_from_templates(sess: _Session, builder: Any, run: Any) -> int:
+    """Measure the hand-written schedules of :mod:`.microkernels` for the tasks they fit, most
+    time first; those the database holds already are not measured again. Evolutionary search
+    then starts from the best of them. They share what this run's budget leaves once every other
+    task is sure of its minimum, so a small budget still reaches every kernel. Returns trials run."""
+    importance = _importance(sess.tasks, sess.best)
+    fits = {}
+    for i, task in enumerate(sess.tasks):
+        schedules = microkernels.candidates(task.mod, task.target)
+        if schedules:
+            tried = {_trace_key(r.trace) for r in sess.db.records_of(task.mod)} if sess.existing[i] else set()
+            fits[i] = _finished(task, schedules, tried)
+    reserve = sum(max(0, sess.least - n) for i, n in enumerate(sess.existing) if i not in fits)
+    budget = sess.remaining - reserve
+    if budget <= 0 or not any(fits.values()):
+        return 0
+    per_task = max(1, budget // sum(1 for c in fits.values() if c))
+    start = sum(sess.measured)
+    for i in sorted(fits, key=lambda j: -importance[j]):
+        cands = fits[i][:min(per_task, budget - (sum(sess.measured) - start))]
+        if cands:
+            _measure_schedules(sess, i, cands, builder, run, "a hand-written schedule")
+    return sum(sess.measured) - start
+
+
 def _seed_from_similar(sess: _Session, builder: Any, run: Any) -> int:
     """Give tasks the best schedules of the nearest workloads of the same kind in the database
     (another width, resolution or model), refitted to their shapes, measured and recorded like
@@ -1551,67 +1629,36 @@ def _seed_from_similar(sess: _Session, builder: Any, run: Any) -> int:
         blocks = _sblocks(workload.mod)
         by_kind.setdefault(_kernel_kind(blocks), []).append((blocks, records[0]))
     importance = _importance(sess.tasks, sess.best)
-    order = ([i for i in range(len(sess.tasks)) if not sess.existing[i]]
-             + sorted((i for i in range(len(sess.tasks)) if sess.existing[i]), key=lambda j: -importance[j]))
-    done = 0
+    has = [bool(sess.existing[i] or sess.measured[i]) for i in range(len(sess.tasks))]
+    order = ([i for i in range(len(sess.tasks)) if not has[i]]
+             + sorted((i for i in range(len(sess.tasks)) if has[i]), key=lambda j: -importance[j]))
+    start = sum(sess.measured)
     for i in order:
         task = sess.tasks[i]
-        room = sess.remaining - done
-        if sess.existing[i] and room <= 0:
+        room = sess.remaining - sum(sess.measured)
+        if has[i] and room <= 0:
             break
         blocks = _sblocks(task.mod)
         sources = sorted(((_shape_distance(blocks, b), r) for b, r in by_kind.get(_kernel_kind(blocks), [])),
                          key=lambda s: s[0])
-        sources = [r for d, r in sources if d > 0 or not sess.existing[i]]  # not the task's own best
+        sources = [r for d, r in sources if d > 0 or not has[i]]  # not the task's own best
         if not sources:
             continue
-        tried = {_trace_key(r.trace) for r in sess.db.records_of(task.mod)} if sess.existing[i] else set()
-        ctx = ms.TuneContext(mod=task.mod, target=task.target, space_generator="post-order-apply",
-                             task_name=task.name, num_threads=1)
+        tried = {_trace_key(r.trace) for r in sess.db.records_of(task.mod)} if has[i] else set()
         cands = []
         for record in sources[:SEEDS_PER_TASK]:
             sch = tvm.s_tir.Schedule(task.mod, debug_mask=0)
             try:
                 record.trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=_refit_decisions(sch))
-                key = _trace_key(sch.trace)
-                sch.enter_postproc()
-                if key in tried or not all(p.apply(sch) for p in ctx.space_generator.postprocs):
-                    continue
             except Exception:  # noqa: BLE001 - a schedule that does not carry over is no seed
                 continue
-            tried.add(key)
             cands.append(sch)
-        if sess.existing[i]:
+        cands = _finished(task, cands, tried)
+        if has[i]:
             cands = cands[:room]
-        if not cands:
-            continue
-        sess.current = i
-        if sess.bar is not None:
-            sess.bar.update(task=task.name)
-        # As MetaSchedule measures a candidate: with the argument shapes after RewriteLayout.
-        args_info = [ms.arg_info.ArgInfo.from_entry_func(c.mod, remove_preproc=True) for c in cands]
-        built = builder.build([ms.builder.BuilderInput(c.mod, task.target) for c in cands])
-        device = tvm.runtime.Device._DEVICE_TYPE_TO_NAME[task.target.get_target_device_type()]
-        inputs = [ms.runner.RunnerInput(b.artifact_path, device, a)
-                  for b, a in zip(built, args_info) if b.error_msg is None]
-        results = iter(f.result() for f in run.run(inputs)) if inputs else iter(())
-        workload = sess.db.commit_workload(task.mod)
-        runner_results = []
-        for sch, b, a in zip(cands, built, args_info):
-            rr = next(results) if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg)
-            runner_results.append(rr)
-            if rr.error_msg is not None:
-                _log.warning("task %s: a refitted schedule failed: %s", task.name, _short(Exception(rr.error_msg)))
-            secs = rr.run_secs if rr.error_msg is None and rr.run_secs else [1e10]
-            sess.db.commit_tuning_record(ms.database.TuningRecord(
-                sch.trace, workload, [float(x) for x in secs], task.target, a))
-        for b in built:
-            if b.artifact_path:
-                with contextlib.suppress(OSError):
-                    shutil.rmtree(os.path.dirname(b.artifact_path))
-        sess.on_batch(built, runner_results)
-        done += len(cands)
-    return done
+        if cands:
+            _measure_schedules(sess, i, cands, builder, run, "a refitted schedule")
+    return sum(sess.measured) - start
 
 
 def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, seed: int | None) -> None:
@@ -1626,6 +1673,13 @@ def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, s
         run = runner.make_runner()
         ncores = ms.utils.cpu_count(logical=True)
         cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=ncores, tree_method="auto")
+        t = time.monotonic()
+        written = _seed_from_templates(sess, builder, run)
+        if written:
+            _log.info("%d hand-written schedules measured (%.1f s)", written, time.monotonic() - t)
+            if sess.bar is not None:
+                sess.bar.note(f"{written} hand-written schedules (register-tiled 1x1 convolutions) measured "
+                              f"({time.monotonic() - t:.0f} s)")
         if sess.transfer:
             t = time.monotonic()
             n, groups = _warm_start(cost_model, sess.db, sess.target, ncores)

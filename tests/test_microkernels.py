@@ -1,0 +1,142 @@
+"""Tests for mnv2_tvm.microkernels: the hand-written register-tiled schedules of blocked 1×1
+convolutions, alone (each one computes what the unscheduled kernel computes) and inside tuning
+(measured first, within the budget, never twice, compiled with parity against PyTorch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+
+from mnv2_tvm import microkernels as mk
+from mnv2_tvm import tune as T
+from mnv2_tvm.lower import to_blocked_layout
+from test_tune import SMALL_SEARCH, TARGET
+
+
+class BlockedNet(torch.nn.Module):
+    """A MobileNetV2-like block on a 14×14 map: expansion (1×1, ReLU6), depthwise 3×3 (ReLU6),
+    projection (1×1) with the residual; the stem's 3 channels stay NCHW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.expand = torch.nn.Conv2d(16, 48, 1)
+        self.dw = torch.nn.Conv2d(48, 48, 3, padding=1, groups=48)
+        self.project = torch.nn.Conv2d(48, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.nn.functional.relu6(self.expand(x))
+        y = torch.nn.functional.relu6(self.dw(y))
+        return x + self.project(y)
+
+
+@pytest.fixture(scope="module")
+def blocked():
+    from tvm.relax.frontend.torch import from_exported_program
+
+    net = BlockedNet().eval()
+    x = torch.randn(1, 3, 14, 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ep = torch.export.export(net, (x,))
+    mod = from_exported_program(ep, unwrap_unit_return_tuple=True)
+    mod = to_blocked_layout(relax.transform.DecomposeOpsForInference()(mod), 8)
+    return mod, net, x
+
+
+@pytest.fixture(autouse=True)
+def small_search(monkeypatch):
+    monkeypatch.setattr(T, "SEARCH_KWARGS", SMALL_SEARCH)
+
+
+def _run(mod: tvm.IRModule, args: list[np.ndarray]) -> np.ndarray:
+    lib = tvm.compile(mod, target=tvm.target.Target(TARGET))
+    dev = tvm.cpu()
+    tensors = [tvm.runtime.tensor(a, dev) for a in args]
+    lib.mod["main"](*tensors)
+    return tensors[-1].numpy()
+
+
+def test_tiles_fit_the_registers_and_write_back_rectangles():
+    for pixels, row, blocks, regs in [(196, 14, 6, 16), (49, 7, 20, 16), (3136, 56, 3, 16), (784, 28, 4, 32)]:
+        tiles = mk._tiles(pixels, row, blocks, regs)
+        assert tiles and len(tiles) <= mk.MAX_CANDIDATES
+        for tp, tc in tiles:
+            assert pixels % tp == 0 and blocks % tc == 0
+            assert tp * tc + tc + 1 <= regs  # accumulators, a weight vector per block, the broadcast
+            assert tp % row == 0 or row % tp == 0  # whole rows or part of one, never across a row end
+    # 4 pixels divide a 14×14 map but not its rows: such a tile's write-back would spill into
+    # its neighbours' (a wrong result under threads, seen before this rule).
+    assert all(tp != 4 for tp, _ in mk._tiles(196, 14, 6, 16))
+    assert max(tp * tc for tp, tc in mk._tiles(784, 28, 4, 32)) > 14  # AVX-512 / NEON: 32 registers
+    assert mk.vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"})) == 16
+    assert mk.vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})) == 32
+    assert mk.vector_registers(tvm.target.Target("raspberry-pi/4b-aarch64")) == 32
+
+
+def test_each_candidate_computes_what_the_unscheduled_kernel_computes(blocked):
+    mod, _, _ = blocked
+    target = tvm.target.Target(TARGET)
+    tasks = T.extract_tasks(mod, target)
+    rng = np.random.default_rng(0)
+    fitted = 0
+    for task in tasks:
+        cands = mk.candidates(task.mod, target)
+        if not mk.is_blocked_pointwise(task.mod):
+            assert cands == [], task.name  # depthwise, stem, layout transforms: the search's
+            continue
+        assert cands, task.name
+        fitted += 1
+        info = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
+        args = [rng.standard_normal(a.shape).astype(a.dtype) for a in info]
+        want = _run(task.mod, args)
+        for sch in cands:
+            np.testing.assert_allclose(_run(sch.mod, args), want, rtol=1e-4, atol=1e-4, err_msg=task.name)
+    assert fitted == 2  # the expansion (with ReLU6) and the projection (with the residual)
+
+
+def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_parity(blocked, tmp_path):
+    mod, net, x = blocked
+    records = tmp_path / "records"
+    rep = T.tune(mod, TARGET, records, 24, seed=1, num_builder_workers=1, progress=False)
+    tasks = T.extract_tasks(mod, T._with_num_cores(tvm.target.Target(TARGET), True))
+    pointwise = [t for t in tasks if mk.is_blocked_pointwise(t.mod)]
+    assert len(pointwise) == 2
+    by_name = {t.name: t for t in rep.tasks}
+    # Every task got its minimum although hand-written schedules came first.
+    assert all(t.trials >= 1 for t in rep.tasks), [(t.name, t.trials) for t in rep.tasks]
+    assert rep.trials_run == 24
+
+    def written(records_dir):
+        opened = T.open_records(records_dir, None, writable=False)
+        try:
+            out = {}
+            for task in pointwise:
+                keys = [T._trace_key(r.trace) for r in opened.db.records_of(task.mod)]
+                mine = {T._trace_key(s.trace) for s in mk.candidates(task.mod, task.target)}
+                out[task.name] = [k for k in keys if k in mine]
+            return out
+        finally:
+            opened.close()
+
+    first = written(records)
+    for name, keys in first.items():
+        # The budget left them no trials of search: the compiled kernel is a hand-written one,
+        # its weights packed by MetaSchedule's RewriteLayout as for its own schedules.
+        assert keys and len(keys) == len(set(keys)) == by_name[name].trials, (name, by_name[name].trials)
+    ex, applied = T.compile_with_records(mod, TARGET, records)
+    assert not applied.untuned and applied.fallback == []
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(out, net(x).numpy(), rtol=1e-4, atol=1e-4)
+
+    T.tune(mod, TARGET, records, 40, seed=2, num_builder_workers=1, progress=False)
+    again = written(records)
+    for name, keys in again.items():
+        assert len(keys) == len(set(keys)), f"{name}: a hand-written schedule measured twice"
+        assert set(first[name]) <= set(keys)
