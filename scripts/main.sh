@@ -19,7 +19,13 @@ fi
 mnv2-tvm compile mobilenet_v2 --target host -o build/mobilenet_v2-host
 mnv2-tvm run build/mobilenet_v2-host --time
 echo "== tuned vs untuned TVM vs ONNX Runtime vs PyTorch (interleaved rounds, one process)"
-python scripts/bench_host.py --models mobilenet_v2 --threads "$(nproc)" --rounds 3 --out reports/bench_host
+# Where this host's target has a blocked-layout variant with schedules (the AVX2 host's NCHW8c, whose
+# 1x1 convolutions use the hand-written register-tiled schedules), time that build beside it.
+alt=()
+if [ -s "schedules/$target-nchw8c/database_tuning_record.json" ]; then
+    alt=(--alt-target "targets/$target-nchw8c.toml")
+fi
+python scripts/bench_host.py --models mobilenet_v2 --threads "$(nproc)" --rounds 3 "${alt[@]}" --out reports/bench_host
 echo "== MAdds vs measured latency on this host: compact grid (MobileNetV2 0.35 and 1.0 x 96, 160, 224; a few minutes)"
 mnv2-tvm compare --target host --grid quick --repeat 5 -o reports/compare-quick
 echo "== summary: reports/compare-quick/summary.md; plots: reports/compare-quick/latency_vs_madds.png," \
