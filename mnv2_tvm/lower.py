@@ -6,9 +6,9 @@ constants, so the compiled library is self-contained: one file to ship to a boar
 A target may ask for blocked activations (``NCHW8c``: channels in blocks of the CPU's vector
 width, innermost), as x86 libraries such as oneDNN and ONNX Runtime's MLAS use: every
 convolution then vectorises over a block of 8 channels whatever its spatial size, where in
-NCHW the vector runs along a row (7 or 14 wide in the late stages, or strided). On the AVX2
-host MetaSchedule tuned it slower than NCHW at equal trials (README), so no shipped x86
-target uses it; it stays a per-target choice.
+NCHW the vector runs along a row (7 or 14 wide in the late stages, or strided). It is also
+what the hand-written register-tiled 1×1 schedules need (``microkernels.py``). It stays a
+per-target choice (``[build] layout``): ``x86-64-avx2-nchw8c`` uses it.
 """
 
 from __future__ import annotations

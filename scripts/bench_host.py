@@ -329,8 +329,10 @@ def plot(results: list[dict], path: Path) -> None:
         colors = {"tvm_tuned": "#1b7837", "tvm_alt": "#5aae61", "tvm_untuned": "#a6dba0", "pytorch": "#2166ac",
                   "onnxruntime": "#b2182b"}
         ax.bar(range(len(names)), vals, color=[colors[n] for n in names])
-        ax.set_xticks(range(len(names)), [n.replace("tvm_", "TVM ").replace("onnxruntime", "ORT") for n in names],
-                      rotation=30, fontsize=8)
+        # The alternative build is named by its layout (e.g. "TVM NCHW8c"), which is what differs.
+        alt = row.get("alt", {}).get("layout") or "alt"
+        labels = [n.replace("tvm_alt", f"TVM {alt}").replace("tvm_", "TVM ").replace("onnxruntime", "ORT") for n in names]
+        ax.set_xticks(range(len(names)), labels, rotation=30, fontsize=8)
         ax.set_yscale("log")
         ax.set_title(f"{row['model']}\n{row['threads']} thread(s)", fontsize=9)
         ax.set_ylabel("median latency, ms (log)")
