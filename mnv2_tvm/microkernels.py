@@ -50,18 +50,24 @@ def _tiles(pixels: int, row: int, channel_blocks: int, registers: int) -> list[t
     return sorted(tiles, key=lambda t: (-t[0] * t[1], t[1]))[:MAX_CANDIDATES]
 
 
-def is_blocked_pointwise(mod: "tvm.IRModule") -> bool:
-    """Whether a workload is a 1×1 convolution over blocked channels (what :func:`candidates` schedules)."""
+def _conv_extents(mod: "tvm.IRModule") -> list[int] | None:
+    """Iterator extents of a workload's blocked 1×1 convolution (b, o, y, x, lane | rc, rl, rh, rw),
+    or None when it has none."""
     import tvm
 
     sch = tvm.s_tir.Schedule(mod, debug_mask=0)
     try:
         block = sch.get(sch.get_sblock(CONV_BLOCK))
     except tvm.s_tir.ScheduleError:
-        return False
+        return None
     extents = [int(iv.dom.extent) for iv in block.iter_vars]
-    # b, o, y, x, lane | rc, rl, rh, rw: a 1×1 kernel has rh = rw = 1.
-    return len(extents) == 9 and extents[7] == 1 and extents[8] == 1
+    # A 1×1 kernel has rh = rw = 1.
+    return extents if len(extents) == 9 and extents[7] == 1 and extents[8] == 1 else None
+
+
+def is_blocked_pointwise(mod: "tvm.IRModule") -> bool:
+    """Whether a workload is a 1×1 convolution over blocked channels (what :func:`candidates` schedules)."""
+    return _conv_extents(mod) is not None
 
 
 def _schedule(mod: "tvm.IRModule", tp: int, tc: int) -> "tvm.s_tir.Schedule":
@@ -101,13 +107,12 @@ def _schedule(mod: "tvm.IRModule", tp: int, tc: int) -> "tvm.s_tir.Schedule":
 def candidates(mod: "tvm.IRModule", target: "tvm.target.Target") -> list["tvm.s_tir.Schedule"]:
     """Register-tiled schedules of a blocked 1×1 convolution workload (before MetaSchedule's
     postprocessing), the largest tiles first; none for any other workload."""
-    if not is_blocked_pointwise(mod):
+    extents = _conv_extents(mod)
+    if extents is None:
         return []
     import tvm
 
-    block = tvm.s_tir.Schedule(mod, debug_mask=0)
-    block = block.get(block.get_sblock(CONV_BLOCK))
-    _, cout_blocks, h, w, _ = (int(iv.dom.extent) for iv in block.iter_vars[:5])
+    _, cout_blocks, h, w = extents[:4]
     out = []
     for tp, tc in _tiles(h * w, w, cout_blocks, vector_registers(target)):
         try:

@@ -1587,21 +1587,27 @@ def _measure_schedules(sess: _Session, i: int, cands: list[Any], builder: Any, r
     sess.on_batch(built, runner_results)
 
 
+def _measured_keys(sess: _Session, i: int) -> set[str]:
+    """The schedules (:func:`_trace_key`) the database holds for task ``i``."""
+    if not (sess.existing[i] or sess.measured[i]):
+        return set()
+    return {_trace_key(r.trace) for r in sess.db.records_of(sess.tasks[i].mod)}
+
+
 def _seed_from_templates(sess: _Session, builder: Any, run: Any) -> int:
     """Measure the hand-written schedules of :mod:`.microkernels` for the tasks they fit, most
     time first; those the database holds already are not measured again. Evolutionary search
     then starts from the best of them. They share what this run's budget leaves once every other
     task is sure of its minimum, so a small budget still reaches every kernel. Returns trials run."""
     importance = _importance(sess.tasks, sess.best)
-    fits = {}
-    for i, task in enumerate(sess.tasks):
-        schedules = microkernels.candidates(task.mod, task.target)
-        if schedules:
-            tried = {_trace_key(r.trace) for r in sess.db.records_of(task.mod)} if sess.existing[i] else set()
-            fits[i] = _finished(task, schedules, tried)
-    reserve = sum(max(0, sess.least - n) for i, n in enumerate(sess.existing) if i not in fits)
+    written = {i: c for i, c in enumerate(microkernels.candidates(t.mod, t.target) for t in sess.tasks) if c}
+    reserve = sum(max(0, sess.least - n) for i, n in enumerate(sess.existing) if i not in written)
     budget = sess.remaining - reserve
-    if budget <= 0 or not any(fits.values()):
+    if budget <= 0:
+        return 0
+    # Postprocessed only now: the budget may leave no room for any.
+    fits = {i: _finished(sess.tasks[i], c, _measured_keys(sess, i)) for i, c in written.items()}
+    if not any(fits.values()):
         return 0
     per_task = max(1, budget // sum(1 for c in fits.values() if c))
     start = sum(sess.measured)
@@ -1644,7 +1650,7 @@ def _seed_from_similar(sess: _Session, builder: Any, run: Any) -> int:
         sources = [r for d, r in sources if d > 0 or not has[i]]  # not the task's own best
         if not sources:
             continue
-        tried = {_trace_key(r.trace) for r in sess.db.records_of(task.mod)} if has[i] else set()
+        tried = _measured_keys(sess, i)
         cands = []
         for record in sources[:SEEDS_PER_TASK]:
             sch = tvm.s_tir.Schedule(task.mod, debug_mask=0)
