@@ -1276,6 +1276,58 @@ class _BatchCallback(ms.measure_callback.PyMeasureCallback):
         self.fn(list(builder_results), list(runner_results))
 
 
+@derived_object
+class _Unmeasured(ms.search_strategy.PySearchStrategy):
+    """Evolutionary search that never hands back a schedule the database already holds.
+
+    Its initial population holds the database's best traces, but it only remembers what it
+    measured itself (a TODO in MetaSchedule's evolutionary_search.cc), so an unchanged best can
+    come out of evolution and be measured again: on a rerun, and in every round here, since each
+    round is a fresh search (:func:`_tune_task`). So it is asked for as many more candidates as
+    database traces can enter its population, and those already measured are dropped.
+    """
+
+    def __init__(self, inner: Any, measured: set[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.measured = measured  # _trace_key of every schedule of the task in the database
+        self.want = self.asked = 0
+
+    def _initialize_with_tune_context(self, context: Any) -> None:
+        self.inner._initialize_with_tune_context(context)  # noqa: SLF001 - delegation
+
+    def pre_tuning(self, max_trials: int, num_trials_per_iter: int, design_spaces: list, database: Any = None,
+                   cost_model: Any = None) -> None:
+        self.want = num_trials_per_iter
+        inner = self.inner
+        extra = min(len(self.measured), math.ceil(inner.population_size * inner.init_measured_ratio))
+        self.asked = num_trials_per_iter + extra
+        inner.pre_tuning(max_trials + extra, self.asked, design_spaces, database, cost_model)
+
+    def post_tuning(self) -> None:
+        self.inner.post_tuning()
+
+    def generate_measure_candidates(self) -> list | None:
+        cands = self.inner.generate_measure_candidates()
+        if cands is None:
+            return None
+        fresh = [c for c in cands if _trace_key(c.sch.trace) not in self.measured]
+        if not fresh and len(cands) < self.asked:
+            return None  # nothing left that is not measured: the space is used up
+        if len(fresh) > self.want:
+            # Best predicted first, its epsilon-greedy random picks last: keep both parts.
+            rands = int(self.want * self.inner.eps_greedy)
+            fresh = fresh[: self.want - rands] + (fresh[len(fresh) - rands :] if rands else [])
+        self.measured.update(_trace_key(c.sch.trace) for c in fresh)
+        return fresh
+
+    def notify_runner_results(self, measure_candidates: list, results: list) -> None:
+        self.inner.notify_runner_results(measure_candidates, results)
+
+    def clone(self) -> Any:
+        return _Unmeasured(self.inner.clone(), self.measured)
+
+
 # --------------------------------------------------------------------------- tune
 
 
@@ -1304,28 +1356,44 @@ class _Session:
         self.interrupted = False
         self.transfer = False  # train the cost model on the database first (_warm_start)
         self.exhausted: set[int] = set()  # tasks with no unmeasured schedule left to find
+        self._keys: dict[int, set[str]] = {}
+
+    def keys(self, i: int) -> set[str]:
+        """The schedules (:func:`_trace_key`) the database holds for task ``i``, kept up to date
+        by whatever measures in this run, so that nothing is measured twice."""
+        if i not in self._keys:
+            self._keys[i] = {_trace_key(r.trace) for r in self.db.records_of(self.tasks[i].mod)}
+        return self._keys[i]
 
     def plan(self) -> Iterator[list[int]]:
-        """This run's budgets per task, in two phases, ``trials`` in all with what the records hold
+        """This run's budgets per task, in phases, ``trials`` in all with what the records hold
         (more where every task needs its minimum).
 
         Phase 1 brings every task to the minimum, so every kernel has a measured time early
         (and the estimate is complete); phase 2 then splits the rest by measured time share
-        (:func:`_importance`), planned only once phase 1 has run.
+        (:func:`_importance`), planned only once phase 1 has run. A task whose search space runs
+        out leaves what it did not use to the others, in a further phase.
         """
         done = [n for n, _ in (self.db.workload_stats(t.mod) for t in self.tasks)]  # seeds count
         first = allocate_trials(self.floor, _importance(self.tasks, self.best), done=done)
         yield [a - d for a, d in zip(first, done)]
-        stats = [self.db.workload_stats(t.mod) for t in self.tasks]
-        done = [n for n, _ in stats]
-        importance = _importance(self.tasks, [b for _, b in stats])
-        live = [i for i in range(len(self.tasks)) if i not in self.exhausted]  # the rest cannot use more
-        part = allocate_trials(self.trials - sum(d for i, d in enumerate(done) if i in self.exhausted),
-                               [importance[i] for i in live], done=[done[i] for i in live])
-        final = list(done)
-        for i, a in zip(live, part):
-            final[i] = a
-        yield [a - d for a, d in zip(final, done)]
+        while True:
+            used_up = len(self.exhausted)
+            stats = [self.db.workload_stats(t.mod) for t in self.tasks]
+            done = [n for n, _ in stats]
+            importance = _importance(self.tasks, [b for _, b in stats])
+            live = [i for i in range(len(self.tasks)) if i not in self.exhausted]  # the rest cannot use more
+            part = allocate_trials(self.trials - sum(d for i, d in enumerate(done) if i in self.exhausted),
+                                   [importance[i] for i in live], done=[done[i] for i in live])
+            final = list(done)
+            for i, a in zip(live, part):
+                final[i] = a
+            budgets = [a - d for a, d in zip(final, done)]
+            if not any(b > 0 for b in budgets):
+                return
+            yield budgets
+            if len(self.exhausted) == used_up:
+                return
 
     def estimate(self) -> tuple[float | None, int]:
         known = [self.tasks[i].weight * b * 1e6 for i, b in enumerate(self.best) if b is not None]
@@ -1407,7 +1475,8 @@ def _tune_task(sess: _Session, i: int, budget: int, seed: int, builder: Any, run
             mod=task.mod,
             target=task.target,
             space_generator="post-order-apply",
-            search_strategy=ms.search_strategy.EvolutionarySearch(**_search_kwargs(chunk)),
+            search_strategy=_Unmeasured(ms.search_strategy.EvolutionarySearch(**_search_kwargs(chunk)),
+                                        sess.keys(i)),
             task_name=task.name,
             logger=logging.getLogger(f"tvm.s_tir.meta_schedule.mnv2_tvm.task{i:02d}_{task.name[:60]}"),
             rand_state=(seed + k) & 0x7FFFFFFF,
@@ -1580,18 +1649,12 @@ def _measure_schedules(sess: _Session, i: int, cands: list[Any], builder: Any, r
         secs = rr.run_secs if rr.error_msg is None and rr.run_secs else [1e10]
         sess.db.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, workload, [float(x) for x in secs], task.target, a))
+    sess.keys(i).update(_trace_key(c.trace) for c in cands)
     for b in built:
         if b.artifact_path:
             with contextlib.suppress(OSError):
                 shutil.rmtree(os.path.dirname(b.artifact_path))
     sess.on_batch(built, runner_results)
-
-
-def _measured_keys(sess: _Session, i: int) -> set[str]:
-    """The schedules (:func:`_trace_key`) the database holds for task ``i``."""
-    if not (sess.existing[i] or sess.measured[i]):
-        return set()
-    return {_trace_key(r.trace) for r in sess.db.records_of(sess.tasks[i].mod)}
 
 
 def _seed_from_templates(sess: _Session, builder: Any, run: Any) -> int:
@@ -1606,7 +1669,7 @@ def _seed_from_templates(sess: _Session, builder: Any, run: Any) -> int:
     if budget <= 0:
         return 0
     # Postprocessed only now: the budget may leave no room for any.
-    fits = {i: _finished(sess.tasks[i], c, _measured_keys(sess, i)) for i, c in written.items()}
+    fits = {i: _finished(sess.tasks[i], c, set(sess.keys(i))) for i, c in written.items()}
     if not any(fits.values()):
         return 0
     per_task = max(1, budget // sum(1 for c in fits.values() if c))
@@ -1650,7 +1713,7 @@ def _seed_from_similar(sess: _Session, builder: Any, run: Any) -> int:
         sources = [r for d, r in sources if d > 0 or not has[i]]  # not the task's own best
         if not sources:
             continue
-        tried = _measured_keys(sess, i)
+        tried = set(sess.keys(i))
         cands = []
         for record in sources[:SEEDS_PER_TASK]:
             sch = tvm.s_tir.Schedule(task.mod, debug_mask=0)
@@ -1709,7 +1772,8 @@ def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, s
             ms.measure_callback.RemoveBuildArtifact(),
             ms.measure_callback.UpdateCostModel(),
         ]
-        seeds = ms.utils.fork_seed(seed, n=2 * len(tasks))  # a fresh stream per task and phase
+        # A fresh stream per task and phase; a phase follows phase 2 only when a task ran out.
+        seeds = ms.utils.fork_seed(seed, n=(len(tasks) + 2) * len(tasks))
         for phase, budgets in enumerate(sess.plan()):
             importance = _importance(tasks, sess.best)
             # Untimed tasks first: one measurement each completes the estimate, and a run

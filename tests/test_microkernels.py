@@ -111,7 +111,7 @@ def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_
     trials = 3 * len(tasks)
     rep = T.tune(mod, TARGET, records, trials, seed=1, num_builder_workers=1, progress=False)
     by_name = {t.name: t for t in rep.tasks}
-    assert rep.trials_run == trials
+    assert rep.trials_run == trials, rep.table()
     assert all(t.trials >= 1 for t in rep.tasks), [(t.name, t.trials) for t in rep.tasks]
 
     def written(records_dir):
