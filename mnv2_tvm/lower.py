@@ -86,8 +86,8 @@ def to_relax(model: "torch.nn.Module", cfg: ModelConfig, frontend: str = "torch"
 
 def to_blocked_layout(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
     """Convolutions over channel blocks of ``block``; layout transforms remain only where a
-    tensor enters or leaves the blocked region (the stem's 3 channels, pooling, heads whose
-    channels ``block`` does not divide)."""
+    tensor leaves the blocked region (pooling, heads whose channels ``block`` does not divide).
+    The stem's 3 input channels stay NCHW, but it writes blocks itself."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -111,23 +111,107 @@ def to_blocked_layout(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
     mod = rewriter.builder_.get()
     # Convolutions whose channels the block does not divide stay NCHW (the pass checks).
-    return relax.transform.ConvertLayout({"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}o"]})(mod)
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}o"]})(mod)
+    return _stem_writes_blocks(mod, block)
 
 
-def _blocked_conv2d(data: "te.Tensor", kernel: "te.Tensor", strides: tuple, padding: tuple,
-                    dilation: tuple, groups: int, out_dtype: str) -> "te.Tensor":
-    """conv2d over NCHW[b]c data and OIHW[b]o weights, dense (groups 1) or depthwise."""
-    from tvm import te, topi
+def _stem_writes_blocks(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
+    """The stem (3 input channels: not blocked) writes blocks itself, with its bias and
+    activation, instead of writing NCHW for a layout transform to rewrite (measured on
+    MobileNetV2 1.0/224: 0.21 ms of transform, and an NCHW stem at 2.7× ONNX Runtime's).
 
-    n, cin_blocks, h, w, cb = (int(v) for v in data.shape)
-    cout_blocks, cin_per_group, kh, kw, ob = (int(v) for v in kernel.shape)
+    Rewrites ``layout_transform(NCHW→NCHW[b]c)`` of ``conv2d(NCHW)`` followed by element-wise
+    ops with a per-channel or scalar operand (bias, ReLU6 as max/min) into one conv2d with
+    ``out_layout=NCHW[b]c`` followed by the same ops on blocked operands.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    elementwise = {"relax.add", "relax.multiply", "relax.maximum", "relax.minimum"}
+
+    def shape(e: "relax.Expr") -> tuple | None:
+        shp = getattr(getattr(e, "ty", None), "shape", None)  # TVM 0.27: a TensorType's ShapeExpr
+        try:
+            return tuple(int(v) for v in shp.values)
+        except (AttributeError, TypeError, ValueError):  # not a tensor, or a symbolic dimension
+            return None
+
+    def to_blocks(e: "relax.Expr") -> "relax.Expr":
+        return relax.op.layout_transform(e, index_map=lambda n, c, h, w: (n, c // block, h, w, c % block))
+
+    @mutator
+    class Rewrite(PyExprMutator):
+        def visit_call_(self, call: "relax.Call") -> "relax.Expr":
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.layout_transform"):
+                return call
+            src, dst = shape(call.args[0]), shape(call)
+            if src is None or dst is None or len(src) != 4 or src[1] % block:
+                return call
+            if dst != (src[0], src[1] // block, src[2], src[3], block):
+                return call  # another transform (or the same shapes reached another way)
+            chain, cur = [], call.args[0]
+            while True:
+                bound = self.lookup_binding(cur) if isinstance(cur, relax.Var) else cur
+                if not isinstance(bound, relax.Call) or not isinstance(bound.op, tvm.ir.Op):
+                    return call
+                if bound.op.name == "relax.nn.conv2d":
+                    break
+                if bound.op.name not in elementwise:
+                    return call
+                full = [k for k, a in enumerate(bound.args) if shape(a) == src]
+                if len(full) != 1:
+                    return call  # e.g. a residual add: both operands are full tensors
+                other = bound.args[1 - full[0]]
+                oshape = shape(other)
+                if oshape not in ((), (1, src[1], 1, 1)):
+                    return call
+                chain.append((bound.op, other, full[0]))
+                cur = bound.args[full[0]]
+            a = bound.attrs
+            if (a.data_layout, a.kernel_layout, a.out_layout, int(a.groups)) != ("NCHW", "OIHW", "NCHW", 1):
+                return call
+            out = relax.op.nn.conv2d(bound.args[0], bound.args[1], a.strides, a.padding, a.dilation, 1,
+                                     "NCHW", "OIHW", f"NCHW{block}c", a.out_dtype or None)
+            for op, other, k in reversed(chain):
+                other = other if len(shape(other)) == 0 else to_blocks(other)
+                out = relax.Call(op, [out, other] if k == 0 else [other, out])
+            return out
+
+    rewriter = Rewrite(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+
+def _window(data: "te.Tensor", kh: int, kw: int, strides: tuple, padding: tuple,
+            dilation: tuple) -> tuple["te.Tensor", int, int, tuple[int, int], tuple[int, int]]:
+    """A kh×kw window over axes 2 and 3 (H, W of NCHW or NCHW[b]c): the padded data, the output
+    height and width, strides and dilation as ints."""
+    from tvm import topi
+
+    h, w = int(data.shape[2]), int(data.shape[3])
     sh, sw = (int(v) for v in strides)
     dh, dw = (int(v) for v in dilation)
     top, left, bottom, right = (int(v) for v in padding)
     oh = (h + top + bottom - (kh - 1) * dh - 1) // sh + 1
     ow = (w + left + right - (kw - 1) * dw - 1) // sw + 1
     if top or left or bottom or right:
-        data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="pad")
+        rest = [0] * (len(data.shape) - 4)
+        data = topi.nn.pad(data, [0, 0, top, left, *rest], [0, 0, bottom, right, *rest], name="pad")
+    return data, oh, ow, (sh, sw), (dh, dw)
+
+
+def _blocked_conv2d(data: "te.Tensor", kernel: "te.Tensor", strides: tuple, padding: tuple,
+                    dilation: tuple, groups: int, out_dtype: str) -> "te.Tensor":
+    """conv2d over NCHW[b]c data and OIHW[b]o weights, dense (groups 1) or depthwise."""
+    from tvm import te
+
+    n, cin_blocks, _, _, cb = (int(v) for v in data.shape)
+    cout_blocks, cin_per_group, kh, kw, ob = (int(v) for v in kernel.shape)
+    data, oh, ow, (sh, sw), (dh, dw) = _window(data, kh, kw, strides, padding, dilation)
     rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
     if groups == 1:
         # Input channels as (block, lane): the lane is contiguous in memory, so tiling it
@@ -149,13 +233,34 @@ def _blocked_conv2d(data: "te.Tensor", kernel: "te.Tensor", strides: tuple, padd
         name="depthwise_conv2d_nchwc")
 
 
+def _conv2d_into_blocks(data: "te.Tensor", kernel: "te.Tensor", strides: tuple, padding: tuple,
+                        dilation: tuple, block: int, out_dtype: str) -> "te.Tensor":
+    """conv2d over NCHW data and OIHW weights writing NCHW[b]c (the stem: see _stem_writes_blocks)."""
+    from tvm import te
+
+    n, cin, _, _ = (int(v) for v in data.shape)
+    cout, _, kh, kw = (int(v) for v in kernel.shape)
+    data, oh, ow, (sh, sw), (dh, dw) = _window(data, kh, kw, strides, padding, dilation)
+    rc, rh, rw = te.reduce_axis((0, cin), "rc"), te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+    return te.compute(
+        (n, cout // block, oh, ow, block),
+        lambda b, o, y, x, lane: te.sum(
+            data[b, rc, y * sh + rh * dh, x * sw + rw * dw].astype(out_dtype)
+            * kernel[o * block + lane, rc, rh, rw].astype(out_dtype), axis=[rc, rh, rw]),
+        name="conv2d_into_nchwc")
+
+
 def legalize_conv2d(bb: "relax.BlockBuilder", call: "relax.Call") -> "relax.Expr":
     """TOPI's conv2d legalisation, plus blocked layouts (which TOPI's leaves unlowered)."""
     from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
 
     attrs = call.attrs
-    if len(attrs.data_layout) == 4:
-        return _nn_conv2d(bb, call)
     out_dtype = attrs.out_dtype or call.args[0].ty.dtype
+    if len(attrs.data_layout) == 4:
+        if attrs.out_layout == attrs.data_layout:
+            return _nn_conv2d(bb, call)
+        block = int(call.ty.shape.values[-1])
+        return bb.call_te(_conv2d_into_blocks, call.args[0], call.args[1], attrs.strides, attrs.padding,
+                          attrs.dilation, block, out_dtype, primfunc_name_hint="conv2d")
     return bb.call_te(_blocked_conv2d, call.args[0], call.args[1], attrs.strides, attrs.padding,
                       attrs.dilation, int(attrs.groups), out_dtype, primfunc_name_hint="conv2d")
