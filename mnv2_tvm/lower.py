@@ -84,6 +84,17 @@ def to_relax(model: "torch.nn.Module", cfg: ModelConfig, frontend: str = "torch"
     return mod if block == 1 else to_blocked_layout(mod, block)
 
 
+def _rewrite_functions(mod: "tvm.IRModule", mutator_cls: type) -> "tvm.IRModule":
+    """``mod`` with every Relax function passed through a ``PyExprMutator`` subclass."""
+    from tvm import relax
+
+    rewriter = mutator_cls(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
 def to_blocked_layout(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
     """Convolutions over channel blocks of ``block``; layout transforms remain only where a
     tensor leaves the blocked region (pooling, heads whose channels ``block`` does not divide).
@@ -105,11 +116,7 @@ def to_blocked_layout(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
                                         relax.const(hi.value, dtype))
             return call
 
-    rewriter = ClipAsMinMax(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    mod = rewriter.builder_.get()
+    mod = _rewrite_functions(mod, ClipAsMinMax)
     # Convolutions whose channels the block does not divide stay NCHW (the pass checks).
     mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}o"]})(mod)
     return _stem_writes_blocks(mod, block)
@@ -179,11 +186,7 @@ def _stem_writes_blocks(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
                 out = relax.Call(op, [out, other] if k == 0 else [other, out])
             return out
 
-    rewriter = Rewrite(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    return relax.transform.DeadCodeElimination()(_rewrite_functions(mod, Rewrite))
 
 
 def _window(data: "te.Tensor", kh: int, kw: int, strides: tuple, padding: tuple,

@@ -1311,15 +1311,15 @@ class _Unmeasured(ms.search_strategy.PySearchStrategy):
         cands = self.inner.generate_measure_candidates()
         if cands is None:
             return None
-        fresh = [c for c in cands if _trace_key(c.sch.trace) not in self.measured]
+        fresh = [(k, c) for k, c in ((_trace_key(c.sch.trace), c) for c in cands) if k not in self.measured]
         if not fresh and len(cands) < self.asked:
             return None  # nothing left that is not measured: the space is used up
         if len(fresh) > self.want:
             # Best predicted first, its epsilon-greedy random picks last: keep both parts.
             rands = int(self.want * self.inner.eps_greedy)
             fresh = fresh[: self.want - rands] + (fresh[len(fresh) - rands :] if rands else [])
-        self.measured.update(_trace_key(c.sch.trace) for c in fresh)
-        return fresh
+        self.measured.update(k for k, _ in fresh)
+        return [c for _, c in fresh]
 
     def notify_runner_results(self, measure_candidates: list, results: list) -> None:
         self.inner.notify_runner_results(measure_candidates, results)
