@@ -1,27 +1,38 @@
-"""Schedules written by hand for the kernel MetaSchedule's search tiles poorly on CPUs: the 1×1
-convolution over blocked channels (``NCHW8c``), ~90 % of MobileNetV2's MAdds.
+"""Schedules written by hand for the kernels MetaSchedule's search tiles poorly on CPUs: the
+convolutions over blocked channels (``NCHW8c``), 1×1 (~90 % of MobileNetV2's MAdds) and depthwise.
 
-A fast CPU GEMM (MLAS, oneDNN) keeps a tile of outputs in vector registers, a few pixels × a few
-channel blocks, and runs the whole reduction inside it: per input channel one vector load of
-weights per channel block, one broadcast of the input per pixel, one FMA per accumulator. With 16
-AVX2 registers that is at most 14 accumulators. MetaSchedule's multi-level tiling can express
-this, but its search seldom lands on it: on the AVX2 host its tuned 1×1 convs ran at 53 % of the
-FMA peak where ONNX Runtime's ran at 81 %, and these schedules, timed alone, at 65–80 %.
+A fast CPU kernel (MLAS, oneDNN) keeps a tile of outputs in vector registers and runs the whole
+reduction inside it. For the 1×1 convolution that is a few pixels × a few channel blocks: per
+input channel one vector load of weights per channel block, one broadcast of the input per pixel,
+one FMA per accumulator. With 16 AVX2 registers that is at most 14 accumulators. MetaSchedule's
+multi-level tiling can express this, but its search seldom lands on it: on the AVX2 host its tuned
+1×1 convs ran at 53 % of the FMA peak where ONNX Runtime's ran at 81 %, and these schedules,
+timed alone, at 65–80 %.
 
-:func:`candidates` writes that schedule for each register tile that fits. Tuning measures them
+For the depthwise convolution the tile is a run of pixels of one output row in one channel block:
+per window tap one weight vector, then one load and one FMA per pixel. The padding is read in
+place (a bounds check per load) rather than copied: the copy costs more than the checks. The
+search's best depthwise schedules accumulated in memory, with the padding copied per tile; these
+ran 1.2–3.6× faster than them on the AVX2 host, timed alone.
+
+:func:`candidates` writes such schedules for each register tile that fits. Tuning measures them
 as trials and records them like its own (``tune.py``), so the database keeps whichever is faster
 per workload, ours or MetaSchedule's; compile needs nothing new.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import tvm
 
-#: The block the blocked convolution's lowering (``lower.py``) names its reduction.
+#: The blocks the blocked convolutions' lowering (``lower.py``) names their reductions.
 CONV_BLOCK = "conv2d_nchwc"
+DEPTHWISE_BLOCK = "depthwise_conv2d_nchwc"
+STEM_BLOCK = "conv2d_into_nchwc"
 #: Candidates per workload: the largest register tiles first (more FMAs per load).
 MAX_CANDIDATES = 6
 
@@ -50,73 +61,164 @@ def _tiles(pixels: int, row: int, channel_blocks: int, registers: int) -> list[t
     return sorted(tiles, key=lambda t: (-t[0] * t[1], t[1]))[:MAX_CANDIDATES]
 
 
-def _conv_extents(mod: "tvm.IRModule") -> list[int] | None:
-    """Iterator extents of a workload's blocked 1×1 convolution (b, o, y, x, lane | rc, rl, rh, rw),
-    or None when it has none."""
+def _extents(mod: "tvm.IRModule", block: str) -> list[int] | None:
+    """Iterator extents of a workload's reduction block of that name, or None when it has none."""
     import tvm
 
     sch = tvm.s_tir.Schedule(mod, debug_mask=0)
     try:
-        block = sch.get(sch.get_sblock(CONV_BLOCK))
+        found = sch.get(sch.get_sblock(block))
     except tvm.s_tir.ScheduleError:
         return None
-    extents = [int(iv.dom.extent) for iv in block.iter_vars]
+    return [int(iv.dom.extent) for iv in found.iter_vars]
+
+
+def _conv_extents(mod: "tvm.IRModule") -> list[int] | None:
+    """Extents (b, o, y, x, lane | rc, rl, rh, rw) of a workload's blocked 1×1 convolution, or None."""
+    extents = _extents(mod, CONV_BLOCK)
     # A 1×1 kernel has rh = rw = 1.
-    return extents if len(extents) == 9 and extents[7] == 1 and extents[8] == 1 else None
+    return extents if extents and len(extents) == 9 and extents[7] == 1 and extents[8] == 1 else None
+
+
+def _depthwise_extents(mod: "tvm.IRModule") -> list[int] | None:
+    """Extents (b, o, y, x, lane | rh, rw) of a workload's blocked depthwise convolution, or None."""
+    extents = _extents(mod, DEPTHWISE_BLOCK)
+    return extents if extents and len(extents) == 7 else None
+
+
+def _stem_extents(mod: "tvm.IRModule") -> list[int] | None:
+    """Extents (b, o, y, x, lane | rc, rh, rw) of a workload's convolution from unblocked to
+    blocked channels (the stem), or None."""
+    extents = _extents(mod, STEM_BLOCK)
+    return extents if extents and len(extents) == 8 else None
 
 
 def is_blocked_pointwise(mod: "tvm.IRModule") -> bool:
-    """Whether a workload is a 1×1 convolution over blocked channels (what :func:`candidates` schedules)."""
+    """Whether a workload is a 1×1 convolution over blocked channels."""
     return _conv_extents(mod) is not None
 
 
-def _schedule(mod: "tvm.IRModule", tp: int, tc: int) -> "tvm.s_tir.Schedule":
+def is_blocked_depthwise(mod: "tvm.IRModule") -> bool:
+    """Whether a workload is a depthwise convolution over blocked channels."""
+    return _depthwise_extents(mod) is not None
+
+
+def is_blocked_stem(mod: "tvm.IRModule") -> bool:
+    """Whether a workload is a convolution from unblocked to blocked channels (the stem)."""
+    return _stem_extents(mod) is not None
+
+
+@dataclass
+class _Tile:
+    """A register tile's loops: fused into the parallel loop, unrolled, the one under which the
+    tile is written back (None: the parallel loop), the vector lane, the first reduction loop."""
+
+    parallel: list
+    unrolled: list
+    write_back: Any
+    lane: Any
+    reduction: Any
+
+
+def _register_tile(mod: "tvm.IRModule", block: str,
+                   tile: Callable[["tvm.s_tir.Schedule", list], "_Tile"]) -> "tvm.s_tir.Schedule":
+    """The schedule both kinds share: what comes before the reduction (padding) read in place, the
+    element-wise ops after it (bias, clip, residual) as one epilogue that reads the accumulators
+    from registers, the register tile's loops unrolled and the channel lane vectorised.
+
+    ``tile(sch, loops)`` splits and reorders the reduction's loops and says which loop is which."""
     import tvm
 
     sch = tvm.s_tir.Schedule(mod, debug_mask=0)
-    conv = sch.get_sblock(CONV_BLOCK)
+    conv = sch.get_sblock(block)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    at = [sch.get(b).name_hint for b in blocks].index(CONV_BLOCK)
-    for b in blocks[:at]:  # padding and the like: read in place
+    at = [sch.get(b).name_hint for b in blocks].index(block)
+    for b in blocks[:at]:  # padding: read in place
         sch.compute_inline(b)
     for b in blocks[at + 1:-1]:  # bias, clip, residual: one epilogue
         sch.compute_inline(b)
     epilogue = blocks[-1] if len(blocks) > at + 1 else None
-    b, o, y, x, lane, rc, rl, rh, rw = sch.get_loops(conv)
-    oo, oi = sch.split(o, [None, tc])
-    po, pi = sch.split(sch.fuse(y, x), [None, tp])
-    sch.reorder(b, oo, po, rc, rl, rh, rw, oi, pi, lane)
-    outer = sch.fuse(b, oo, po)
+    loops = tile(sch, sch.get_loops(conv))
+    outer = sch.fuse(*loops.parallel)
     sch.parallel(outer)
     acc = sch.cache_write(conv, 0, "local")  # the register tile
-    sch.reverse_compute_at(acc, outer)
+    sch.reverse_compute_at(acc, loops.write_back or outer)
     if epilogue is not None:
-        sch.reverse_compute_at(epilogue, outer)
+        sch.reverse_compute_at(epilogue, loops.write_back or outer)
         sch.compute_inline(acc)  # the epilogue reads the registers, no full-size intermediate
         store = epilogue
     else:
         store = acc
-    sch.unroll(oi)
-    sch.unroll(pi)
-    sch.vectorize(lane)
+    for loop in loops.unrolled:
+        sch.unroll(loop)
+    sch.vectorize(loops.lane)
     sch.vectorize(sch.get_loops(store)[-1])
-    sch.decompose_reduction(conv, rc)
+    sch.decompose_reduction(conv, loops.reduction)
     return sch
 
 
+def _pixels_by_blocks(mod: "tvm.IRModule", block: str, tp: int, tc: int) -> "tvm.s_tir.Schedule":
+    """tp pixels × tc output channel blocks of accumulators, the whole reduction (input channels,
+    window taps) inside: the 1×1 convolution, and the stem's, which reads 3 unblocked channels."""
+    def tile(sch: "tvm.s_tir.Schedule", loops: list) -> _Tile:
+        b, o, y, x, lane, *reduction = loops
+        oo, oi = sch.split(o, [None, tc])
+        po, pi = sch.split(sch.fuse(y, x), [None, tp])
+        sch.reorder(b, oo, po, *reduction, oi, pi, lane)
+        # Written back per parallel task: a task is one tile.
+        return _Tile(parallel=[b, oo, po], unrolled=[oi, pi], write_back=None, lane=lane, reduction=reduction[0])
+
+    return _register_tile(mod, block, tile)
+
+
+def _depthwise(mod: "tvm.IRModule", tw: int, ty: int) -> "tvm.s_tir.Schedule":
+    """tw pixels of a row in one channel block as accumulators, the window's taps inside; each
+    parallel task takes ty rows of one channel block."""
+    def tile(sch: "tvm.s_tir.Schedule", loops: list) -> _Tile:
+        b, o, y, x, lane, rh, rw = loops
+        yo, yi = sch.split(y, [None, ty])
+        xo, xi = sch.split(x, [None, tw])
+        sch.reorder(b, o, yo, yi, xo, rh, rw, xi, lane)
+        return _Tile(parallel=[b, o, yo], unrolled=[rh, rw, xi], write_back=xo, lane=lane, reduction=rh)
+
+    return _register_tile(mod, DEPTHWISE_BLOCK, tile)
+
+
+def _divisors(n: int, low: int, high: int) -> list[int]:
+    """Divisors of n in [low, high], largest first."""
+    return [d for d in range(min(n, high), low - 1, -1) if n % d == 0]
+
+
+def _depthwise_tiles(rows: int, row: int, registers: int) -> list[tuple[int, int]]:
+    """(pixels, rows per task) tiles of a depthwise convolution. About half the registers as
+    accumulators: on the AVX2 host 7 pixels ran 1.4–2.3× faster than 14 (which spills) and 8.
+    The width divides the row: a last tile cut short by a bounds check ran 2× slower, so a row
+    that no width divides (DeepLab's 257, a prime) is left to the search. A task takes a few rows,
+    so a small map still splits over the threads."""
+    widths = _divisors(row, 2, max(2, registers // 2 - 1))[:2]
+    heights = _divisors(rows, 1, 14)[:2]
+    return [(tw, ty) for tw in widths for ty in heights][:MAX_CANDIDATES]
+
+
 def candidates(mod: "tvm.IRModule", target: "tvm.target.Target") -> list["tvm.s_tir.Schedule"]:
-    """Register-tiled schedules of a blocked 1×1 convolution workload (before MetaSchedule's
-    postprocessing), the largest tiles first; none for any other workload."""
-    extents = _conv_extents(mod)
-    if extents is None:
-        return []
+    """Register-tiled schedules of a blocked 1×1, depthwise or stem convolution workload (before
+    MetaSchedule's postprocessing), the largest tiles first; none for any other workload."""
     import tvm
 
-    _, cout_blocks, h, w = extents[:4]
+    registers = vector_registers(target)
+    pointwise, stem, depthwise = _conv_extents(mod), _stem_extents(mod), _depthwise_extents(mod)
+    if pointwise is not None or stem is not None:
+        block, (_, cout_blocks, h, w) = (CONV_BLOCK, pointwise[:4]) if pointwise else (STEM_BLOCK, stem[:4])
+        plans = [partial(_pixels_by_blocks, mod, block, *tile) for tile in _tiles(h * w, w, cout_blocks, registers)]
+    elif depthwise is not None:
+        _, _, h, w = depthwise[:4]
+        plans = [partial(_depthwise, mod, *tile) for tile in _depthwise_tiles(h, w, registers)]
+    else:
+        return []
     out = []
-    for tp, tc in _tiles(h * w, w, cout_blocks, vector_registers(target)):
+    for schedule in plans:
         try:
-            out.append(_schedule(mod, tp, tc))
+            out.append(schedule())
         except tvm.s_tir.ScheduleError:  # an epilogue that does not inline: leave it to the search
             continue
     return out

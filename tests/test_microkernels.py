@@ -1,5 +1,5 @@
-"""Tests for mnv2_tvm.microkernels: the hand-written register-tiled schedules of blocked 1×1
-convolutions, alone (each one computes what the unscheduled kernel computes) and inside tuning
+"""Tests for mnv2_tvm.microkernels: the hand-written register-tiled schedules of blocked 1×1 and
+depthwise convolutions, alone (each one computes what the unscheduled kernel computes) and inside tuning
 (measured first, within the budget, never twice, compiled with parity against PyTorch)."""
 
 from __future__ import annotations
@@ -79,16 +79,20 @@ def test_tiles_fit_the_registers_and_write_back_rectangles():
     assert mk.vector_registers(tvm.target.Target("raspberry-pi/4b-aarch64")) == 32
 
 
-def test_each_candidate_computes_what_the_unscheduled_kernel_computes(blocked):
-    mod, _, _ = blocked
+def _hand_written(task) -> bool:
+    return mk.is_blocked_pointwise(task.mod) or mk.is_blocked_depthwise(task.mod) or mk.is_blocked_stem(task.mod)
+
+
+def _check_candidates(mod: tvm.IRModule) -> int:
+    """Every candidate of every task computes what the unscheduled kernel computes; returns how
+    many tasks had candidates."""
     target = tvm.target.Target(TARGET)
-    tasks = T.extract_tasks(mod, target)
     rng = np.random.default_rng(0)
     fitted = 0
-    for task in tasks:
+    for task in T.extract_tasks(mod, target):
         cands = mk.candidates(task.mod, target)
-        if not mk.is_blocked_pointwise(task.mod):
-            assert cands == [], task.name  # depthwise, stem, layout transforms: the search's
+        if not _hand_written(task):
+            assert cands == [], task.name  # layout transforms and the like: the search's
             continue
         assert cands, task.name
         fitted += 1
@@ -97,17 +101,53 @@ def test_each_candidate_computes_what_the_unscheduled_kernel_computes(blocked):
         want = _run(task.mod, args)
         for sch in cands:
             np.testing.assert_allclose(_run(sch.mod, args), want, rtol=1e-4, atol=1e-4, err_msg=task.name)
-    assert fitted == 2  # the expansion (with ReLU6) and the projection (with the residual)
+    return fitted
+
+
+def test_each_candidate_computes_what_the_unscheduled_kernel_computes(blocked):
+    mod, _, _ = blocked
+    # the stem writing blocks (with its bias), the expansion (ReLU6), the depthwise (ReLU6) and
+    # the projection (with the residual)
+    assert _check_candidates(mod) == 4
+
+
+@pytest.mark.parametrize("stride,dilation,size", [(2, 1, 28), (1, 2, 20), (2, 1, 15)])
+def test_depthwise_candidates_with_stride_dilation_and_odd_maps(stride, dilation, size):
+    """Strided (MobileNetV2's downsampling), dilated (DeepLab's atrous) and odd-sized maps (the
+    padding read in place at a ragged edge) compute what the unscheduled kernel computes."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, stride=stride, padding=dilation, dilation=dilation,
+                                              groups=16), torch.nn.ReLU6()).eval()
+    x = torch.randn(1, 16, size, size)
+    with torch.no_grad():
+        ep = torch.export.export(net, (x,))
+    mod = to_blocked_layout(relax.transform.DecomposeOpsForInference()(
+        from_exported_program(ep, unwrap_unit_return_tuple=True)), 8)
+    assert _check_candidates(mod) == 1
+
+
+def test_depthwise_tiles_divide_the_row_and_fit_the_registers():
+    for rows, row, regs in [(112, 112, 16), (56, 56, 16), (14, 14, 16), (7, 7, 16), (33, 33, 16), (28, 28, 32)]:
+        tiles = mk._depthwise_tiles(rows, row, regs)
+        assert tiles and len(tiles) <= mk.MAX_CANDIDATES, (rows, regs)
+        for tw, ty in tiles:
+            assert row % tw == 0 and rows % ty == 0
+            assert tw <= regs // 2 - 1  # about half the register file as accumulators
+    assert max(tw for tw, _ in mk._depthwise_tiles(56, 56, 16)) == 7  # 14 spills, 8 ran slower than 7
+    assert max(tw for tw, _ in mk._depthwise_tiles(28, 28, 32)) == 14
+    # A prime row (DeepLab's 257): a cut-short last tile ran 2× slower, so none (the search's).
+    assert mk._depthwise_tiles(257, 257, 16) == []
 
 
 def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_parity(blocked, tmp_path):
     mod, net, x = blocked
     records = tmp_path / "records"
     tasks = T.extract_tasks(mod, T._with_num_cores(tvm.target.Target(TARGET), True))
-    pointwise = [t for t in tasks if mk.is_blocked_pointwise(t.mod)]
-    assert len(pointwise) == 2 and all(len(mk.candidates(t.mod, t.target)) >= 3 for t in pointwise)
-    # 3 trials a task: the other tasks' minimum (3) is kept back, the pointwise tasks get 3
-    # hand-written schedules each and so need no search.
+    hand = [t for t in tasks if _hand_written(t)]
+    assert len(hand) == 4 and all(len(mk.candidates(t.mod, t.target)) >= 3 for t in hand)
+    # 3 trials a task: the other tasks' minimum (3) is kept back, the stem, 1×1 and depthwise
+    # tasks get 3 hand-written schedules each and so need no search.
     trials = 3 * len(tasks)
     rep = T.tune(mod, TARGET, records, trials, seed=1, num_builder_workers=1, progress=False)
     by_name = {t.name: t for t in rep.tasks}
@@ -118,7 +158,7 @@ def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_
         opened = T.open_records(records_dir, None, writable=False)
         try:
             out = {}
-            for task in pointwise:
+            for task in hand:
                 mine = {T._trace_key(s.trace) for s in mk.candidates(task.mod, task.target)}
                 out[task.name] = [r for r in opened.db.records_of(task.mod) if T._trace_key(r.trace) in mine]
             return out
@@ -133,7 +173,7 @@ def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_
     # schedules, with the weights packed by MetaSchedule's RewriteLayout, match PyTorch.
     only = T.open_records(tmp_path / "hand-written", tvm.target.Target(TARGET), writable=True)
     try:
-        for task in pointwise:
+        for task in hand:
             workload = only.db.commit_workload(task.mod)
             for r in first[task.name]:
                 only.db.commit_tuning_record(ms.database.TuningRecord(r.trace, workload, r.run_secs, r.target,
@@ -141,7 +181,7 @@ def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_
     finally:
         only.close()
     ex, applied = T.compile_with_records(mod, TARGET, tmp_path / "hand-written")
-    assert sorted(applied.tuned) == sorted(t.name for t in pointwise), applied.tuned
+    assert sorted(applied.tuned) == sorted(t.name for t in hand), applied.tuned
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
     with torch.no_grad():
         np.testing.assert_allclose(out, net(x).numpy(), rtol=1e-4, atol=1e-4)
