@@ -1747,7 +1747,7 @@ def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, s
         if written:
             _log.info("%d hand-written schedules measured (%.1f s)", written, time.monotonic() - t)
             if sess.bar is not None:
-                sess.bar.note(f"{written} hand-written schedules (register-tiled 1x1 convolutions) measured "
+                sess.bar.note(f"{written} hand-written schedules (register-tiled convolutions) measured "
                               f"({time.monotonic() - t:.0f} s)")
         if sess.transfer:
             t = time.monotonic()

@@ -48,6 +48,33 @@ def test_the_layout_the_host_does_not_use_matches_pytorch_too(model, tmp_path):
     assert json.loads((tmp_path / "manifest.json").read_text())["layout"] == other.layout
 
 
+# CPU flags an x86-64 micro-architecture level needs (what the shipped targets name as mcpu).
+_LEVEL_FLAGS = {"x86-64-v3": {"avx2", "fma"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512dq", "avx512vl"}}
+
+
+def _shipped_here() -> list[str]:
+    """The targets with committed schedules whose code this host can run."""
+    out = []
+    for name in targets.available():
+        spec = targets.load(name)
+        mcpu = str(spec.tvm_target().attrs.get("mcpu", ""))
+        if (spec.records_dir / "database_tuning_record.json").is_file() and mcpu in _LEVEL_FLAGS \
+                and spec.arch == "x86_64" and _LEVEL_FLAGS[mcpu] <= targets._host_flags():
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("name", _shipped_here())
+def test_shipped_schedules_compile_mobilenet_v2_with_parity(name, tmp_path):
+    """The committed records (MetaSchedule's and the hand-written ones) build MobileNetV2 1.0/224
+    with every task tuned, and the tuned kernels compute what PyTorch does."""
+    spec = targets.load(name)
+    result = compile_bundle(ModelConfig("mobilenet_v2"), spec, tmp_path, records_dir=spec.records_dir)
+    assert result.manifest["tuning"]["fallback"] == [], result.manifest["tuning"]["fallback"]
+    x, expected = bundle.reference(tmp_path)
+    assert np.abs(Runner(tmp_path).run(x) - expected).max() <= TOLERANCE
+
+
 def test_blocked_layout_stays_blocked_from_the_stem_to_the_pooling():
     import re
 
