@@ -13,7 +13,7 @@ For the depthwise convolution the tile is a run of pixels of one output row in o
 per window tap one weight vector, then one load and one FMA per pixel. The padding is read in
 place (a bounds check per load) rather than copied: the copy costs more than the checks. The
 search's best depthwise schedules accumulated in memory, with the padding copied per tile; these
-ran 1.2–3.6× faster than them on the AVX2 host, timed alone.
+ran 1.3–4.2× faster than them, timed alone (AVX2 code, on a Zen 4 host).
 
 :func:`candidates` writes such schedules for each register tile that fits. Tuning measures them
 as trials and records them like its own (``tune.py``), so the database keeps whichever is faster
