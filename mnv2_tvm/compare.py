@@ -237,6 +237,7 @@ class KernelTime:
     bytes: int  # all tensor arguments: inputs, weights and outputs
     ms: float  # median over the profiled runs
     madds: int | None = None  # derived from the argument shapes for conv2d / matmul kernels
+    layer: str | None = None  # the model layer, where the kernel's engine names it (ONNX Runtime does)
 
 
 @dataclass
@@ -571,8 +572,19 @@ def _padded(layer: Sequence[int], kernel: Sequence[int]) -> bool:
     return (n, h, w) == (kn, kh, kw) and c < kc < c + 16 and kc % 8 == 0
 
 
+def same_module(layer: str, named: str) -> bool:
+    """Whether a kernel named after module ``named`` computes ``layer``: the module itself or a
+    sibling in the same parent (``features.0.2``, the ReLU6 a conv was fused with, for ``features.0.0``)."""
+    return layer == named or layer.rsplit(".", 1)[0] == named.rsplit(".", 1)[0]
+
+
 def map_kernels(kernels: Sequence[KernelTime], layers: Sequence[LayerCount]) -> LayerMap:
     """Map fused TIR kernels to the model's conv and linear layers.
+
+    A kernel that names its layer (``KernelTime.layer``) takes it, or the first free layer of the
+    same parent module (a conv fused with the ReLU6 beside it is named after the ReLU6): shapes and
+    MAdds mislead where an engine pads channels (ONNX Runtime's NCHW16c kernels pad 24 channels to
+    32 on AVX-512).
 
     Relax fuses each conv (or matmul) with its bias, clip and residual add into one kernel, so a
     conv2d/matmul kernel is one layer. A kernel takes the first free layer with its output shape,
@@ -587,6 +599,14 @@ def map_kernels(kernels: Sequence[KernelTime], layers: Sequence[LayerCount]) -> 
     unmatched_kernels: list[str] = []
     cursor = 0
     for k in kernels:
+        named = [i for i in free if k.layer is not None and layers[i].name == k.layer] or \
+            [i for i in free if k.layer is not None and same_module(layers[i].name, k.layer)]
+        if named:
+            free.remove(named[0])
+            by_layer[named[0]] = k
+            cursor = named[0] + 1
+            rows_order.append(("layer", named[0]))
+            continue
         if _compute_kernel(k.name):
             cands = ([i for i in free if tuple(layers[i].output_shape) == tuple(k.output_shape)]
                      or [i for i in free if _padded(layers[i].output_shape, k.output_shape)])

@@ -62,8 +62,21 @@ def ort_kernels(profile_file: str, skip_runs: int):
             madds, name = math.prod(shape) * (math.prod(ins[1]) // ins[1][0]), f"conv2d {op} {node}"
         elif op in ("Gemm", "MatMul", "FusedGemm", "FusedMatMul") and shape and ins:
             madds, name = math.prod(shape) * ins[0][-1], f"matmul {op} {node}"
-        out.append(KernelTime(name, shape, nbytes, ms, madds))
+        out.append(KernelTime(name, shape, nbytes, ms, madds, module_path(node)))
     return out
+
+
+def module_path(node: str) -> str | None:
+    """The PyTorch module an ORT node came from, from the scope path the exporter gives it:
+    ``/features/features.7/conv/conv.2/Conv_output_0_nchwc`` is ``features.7.conv.2``. Each scope
+    is a child's name, written in full under its parent (``features.7``) or relative (``conv``)."""
+    scopes = node.split("/")[1:-1]
+    if not scopes:
+        return None
+    name = scopes[0]
+    for prev, scope in zip(scopes, scopes[1:]):
+        name += scope[len(prev):] if scope.startswith(prev + ".") else "." + scope
+    return name
 
 
 def by_kind(rows) -> dict[str, float]:
