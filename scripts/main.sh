@@ -19,8 +19,8 @@ fi
 mnv2-tvm compile mobilenet_v2 --target host -o build/mobilenet_v2-host
 mnv2-tvm run build/mobilenet_v2-host --time
 echo "== tuned vs untuned TVM vs ONNX Runtime vs PyTorch (interleaved rounds, one process)"
-# Where this host's target has a blocked-layout variant with schedules (the AVX2 host's NCHW8c, whose
-# 1x1 convolutions use the hand-written register-tiled schedules), time that build beside it.
+# Where this host's target has a blocked-layout variant with schedules (x86-64-avx2-nchw8c,
+# x86-64-avx512-nchw8c: convolutions with the hand-written register-tiled schedules), time it beside.
 alt=()
 if [ -s "schedules/$target-nchw8c/database_tuning_record.json" ]; then
     alt=(--alt-target "targets/$target-nchw8c.toml")
