@@ -599,8 +599,10 @@ def map_kernels(kernels: Sequence[KernelTime], layers: Sequence[LayerCount]) -> 
     unmatched_kernels: list[str] = []
     cursor = 0
     for k in kernels:
-        named = [i for i in free if k.layer is not None and layers[i].name == k.layer] or \
-            [i for i in free if k.layer is not None and same_module(layers[i].name, k.layer)]
+        named = []
+        if k.layer is not None:
+            named = ([i for i in free if layers[i].name == k.layer]
+                     or [i for i in free if same_module(layers[i].name, k.layer)])
         if named:
             free.remove(named[0])
             by_layer[named[0]] = k

@@ -61,51 +61,34 @@ def _tiles(pixels: int, row: int, channel_blocks: int, registers: int) -> list[t
     return sorted(tiles, key=lambda t: (-t[0] * t[1], t[1]))[:MAX_CANDIDATES]
 
 
-def _extents(mod: "tvm.IRModule", block: str) -> list[int] | None:
-    """Iterator extents of a workload's reduction block of that name, or None when it has none."""
+#: Iterators of each reduction block: (b, o, y, x, lane) then (rc, rl, rh, rw) for the 1×1,
+#: (rh, rw) for the depthwise, (rc, rh, rw) for the stem.
+_ITERATORS = {CONV_BLOCK: 9, DEPTHWISE_BLOCK: 7, STEM_BLOCK: 8}
+
+
+def _reduction(mod: "tvm.IRModule") -> tuple[str, list[int]] | None:
+    """The hand-written kind a workload is (its reduction block's name) with that block's iterator
+    extents, or None when it is none of them."""
     import tvm
 
     sch = tvm.s_tir.Schedule(mod, debug_mask=0)
-    try:
-        found = sch.get(sch.get_sblock(block))
-    except tvm.s_tir.ScheduleError:
-        return None
-    return [int(iv.dom.extent) for iv in found.iter_vars]
+    for block, n in _ITERATORS.items():
+        try:
+            found = sch.get(sch.get_sblock(block))
+        except tvm.s_tir.ScheduleError:
+            continue
+        extents = [int(iv.dom.extent) for iv in found.iter_vars]
+        # The blocked dense conv is written by hand only as a 1×1 (rh = rw = 1).
+        if len(extents) == n and (block != CONV_BLOCK or extents[7] == extents[8] == 1):
+            return block, extents
+    return None
 
 
-def _conv_extents(mod: "tvm.IRModule") -> list[int] | None:
-    """Extents (b, o, y, x, lane | rc, rl, rh, rw) of a workload's blocked 1×1 convolution, or None."""
-    extents = _extents(mod, CONV_BLOCK)
-    # A 1×1 kernel has rh = rw = 1.
-    return extents if extents and len(extents) == 9 and extents[7] == 1 and extents[8] == 1 else None
-
-
-def _depthwise_extents(mod: "tvm.IRModule") -> list[int] | None:
-    """Extents (b, o, y, x, lane | rh, rw) of a workload's blocked depthwise convolution, or None."""
-    extents = _extents(mod, DEPTHWISE_BLOCK)
-    return extents if extents and len(extents) == 7 else None
-
-
-def _stem_extents(mod: "tvm.IRModule") -> list[int] | None:
-    """Extents (b, o, y, x, lane | rc, rh, rw) of a workload's convolution from unblocked to
-    blocked channels (the stem), or None."""
-    extents = _extents(mod, STEM_BLOCK)
-    return extents if extents and len(extents) == 8 else None
-
-
-def is_blocked_pointwise(mod: "tvm.IRModule") -> bool:
-    """Whether a workload is a 1×1 convolution over blocked channels."""
-    return _conv_extents(mod) is not None
-
-
-def is_blocked_depthwise(mod: "tvm.IRModule") -> bool:
-    """Whether a workload is a depthwise convolution over blocked channels."""
-    return _depthwise_extents(mod) is not None
-
-
-def is_blocked_stem(mod: "tvm.IRModule") -> bool:
-    """Whether a workload is a convolution from unblocked to blocked channels (the stem)."""
-    return _stem_extents(mod) is not None
+def kind(mod: "tvm.IRModule") -> str | None:
+    """Which blocked convolution a workload is, by its reduction block (``CONV_BLOCK`` for a 1×1,
+    ``DEPTHWISE_BLOCK``, ``STEM_BLOCK``), or None for a workload :func:`candidates` leaves alone."""
+    found = _reduction(mod)
+    return found[0] if found else None
 
 
 @dataclass
@@ -205,16 +188,15 @@ def candidates(mod: "tvm.IRModule", target: "tvm.target.Target") -> list["tvm.s_
     MetaSchedule's postprocessing), the largest tiles first; none for any other workload."""
     import tvm
 
+    found = _reduction(mod)
+    if found is None:
+        return []
+    block, (_, cout_blocks, h, w) = found[0], found[1][:4]
     registers = vector_registers(target)
-    pointwise, stem, depthwise = _conv_extents(mod), _stem_extents(mod), _depthwise_extents(mod)
-    if pointwise is not None or stem is not None:
-        block, (_, cout_blocks, h, w) = (CONV_BLOCK, pointwise[:4]) if pointwise else (STEM_BLOCK, stem[:4])
-        plans = [partial(_pixels_by_blocks, mod, block, *tile) for tile in _tiles(h * w, w, cout_blocks, registers)]
-    elif depthwise is not None:
-        _, _, h, w = depthwise[:4]
+    if block == DEPTHWISE_BLOCK:
         plans = [partial(_depthwise, mod, *tile) for tile in _depthwise_tiles(h, w, registers)]
     else:
-        return []
+        plans = [partial(_pixels_by_blocks, mod, block, *tile) for tile in _tiles(h * w, w, cout_blocks, registers)]
     out = []
     for schedule in plans:
         try:

@@ -1311,7 +1311,8 @@ class _Unmeasured(ms.search_strategy.PySearchStrategy):
         cands = self.inner.generate_measure_candidates()
         if cands is None:
             return None
-        fresh = [(k, c) for k, c in ((_trace_key(c.sch.trace), c) for c in cands) if k not in self.measured]
+        keyed = [(_trace_key(c.sch.trace), c) for c in cands]
+        fresh = [(k, c) for k, c in keyed if k not in self.measured]
         if not fresh and len(cands) < self.asked:
             return None  # nothing left that is not measured: the space is used up
         if len(fresh) > self.want:

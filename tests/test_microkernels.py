@@ -80,7 +80,7 @@ def test_tiles_fit_the_registers_and_write_back_rectangles():
 
 
 def _hand_written(task) -> bool:
-    return mk.is_blocked_pointwise(task.mod) or mk.is_blocked_depthwise(task.mod) or mk.is_blocked_stem(task.mod)
+    return mk.kind(task.mod) is not None
 
 
 def _check_candidates(mod: tvm.IRModule) -> int:
