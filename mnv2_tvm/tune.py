@@ -745,16 +745,42 @@ def prepacks_weights(target: tvm.target.Target) -> bool:
 def _fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalise and fuse as MetaSchedule's ``zero`` pipeline does; the one place that decides
     what a tuning task is, for extraction and compilation alike."""
-    fused = tvm.transform.Sequential([
+    legal = tvm.transform.Sequential([
         relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
         relax.transform.AnnotateTIROpPattern(),
+    ])(mod)
+    fused = tvm.transform.Sequential([
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-    ])(mod)
+    ])(_gathers_unfused(legal))
     if prepacks_weights(target):
         fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
     return fused
+
+
+#: FuseOps' pattern kinds (``relax.transform.AnnotateTIROpPattern``): opaque is never fused.
+_OPAQUE = 8
+#: A concatenation of at least this many tensors is a kernel of its own.
+GATHER_INPUTS = 3
+
+
+def _gathers_unfused(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with each concatenation of ``GATHER_INPUTS`` or more tensors kept out of fusion.
+
+    Fused, SSDLite's output (six heads, each transposed and reshaped, concatenated, boxes
+    decoded, scores through a sigmoid, concatenated again) was one kernel in which every output
+    element walked a chain of selects over all heads with 64-bit index arithmetic: 5.3 ms of
+    28 per inference on one thread, where ONNX Runtime's separate ops take 0.4 ms. Apart, each
+    piece is a plain copy or element-wise kernel (4.8 ms less before any tuning). Two-way
+    concatenations (DeepLab's ASPP) stay fusable: nothing slow came of them.
+    """
+    gathers = [(gv, func) for gv, func in mod.functions.items()
+               if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith("concatenate")
+               and len(func.params) > GATHER_INPUTS]  # params: the inputs, then the output
+    for gv, func in gathers:
+        mod[gv] = func.with_attr("op_pattern", _OPAQUE)  # mod: the caller's fresh legalised copy
+    return mod
 
 
 def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target, params: dict | None = None) -> list[_Task]:

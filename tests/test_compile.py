@@ -144,3 +144,39 @@ def test_damaged_bundles_are_refused(host_bundles, tmp_path):
     (broken / "manifest.json").unlink()
     with pytest.raises(BundleError, match="no manifest.json"):
         Runner(broken)
+
+
+def _fused_calls(model: str) -> tuple[list[str], list[str]]:
+    """The kernels ``main`` calls, in order, and its conv calls, for the small config in NCHW8c."""
+    import re
+
+    import tvm
+
+    from mnv2_tvm.lower import to_relax
+    from mnv2_tvm.models import build
+    from mnv2_tvm.tune import _fuse, _prepare
+
+    cfg = ModelConfig(**SMALL[model])
+    main = _fuse(_prepare(to_relax(build(cfg), cfg, layout="NCHW8c"), None), tvm.target.Target("llvm"))["main"].script()
+    calls = re.findall(r"call_tir\((\w+),", main)
+    return calls, [ln for ln in main.splitlines() if re.search(r"call_tir\(\w*conv2d", ln)]
+
+
+def test_detection_heads_write_blocks_and_the_output_is_several_plain_kernels():
+    """SSDLite's class heads (81 classes × 3 or 6 anchors: no multiple of 8) compute padded
+    blocks, sliced after, rather than reading NCHW through a transform; its output (six heads
+    gathered, decoded, gathered again) is split at the gathers, not one kernel of selects."""
+    calls, convs = _fused_calls("ssdlite")
+    assert convs and all(", 8), dtype=" in ln for ln in convs), [ln for ln in convs if ", 8), dtype=" not in ln]
+    gathers = [c for c in calls if "concatenate" in c]
+    # boxes of six heads, scores of six heads, four box coordinates: kernels of their own
+    assert sum(c.startswith("concatenate") for c in gathers) == 3, gathers
+    assert not [c for c in calls if "concatenate" in c and "transpose" in c], calls
+
+
+def test_a_two_way_gather_still_fuses():
+    """DeepLab's ASPP joins two branches: that concatenation is left to fusion as before, and
+    its 21-class classifier is padded to blocks like the detection heads."""
+    calls, convs = _fused_calls("deeplabv3")
+    assert not [c for c in calls if c.startswith("concatenate")], calls
+    assert all(", 8), dtype=" in ln for ln in convs)
