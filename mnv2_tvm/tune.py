@@ -39,7 +39,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule._ffi_api import TuningRecordAsJSON as _TuningRecordAsJSON
 
 from . import microkernels
-from .lower import legalize_conv2d
+from .lower import OPAQUE, legalize_conv2d, legalize_resize2d
 
 __all__ = [
     "ApplyReport",
@@ -746,7 +746,7 @@ def _fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalise and fuse as MetaSchedule's ``zero`` pipeline does; the one place that decides
     what a tuning task is, for extraction and compilation alike."""
     legal = tvm.transform.Sequential([
-        relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
+        relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d, "relax.image.resize2d": legalize_resize2d}),
         relax.transform.AnnotateTIROpPattern(),
     ])(mod)
     fused = tvm.transform.Sequential([
@@ -759,8 +759,6 @@ def _fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     return fused
 
 
-#: FuseOps' pattern kinds (``relax.transform.AnnotateTIROpPattern``): opaque is never fused.
-_OPAQUE = 8
 #: A concatenation of at least this many tensors is a kernel of its own.
 GATHER_INPUTS = 3
 
@@ -779,7 +777,7 @@ def _gathers_unfused(mod: tvm.IRModule) -> tvm.IRModule:
                if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith("concatenate")
                and len(func.params) > GATHER_INPUTS]  # params: the inputs, then the output
     for gv, func in gathers:
-        mod[gv] = func.with_attr("op_pattern", _OPAQUE)  # mod: the caller's fresh legalised copy
+        mod[gv] = func.with_attr("op_pattern", OPAQUE)  # mod: the caller's fresh legalised copy
     return mod
 
 
