@@ -180,3 +180,36 @@ def test_a_two_way_gather_still_fuses():
     calls, convs = _fused_calls("deeplabv3")
     assert not [c for c in calls if c.startswith("concatenate")], calls
     assert all(", 8), dtype=" in ln for ln in convs)
+
+
+@pytest.mark.parametrize("mode", ["align_corners", "half_pixel", "asymmetric"])
+def test_separable_resize_computes_what_topi_resize_does(mode):
+    """Bilinear resize lowered as two passes (``legalize_resize2d``) gives TOPI's results, up-
+    and downsampling, and its row pass stays a kernel of its own (fused into the column pass it
+    would be inlined back into four-pixel interpolation)."""
+    import tvm
+    from tvm import relax
+
+    from mnv2_tvm.lower import legalize_resize2d
+    from mnv2_tvm.tune import _fuse
+
+    rng = np.random.default_rng(0)
+    for size_in, size_out in (((5, 7), (33, 21)), ((33, 33), (9, 14))):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((1, 3, *size_in), "float32"))
+        with bb.function("main", [x]):
+            y = bb.emit(relax.op.image.resize2d(x, size_out, method="linear", coordinate_transformation_mode=mode))
+            bb.emit_func_output(y)
+        mod = bb.get()
+        data = rng.standard_normal((1, 3, *size_in)).astype("float32")
+        outs = []
+        for legalize in ({}, {"relax.image.resize2d": legalize_resize2d}):
+            lowered = relax.transform.LegalizeOps(legalize)(mod)
+            vm = relax.VirtualMachine(tvm.compile(lowered, target="llvm"), tvm.cpu())
+            outs.append(vm["main"](tvm.runtime.tensor(data)).numpy())
+        assert outs[1].shape == (1, 3, *size_out)
+        assert np.abs(outs[0] - outs[1]).max() <= 1e-6
+    import re
+
+    calls = re.findall(r"call_tir\((\w+),", _fuse(mod, tvm.target.Target("llvm"))["main"].script())
+    assert [c.rstrip("0123456789") for c in calls] == ["resize_rows", "resize_columns"], calls
