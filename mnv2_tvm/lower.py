@@ -328,26 +328,18 @@ def _linear_taps(o: "tvm.tirx.PrimExpr", n_in: int, n_out: int, mode: str) -> tu
     return clamp(first), clamp(first + 1), src - low
 
 
-def _resize_rows(data: "te.Tensor", out_w: int, mode: str) -> "te.Tensor":
+def _resize_axis(data: "te.Tensor", axis: int, size: int, mode: str, name: str) -> "te.Tensor":
+    """``data`` resized to ``size`` along ``axis`` only: a lerp of the two taps each output reads."""
     from tvm import te
 
-    n, c, h, w = (int(v) for v in data.shape)
+    shape = [int(v) for v in data.shape]
+    n_in, shape[axis] = shape[axis], size
 
-    def value(b, ch, y, x):
-        left, right, t = _linear_taps(x, w, out_w, mode)
-        return data[b, ch, y, left] * (1.0 - t) + data[b, ch, y, right] * t
-    return te.compute((n, c, h, out_w), value, name="resize_rows")
-
-
-def _resize_columns(rows: "te.Tensor", out_h: int, mode: str) -> "te.Tensor":
-    from tvm import te
-
-    n, c, h, w = (int(v) for v in rows.shape)
-
-    def value(b, ch, y, x):
-        top, bottom, t = _linear_taps(y, h, out_h, mode)
-        return rows[b, ch, top, x] * (1.0 - t) + rows[b, ch, bottom, x] * t
-    return te.compute((n, c, out_h, w), value, name="resize_columns")
+    def value(*index):
+        first, second, t = _linear_taps(index[axis], n_in, size, mode)
+        at = lambda i: data[(*index[:axis], i, *index[axis + 1:])]  # noqa: E731
+        return at(first) * (1.0 - t) + at(second) * t
+    return te.compute(shape, value, name=name)
 
 
 def legalize_resize2d(bb: "relax.BlockBuilder", call: "relax.Call") -> "relax.Expr":
@@ -371,6 +363,7 @@ def legalize_resize2d(bb: "relax.BlockBuilder", call: "relax.Call") -> "relax.Ex
             or not all(isinstance(v, int) for v in data_shape + out_shape)):
         return _image_resize2d(bb, call)
     mode = a.coordinate_transformation_mode
-    rows = bb.emit(bb.call_te(_resize_rows, call.args[0], int(out_shape[3]), mode, primfunc_name_hint="resize_rows",
-                              primfunc_attrs={"op_pattern": OPAQUE}))
-    return bb.call_te(_resize_columns, rows, int(out_shape[2]), mode, primfunc_name_hint="resize_columns")
+    rows = bb.emit(bb.call_te(_resize_axis, call.args[0], 3, int(out_shape[3]), mode, "resize_rows",
+                              primfunc_name_hint="resize_rows", primfunc_attrs={"op_pattern": OPAQUE}))
+    return bb.call_te(_resize_axis, rows, 2, int(out_shape[2]), mode, "resize_columns",
+                      primfunc_name_hint="resize_columns")
