@@ -776,9 +776,12 @@ def _gathers_unfused(mod: tvm.IRModule) -> tvm.IRModule:
     gathers = [(gv, func) for gv, func in mod.functions.items()
                if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith("concatenate")
                and len(func.params) > GATHER_INPUTS]  # params: the inputs, then the output
+    if not gathers:
+        return mod
+    out = mod.clone()  # an IRModule is changed in place
     for gv, func in gathers:
-        mod[gv] = func.with_attr("op_pattern", OPAQUE)  # mod: the caller's fresh legalised copy
-    return mod
+        out[gv] = func.with_attr("op_pattern", OPAQUE)
+    return out
 
 
 def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target, params: dict | None = None) -> list[_Task]:
