@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 CONV_BLOCK = "conv2d_nchwc"
 DEPTHWISE_BLOCK = "depthwise_conv2d_nchwc"
 STEM_BLOCK = "conv2d_into_nchwc"
+#: The classifier: TOPI's matmul of a single row (batch 1) by the weights, a matrix-vector product.
+MATMUL_BLOCK = "matmul"
+#: fp32 lanes of the classifier's accumulators: 8 (AVX2's width; AVX-512 code holds them in halves
+#: of its registers), as 1000 classes are a multiple of 8 and not of 16.
+GEMV_LANES = 8
 #: Candidates per workload: the largest register tiles first (more FMAs per load).
 MAX_CANDIDATES = 6
 
@@ -62,8 +67,8 @@ def _tiles(pixels: int, row: int, channel_blocks: int, registers: int) -> list[t
 
 
 #: Iterators of each reduction block: (b, o, y, x, lane) then (rc, rl, rh, rw) for the 1×1,
-#: (rh, rw) for the depthwise, (rc, rh, rw) for the stem.
-_ITERATORS = {CONV_BLOCK: 9, DEPTHWISE_BLOCK: 7, STEM_BLOCK: 8}
+#: (rh, rw) for the depthwise, (rc, rh, rw) for the stem; (row, column, k) for the matmul.
+_ITERATORS = {CONV_BLOCK: 9, DEPTHWISE_BLOCK: 7, STEM_BLOCK: 8, MATMUL_BLOCK: 3}
 
 
 def _reduction(mod: "tvm.IRModule") -> tuple[str, list[int]] | None:
@@ -78,15 +83,18 @@ def _reduction(mod: "tvm.IRModule") -> tuple[str, list[int]] | None:
         except tvm.s_tir.ScheduleError:
             continue
         extents = [int(iv.dom.extent) for iv in found.iter_vars]
-        # The blocked dense conv is written by hand only as a 1×1 (rh = rw = 1).
-        if len(extents) == n and (block != CONV_BLOCK or extents[7] == extents[8] == 1):
+        # The blocked dense conv is written by hand only as a 1×1 (rh = rw = 1), the matmul only
+        # for one row.
+        if len(extents) == n and (block != CONV_BLOCK or extents[7] == extents[8] == 1) \
+                and (block != MATMUL_BLOCK or extents[0] == 1):
             return block, extents
     return None
 
 
 def kind(mod: "tvm.IRModule") -> str | None:
-    """Which blocked convolution a workload is, by its reduction block (``CONV_BLOCK`` for a 1×1,
-    ``DEPTHWISE_BLOCK``, ``STEM_BLOCK``), or None for a workload :func:`candidates` leaves alone."""
+    """Which hand-written kind a workload is, by its reduction block (``CONV_BLOCK`` for a 1×1,
+    ``DEPTHWISE_BLOCK``, ``STEM_BLOCK``, ``MATMUL_BLOCK``), or None for a workload
+    :func:`candidates` leaves alone."""
     found = _reduction(mod)
     return found[0] if found else None
 
@@ -167,6 +175,21 @@ def _depthwise(mod: "tvm.IRModule", tw: int, ty: int) -> "tvm.s_tir.Schedule":
     return _register_tile(mod, DEPTHWISE_BLOCK, tile)
 
 
+def _gemv(mod: "tvm.IRModule", vectors: int) -> "tvm.s_tir.Schedule":
+    """``vectors`` × ``GEMV_LANES`` outputs as accumulators, the whole row of inputs inside: per
+    input one broadcast and one FMA per vector, the weights streamed once (their layout is left to
+    MetaSchedule's ``RewriteLayout``, which packs them in the order this tile reads them). The
+    search's schedule split the 1000 classes into 5 parallel chunks (3 against 2 on two threads)
+    and took 0.37 ms on one thread in place where ONNX Runtime's took 0.20."""
+    def tile(sch: "tvm.s_tir.Schedule", loops: list) -> _Tile:
+        row, column, k = loops
+        chunk, vector, lane = sch.split(column, [None, vectors, GEMV_LANES])
+        sch.reorder(row, chunk, k, vector, lane)
+        return _Tile(parallel=[row, chunk], unrolled=[vector], write_back=None, lane=lane, reduction=k)
+
+    return _register_tile(mod, MATMUL_BLOCK, tile)
+
+
 def _divisors(n: int, low: int, high: int) -> list[int]:
     """Divisors of n in [low, high], largest first."""
     return [d for d in range(min(n, high), low - 1, -1) if n % d == 0]
@@ -184,19 +207,28 @@ def _depthwise_tiles(rows: int, row: int, registers: int) -> list[tuple[int, int
 
 
 def candidates(mod: "tvm.IRModule", target: "tvm.target.Target") -> list["tvm.s_tir.Schedule"]:
-    """Register-tiled schedules of a blocked 1×1, depthwise or stem convolution workload (before
-    MetaSchedule's postprocessing), the largest tiles first; none for any other workload."""
-    import tvm
-
+    """Register-tiled schedules of a blocked 1×1, depthwise or stem convolution or a one-row matmul
+    workload (before MetaSchedule's postprocessing), the largest tiles first; none for any other."""
     found = _reduction(mod)
     if found is None:
         return []
-    block, (_, cout_blocks, h, w) = found[0], found[1][:4]
+    block, extents = found
     registers = vector_registers(target)
-    if block == DEPTHWISE_BLOCK:
-        plans = [partial(_depthwise, mod, *tile) for tile in _depthwise_tiles(h, w, registers)]
+    if block == MATMUL_BLOCK:
+        columns = extents[1]
+        vectors = _divisors(columns // GEMV_LANES, 1, registers // 2)[:2] if columns % GEMV_LANES == 0 else []
+        plans = [partial(_gemv, mod, v) for v in vectors]
+    elif block == DEPTHWISE_BLOCK:
+        plans = [partial(_depthwise, mod, *tile) for tile in _depthwise_tiles(extents[2], extents[3], registers)]
     else:
+        _, cout_blocks, h, w = extents[:4]
         plans = [partial(_pixels_by_blocks, mod, block, *tile) for tile in _tiles(h * w, w, cout_blocks, registers)]
+    return _built(plans)
+
+
+def _built(plans: list[Callable[[], "tvm.s_tir.Schedule"]]) -> list["tvm.s_tir.Schedule"]:
+    import tvm
+
     out = []
     for schedule in plans:
         try:

@@ -127,6 +127,25 @@ def test_depthwise_candidates_with_stride_dilation_and_odd_maps(stride, dilation
     assert _check_candidates(mod) == 1
 
 
+@pytest.mark.parametrize("classes", [40, 1000, 21])
+def test_classifier_candidates_compute_the_matrix_vector_product(classes):
+    """The one-row matmul of a classifier (pooled features × weights + bias): tiles of whole
+    8-lane vectors that divide the classes, each computing what the unscheduled kernel does;
+    none where 8 does not divide them (the search's alone)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    net = torch.nn.Linear(64, classes).eval()
+    with torch.no_grad():
+        ep = torch.export.export(net, (torch.randn(1, 64),))
+    mod = relax.transform.DecomposeOpsForInference()(from_exported_program(ep, unwrap_unit_return_tuple=True))
+    if classes % mk.GEMV_LANES:
+        assert all(mk.candidates(t.mod, tvm.target.Target(TARGET)) == [] for t in T.extract_tasks(mod, TARGET))
+        return
+    assert _check_candidates(mod) == 1
+    (task,) = [t for t in T.extract_tasks(mod, TARGET) if _hand_written(t)]
+    assert mk.kind(task.mod) == mk.MATMUL_BLOCK
+
+
 def test_depthwise_tiles_divide_the_row_and_fit_the_registers():
     for rows, row, regs in [(112, 112, 16), (56, 56, 16), (14, 14, 16), (7, 7, 16), (33, 33, 16), (28, 28, 32)]:
         tiles = mk._depthwise_tiles(rows, row, regs)
