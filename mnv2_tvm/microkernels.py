@@ -15,6 +15,9 @@ place (a bounds check per load) rather than copied: the copy costs more than the
 search's best depthwise schedules accumulated in memory, with the padding copied per tile; these
 ran 1.3–4.2× faster than them, timed alone (AVX2 code, on a Zen 4 host).
 
+The stem that writes blocks gets the 1×1's tile with its 27 taps as the reduction, and the
+classifier's one-row matmul a few vectors of classes with the whole input row inside.
+
 :func:`candidates` writes such schedules for each register tile that fits. Tuning measures them
 as trials and records them like its own (``tune.py``), so the database keeps whichever is faster
 per workload, ours or MetaSchedule's; compile needs nothing new.
