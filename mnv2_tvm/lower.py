@@ -123,6 +123,19 @@ def to_blocked_layout(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
     return _stem_writes_blocks(mod, block)
 
 
+def _is_dense_nchw(attrs: "tvm.ir.Attrs") -> bool:
+    """Whether conv2d attributes are those of a plain dense NCHW/OIHW → NCHW convolution."""
+    return (attrs.data_layout, attrs.kernel_layout, attrs.out_layout, int(attrs.groups)) == ("NCHW", "OIHW", "NCHW", 1)
+
+
+def _dense_conv_as(attrs: "tvm.ir.Attrs", data: "relax.Expr", weight: "relax.Expr", out_layout: str) -> "relax.Expr":
+    """The dense NCHW convolution ``attrs`` describe, over ``data`` and ``weight``, writing ``out_layout``."""
+    from tvm import relax
+
+    return relax.op.nn.conv2d(data, weight, attrs.strides, attrs.padding, attrs.dilation, 1, "NCHW", "OIHW",
+                              out_layout, attrs.out_dtype or None)
+
+
 def _pad_outputs_to_blocks(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
     """A dense convolution over blocked inputs whose output channels the block does not divide
     (SSDLite's heads: 6 anchors × 81 classes = 486; DeepLab's 21 classes) computes zero filters
@@ -141,10 +154,8 @@ def _pad_outputs_to_blocks(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
             call = super().visit_call_(call)
             if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
                 return call
-            a, weight = call.attrs, call.args[1]
-            if (a.data_layout, a.kernel_layout, a.out_layout, int(a.groups)) != ("NCHW", "OIHW", "NCHW", 1):
-                return call
-            if not isinstance(weight, tvm.ir.expr.Constant):
+            weight = call.args[1]
+            if not _is_dense_nchw(call.attrs) or not isinstance(weight, tvm.ir.expr.Constant):
                 return call
             w = weight.value.numpy()
             cout, cin = w.shape[:2]
@@ -152,8 +163,7 @@ def _pad_outputs_to_blocks(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
                 return call
             padded = np.zeros((-(-cout // block) * block, *w.shape[1:]), w.dtype)
             padded[:cout] = w
-            conv = relax.op.nn.conv2d(call.args[0], relax.const(padded), a.strides, a.padding, a.dilation, 1,
-                                      "NCHW", "OIHW", "NCHW", a.out_dtype or None)
+            conv = _dense_conv_as(call.attrs, call.args[0], relax.const(padded), "NCHW")
             return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[cout])
 
     return _rewrite_functions(mod, Pad)
@@ -213,11 +223,9 @@ def _stem_writes_blocks(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
                     return call
                 chain.append((bound.op, other, full[0]))
                 cur = bound.args[full[0]]
-            a = bound.attrs
-            if (a.data_layout, a.kernel_layout, a.out_layout, int(a.groups)) != ("NCHW", "OIHW", "NCHW", 1):
+            if not _is_dense_nchw(bound.attrs):
                 return call
-            out = relax.op.nn.conv2d(bound.args[0], bound.args[1], a.strides, a.padding, a.dilation, 1,
-                                     "NCHW", "OIHW", f"NCHW{block}c", a.out_dtype or None)
+            out = _dense_conv_as(bound.attrs, bound.args[0], bound.args[1], f"NCHW{block}c")
             for op, other, k in reversed(chain):
                 other = other if len(shape(other)) == 0 else to_blocks(other)
                 out = relax.Call(op, [out, other] if k == 0 else [other, out])

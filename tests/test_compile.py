@@ -187,6 +187,8 @@ def test_separable_resize_computes_what_topi_resize_does(mode):
     """Bilinear resize lowered as two passes (``legalize_resize2d``) gives TOPI's results, up-
     and downsampling, and its row pass stays a kernel of its own (fused into the column pass it
     would be inlined back into four-pixel interpolation)."""
+    import re
+
     import tvm
     from tvm import relax
 
@@ -209,7 +211,5 @@ def test_separable_resize_computes_what_topi_resize_does(mode):
             outs.append(vm["main"](tvm.runtime.tensor(data)).numpy())
         assert outs[1].shape == (1, 3, *size_out)
         assert np.abs(outs[0] - outs[1]).max() <= 1e-6
-    import re
-
     calls = re.findall(r"call_tir\((\w+),", _fuse(mod, tvm.target.Target("llvm"))["main"].script())
     assert [c.rstrip("0123456789") for c in calls] == ["resize_rows", "resize_columns"], calls
