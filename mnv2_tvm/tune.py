@@ -65,6 +65,13 @@ RECORD_FILE = "database_tuning_record.json"
 META_FILE = "meta.json"
 LOG_FILE = "tune.log"
 LOCK_FILE = ".lock"
+#: Per workload, its best schedule timed with the parallel loop as tuned and with output rows
+#: outermost (``microkernels.rows_outermost``); compile reorders where the second is not slower
+#: than ``ROW_ORDER_TOLERANCE`` × the first. Written by ``tune`` after its search.
+ROW_ORDER_FILE = "row_order.json"
+#: Timed alone a reordered kernel may be this much slower and still gain in place: alone it
+#: cannot show what the order is for (each thread finding the rows it reads in its own cache).
+ROW_ORDER_TOLERANCE = 1.10
 RECORDS_FORMAT = "mnv2-tvm-records/1"
 
 #: Trials every task gets before the rest of the budget is split by importance.
@@ -948,7 +955,14 @@ def _builder_worker_build(mod: Any, target: Any, fmt: str) -> str:
 
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
-    rt_mod = default_build(mod, target, None)
+    if target.kind.name == "llvm":  # as default_build, with the pipeline compile uses
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+        rt_mod = tvm.tirx.build(mod, target=target, pipeline=microkernels.tir_pipeline())
+    else:
+        rt_mod = default_build(mod, target, None)
     out_dir = _tempfile.mkdtemp(prefix="mnv2tvm-build-")
     if fmt == "tar":
         from tvm.support import tar
@@ -1148,6 +1162,8 @@ class ApplyReport:
     untuned: bool = field(default=False)
     # Structural hashes of every kernel's workload looked up in the records (see workload_digest)
     workloads: list[str] = field(default_factory=list)
+    # Kernels whose parallel loop runs over output rows outermost (ROW_ORDER_FILE)
+    rows_outermost: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- progress, logging
@@ -1758,6 +1774,132 @@ def _seed_from_similar(sess: _Session, builder: Any, run: Any) -> int:
     return sum(sess.measured) - start
 
 
+def _workload_key(func: tvm.tirx.PrimFunc | tvm.IRModule) -> str:
+    """A kernel's workload as the records key it: the structural hash MetaSchedule's
+    ApplyDatabase and :func:`extract_tasks` look it up by."""
+    mod = func if isinstance(func, tvm.IRModule) else ms.tune_context._normalize_mod(func)  # noqa: SLF001
+    return str(tvm_ffi.structural_hash(mod))
+
+
+def _read_row_order(records_dir: Path) -> dict[str, dict]:
+    path = records_dir / ROW_ORDER_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        return {k: v for k, v in data.items() if isinstance(v, dict)}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{path}: unreadable ({e}); kernels keep the loop order they were tuned with", stacklevel=2)
+        return {}
+
+
+def _reorders(entry: dict | None, best: Any) -> bool:
+    """Whether a kernel whose best record is ``best`` runs with output rows outermost."""
+    if not entry or best is None or entry.get("schedule") != _schedule_digest(best.trace):
+        return False
+    a, b = entry.get("as_tuned_us"), entry.get("rows_outermost_us")
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and b <= ROW_ORDER_TOLERANCE * a
+
+
+def _schedule_digest(trace: Any) -> str:
+    return hashlib.sha256(_trace_key(trace).encode()).hexdigest()[:16]
+
+
+def _best_record(db: Any, mod: tvm.IRModule) -> Any:
+    recs = db.records_of(mod)
+    return recs[0] if recs and recs[0].run_secs and all(math.isfinite(float(x)) for x in recs[0].run_secs) \
+        and float(recs[0].run_secs[0]) < 1e9 else None
+
+
+def _rows_outermost_kernels(fused: tvm.IRModule, db: Any, records_dir: Path) -> set[str]:
+    """Names of the kernels of ``fused`` that compile with output rows outermost: those whose
+    best record was timed both ways (:func:`_measure_row_order`) and stayed within tolerance."""
+    order = _read_row_order(records_dir)
+    if not order:
+        return set()
+    out = set()
+    for gv, func in fused.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            wmod = ms.tune_context._normalize_mod(func)  # noqa: SLF001
+            key = _workload_key(wmod)
+            if key in order and _reorders(order[key], _best_record(db, wmod)):
+                out.add(gv.name_hint)
+    return out
+
+
+def _row_order_pending(db: Any, tasks: list[_Task], records_dir: Path) -> tuple[dict, list]:
+    """``ROW_ORDER_FILE``'s entries, and the tasks whose best schedule has yet to be timed both
+    ways: (key, schedule digest, task, kernel as tuned, kernel with rows outermost)."""
+    order = _read_row_order(records_dir)
+    pending = []
+    for task in tasks:
+        best = _best_record(db, task.mod)
+        if best is None:
+            continue
+        key, digest = _workload_key(task.mod), _schedule_digest(best.trace)
+        if order.get(key, {}).get("schedule") == digest:
+            continue
+        sch = tvm.s_tir.Schedule(task.mod, debug_mask=0)
+        try:
+            best.trace.apply_to_schedule(sch, remove_postproc=False)
+        except Exception as e:  # noqa: BLE001 - a record that no longer applies keeps the tuned order
+            _log.warning("task %s: best record does not apply: %s", task.name, _short(e))
+            continue
+        tuned = tvm.IRModule({"main": sch.mod["main"].with_attr("tirx.is_scheduled", True)})
+        rows, changed = microkernels.rows_outermost(tuned)
+        if changed:
+            pending.append((key, digest, task, tuned, rows))
+        else:
+            order[key] = {"schedule": digest, "task": task.name, "rows_outermost": "not applicable"}
+    return order, pending
+
+
+def _time_row_order(order: dict, pending: list, records_dir: Path, builder: Any, run: Any,
+                    note: Callable[[str], None] | None = None) -> None:
+    """Time each pending kernel as tuned and with output rows outermost, alone, as the search
+    measures (same builder and runner: the host or the board), and write both times to
+    ``ROW_ORDER_FILE`` (replaced whole, never half-written)."""
+    t = time.monotonic()
+    mods = [m for *_, tuned, rows in pending for m in (tuned, rows)]
+    targets = [task.target for _, _, task, _, _ in pending for _ in (0, 1)]
+    if mods:
+        args_info = [ms.arg_info.ArgInfo.from_entry_func(m, remove_preproc=True) for m in mods]
+        built = builder.build([ms.builder.BuilderInput(m, tg) for m, tg in zip(mods, targets)])
+        device = tvm.runtime.Device._DEVICE_TYPE_TO_NAME[targets[0].get_target_device_type()]
+        inputs = [ms.runner.RunnerInput(b.artifact_path, device, a)
+                  for b, a in zip(built, args_info) if b.error_msg is None]
+        results = iter([f.result() for f in run.run(inputs)] if inputs else [])
+        times = []
+        for b in built:
+            rr = next(results) if b.error_msg is None else None
+            error = b.error_msg if rr is None else rr.error_msg
+            if error is not None:
+                _log.warning("timing a loop order failed: %s", _short(Exception(error)))
+            secs = rr.run_secs if rr is not None and rr.error_msg is None and rr.run_secs else None
+            times.append(float(np.median([float(x) for x in secs])) * 1e6 if secs else None)
+            if b.artifact_path:
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(os.path.dirname(b.artifact_path))
+        kept = 0
+        for j, (key, digest, task, _, _) in enumerate(pending):
+            a, b = times[2 * j], times[2 * j + 1]
+            if a is None or b is None:
+                _log.warning("task %s: could not time its loop orders; it keeps the tuned one", task.name)
+                continue
+            order[key] = {"schedule": digest, "task": task.name, "as_tuned_us": round(a, 2),
+                          "rows_outermost_us": round(b, 2)}
+            kept += b <= ROW_ORDER_TOLERANCE * a
+        _log.info("loop orders of %d kernels timed, %d reordered (%.1f s)", len(pending), kept, time.monotonic() - t)
+        if note is not None:
+            note(f"{len(pending)} kernels timed with output rows outermost in their parallel loop, "
+                 f"{kept} kept so ({time.monotonic() - t:.0f} s)")
+    tmp = records_dir / (ROW_ORDER_FILE + ".tmp")
+    tmp.write_text(json.dumps(order, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, records_dir / ROW_ORDER_FILE)
+
+
 def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, seed: int | None) -> None:
     """Tune the tasks one after another, each with its exact budget (most important first), in
     the phases of :meth:`_Session.plan`."""
@@ -1811,10 +1953,33 @@ def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, s
                 if budgets[i] > 0:
                     _tune_task(sess, i, budgets[i], seeds[phase * len(tasks) + i], builder, run, callbacks,
                                cost_model, ncores)
+        if cpu_only:
+            _Sigint.check()
+            order, pending = _row_order_pending(sess.db, tasks, sess.records_dir)
+            _time_row_order(order, pending, sess.records_dir, builder, run,
+                            sess.bar.note if sess.bar is not None else None)
     except BaseException:
         if builder is not None:
             builder.discard()  # may be mid-build
         raise
+    finally:
+        if run is not None and hasattr(run, "pool"):
+            _kill_pool(run.pool)
+
+
+def _row_order_alone(sess: _Session, runner: RunnerSpec, num_builder_workers: int, console: Any) -> None:
+    """:func:`_time_row_order` for a database whose search is done (records tuned before the
+    loop order was timed, or by an older version)."""
+    order, pending = _row_order_pending(sess.db, sess.tasks, sess.records_dir)
+    if not pending:
+        return
+    builder = run = None
+    try:
+        _import_tensor_intrinsics(True)
+        builder = PersistentBuilder(num_builder_workers, artifact_format=runner.artifact_format, cpu_only=True)
+        run = runner.make_runner()
+        note = (lambda m: console.write(f"[tune] {m}\n")) if console is not None else None
+        _time_row_order(order, pending, sess.records_dir, builder, run, note)
     finally:
         if run is not None and hasattr(run, "pool"):
             _kill_pool(run.pool)
@@ -1865,6 +2030,8 @@ def tune(
                                   f"{len(sess.tasks)} tasks (asked for {trials}); nothing to run")
                 if console is not None:
                     console.write(f"[tune] {rep.message}\n")
+                if target.kind.name == "llvm":
+                    _row_order_alone(sess, runner, num_builder_workers, console)
                 return rep
             _log.info("tuning %d tasks for %s: %d trials requested, %d in db, running %d",
                       len(sess.tasks), target, trials, sum(sess.existing), total)
@@ -1954,7 +2121,10 @@ def kernels_module(mod: tvm.IRModule, target: tvm.target.Target, db: Any | None 
     ``call_tir`` calls are exactly the kernels of the compiled library (``mod`` as from
     :func:`_prepare`)."""
     target = _as_target(target)
-    fused = _fuse(mod, target)
+    return _applied(_fuse(mod, target), target, db)
+
+
+def _applied(fused: tvm.IRModule, target: tvm.target.Target, db: Any | None) -> tvm.IRModule:
     if db is None:
         return fused
     with target, db, tvm.transform.PassContext(opt_level=3):
@@ -1979,7 +2149,7 @@ def _build(kernels: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutab
         return tvm.transform.Sequential(dataflow_lower_passes(target) + finalize_passes(target))(m)
 
     with target:
-        return relax.build(kernels, target=target, relax_pipeline=lower)
+        return relax.build(kernels, target=target, relax_pipeline=lower, tir_pipeline=microkernels.tir_pipeline())
 
 
 def compile_with_records(
@@ -2020,13 +2190,18 @@ def compile_kernels(
     opened = open_records(rdir, target, writable=False)
     try:
         db = opened.db
-        kernels = kernels_module(prepared, target, db)
+        fused = _fuse(prepared, target)
+        kernels = _applied(fused, target, db)
         # Named as the tasks are (SplitLayoutRewritePreproc renames kernels that read packed weights).
         prims = {gv.name_hint.removesuffix("_prepacked"): f
                  for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
         tuned = sorted(n for n, f in prims.items() if f.attrs and f.attrs.get("tirx.is_scheduled", False))
         fallback = sorted(n for n in prims if n not in set(tuned))
-        report = ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned, workloads=sorted(db.queried))
+        reorder = _rows_outermost_kernels(fused, db, rdir) & set(tuned)
+        kernels, reordered = microkernels.rows_outermost(
+            kernels, [gv.name_hint for gv in kernels.functions if gv.name_hint.removesuffix("_prepacked") in reorder])
+        report = ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned, workloads=sorted(db.queried),
+                             rows_outermost=sorted(n.removesuffix("_prepacked") for n in reordered))
         return _build(kernels, target), report, kernels
     finally:
         opened.close()

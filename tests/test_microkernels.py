@@ -146,6 +146,86 @@ def test_classifier_candidates_compute_the_matrix_vector_product(classes):
     assert mk.kind(task.mod) == mk.MATMUL_BLOCK
 
 
+def _parallel_loop(func: tvm.tirx.PrimFunc) -> tvm.tirx.For:
+    todo = [func.body]
+    while todo:
+        s = todo.pop()
+        if isinstance(s, tvm.tirx.For) and s.kind == tvm.tirx.ForKind.PARALLEL:
+            return s
+        if isinstance(s, tvm.tirx.SeqStmt):
+            todo.extend(s.seq)
+        elif isinstance(s, tvm.s_tir.SBlockRealize):
+            todo.append(s.block.body)
+        elif hasattr(s, "body"):
+            todo.append(s.body)
+    raise AssertionError("no parallel loop")
+
+
+def _rows_visited(before: tvm.tirx.PrimFunc, after: tvm.tirx.PrimFunc) -> list[tuple[int, int]]:
+    """(iteration of the original parallel loop, output row it writes) for each iteration of the
+    rewritten loop, in order, the rows as the original loop's variable gives them."""
+    sch = tvm.s_tir.Schedule(before)
+    (rows_in,) = [f for b in sch.get_output_blocks(sch.get_sblock("root")) if (f := mk._rows_in(sch, b))]
+    loop = _parallel_loop(mk.reorder_marked(after))
+    (bind,) = [s for s in loop.body.seq if isinstance(s, tvm.tirx.Bind)]
+    out = []
+    for q in range(int(loop.extent)):
+        ana = tvm.sym.Analyzer()
+        ana.bind(loop.loop_var, tvm.tirx.IntImm(str(loop.extent.ty), q))
+        p = int(ana.simplify(bind.value))
+        out.append((p, p // rows_in.lower_factor % rows_in.rows))
+    return out
+
+
+def test_rows_outermost_hands_each_thread_a_band_of_rows_and_keeps_every_kernel(blocked):
+    """The hand-written schedules' parallel loops run over channel blocks first (the depthwise's
+    and the expansion's here), as many of the search's do. Marked and rewritten (late, by the
+    pipeline compile uses), the loop visits each of its original iterations once, in row order,
+    so the runtime's contiguous chunk per thread is a band of rows; the kernel's output is
+    bit-identical (run on the host's threads). The classifier, which has no rows, a depthwise
+    kernel whose rows are a serial loop (each task a whole channel block) and a loop already in
+    row order are left alone."""
+    target = tvm.target.Target(TARGET)
+    rng = np.random.default_rng(0)
+    rewritten, left = set(), set()
+    net = torch.nn.Linear(64, 40).eval()
+    with torch.no_grad():
+        ep = torch.export.export(net, (torch.randn(1, 64),))
+    from tvm.relax.frontend.torch import from_exported_program
+
+    classifier = relax.transform.DecomposeOpsForInference()(from_exported_program(ep, unwrap_unit_return_tuple=True))
+    tasks = T.extract_tasks(blocked[0], target) + T.extract_tasks(classifier, target)
+    whole_maps = 0
+    for task in tasks:
+        for sch in mk.candidates(task.mod, target):
+            before = tvm.IRModule({"main": sch.mod["main"].with_attr("tirx.is_scheduled", True)})
+            after, changed = mk.rows_outermost(before)
+            if not changed:
+                left.add(mk.kind(task.mod))
+                assert after.same_as(before)
+                whole_maps += mk.kind(task.mod) == mk.DEPTHWISE_BLOCK
+                continue
+            assert changed == ["main"] and mk.ROWS_ANNOTATION in after["main"].script()
+            rewritten.add(mk.kind(task.mod))
+            order = _rows_visited(before["main"], after["main"])
+            assert sorted(i for i, _ in order) == list(range(len(order))), task.name  # each once
+            rows = [r for _, r in order]
+            assert rows == sorted(rows) and rows[0] < rows[-1], task.name
+            info = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
+            args = [rng.standard_normal(a.shape).astype(a.dtype) for a in info]
+            # The mark survives lowering to where the pipeline rewrites it, and is gone after.
+            lowering, _, _ = tvm.tirx.get_tir_pipeline(mk.tir_pipeline())
+            entry = tvm.IRModule({"main": after["main"].with_attr("global_symbol", "main")})
+            lowered = lowering(tvm.tirx.transform.BindTarget(target.with_host(target))(entry))["main"]
+            assert len(mk._marked_loops(lowered.body)) == 1 and not mk._marked_loops(mk.reorder_marked(lowered).body)
+            lib = tvm.tirx.build(after, target=target, pipeline=mk.tir_pipeline())
+            tensors = [tvm.runtime.tensor(a) for a in args]
+            lib["main"](*tensors)
+            np.testing.assert_array_equal(tensors[-1].numpy(), _run(before, args), err_msg=task.name)
+    assert {mk.DEPTHWISE_BLOCK, mk.CONV_BLOCK} <= rewritten
+    assert mk.MATMUL_BLOCK in left and mk.MATMUL_BLOCK not in rewritten and whole_maps >= 1
+
+
 def test_depthwise_tiles_divide_the_row_and_fit_the_registers():
     for rows, row, regs in [(112, 112, 16), (56, 56, 16), (14, 14, 16), (7, 7, 16), (33, 33, 16), (28, 28, 32)]:
         tiles = mk._depthwise_tiles(rows, row, regs)
