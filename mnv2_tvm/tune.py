@@ -1815,7 +1815,7 @@ def _best_record(db: Any, mod: tvm.IRModule) -> Any:
 
 def _rows_outermost_kernels(fused: tvm.IRModule, db: Any, records_dir: Path) -> set[str]:
     """Names of the kernels of ``fused`` that compile with output rows outermost: those whose
-    best record was timed both ways (:func:`_measure_row_order`) and stayed within tolerance."""
+    best record was timed both ways (:func:`_time_row_order`) and stayed within tolerance."""
     order = _read_row_order(records_dir)
     if not order:
         return set()

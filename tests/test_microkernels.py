@@ -291,3 +291,54 @@ def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_
         keys = [T._trace_key(r.trace) for r in recs]
         assert len(keys) == len(set(keys)), f"{name}: a hand-written schedule measured twice"
         assert {T._trace_key(r.trace) for r in first[name]} <= set(keys)
+
+
+def test_tuning_times_both_loop_orders_and_compile_reorders_what_stayed_as_fast(blocked, tmp_path):
+    """After its search, tuning times each task's best schedule with the parallel loop as tuned
+    and with output rows outermost, alone, and keeps both times (``row_order.json``); a rerun
+    times nothing again. Compile reorders exactly the kernels within ``ROW_ORDER_TOLERANCE`` whose
+    best schedule is the one timed, and the output still matches PyTorch whichever it reorders.
+    An unreadable file is a warning, and nothing is reordered."""
+    import json
+    import shutil
+
+    mod, net, x = blocked
+    with torch.no_grad():
+        want = net(x).numpy()
+    tasks = T.extract_tasks(mod, TARGET)
+    records = tmp_path / "records"
+    # One trial per task: the hand-written schedules (channel blocks outermost) come first.
+    T.tune(mod, TARGET, records, len(tasks), seed=1, num_builder_workers=1, progress=False)
+    order = json.loads((records / T.ROW_ORDER_FILE).read_text())
+    assert set(order) == {T._workload_key(t.mod) for t in tasks}  # a verdict for every task
+    timed = {v["task"]: v for v in order.values() if "as_tuned_us" in v}
+    assert mk.CONV_BLOCK in {mk.kind(t.mod) for t in tasks if t.name in timed}, order
+    assert all(v["as_tuned_us"] > 0 and v["rows_outermost_us"] > 0 for v in timed.values())
+
+    def reordered(records_dir):
+        ex, rep = T.compile_with_records(mod, TARGET, records_dir)
+        out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
+        np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+        return set(rep.rows_outermost)
+
+    assert reordered(records) == {n for n, v in timed.items()
+                                  if v["rows_outermost_us"] <= T.ROW_ORDER_TOLERANCE * v["as_tuned_us"]}
+    forced = tmp_path / "forced"
+    shutil.copytree(records, forced)
+    for slower, expected in ((1.0, set(timed)), (2 * T.ROW_ORDER_TOLERANCE, set())):
+        edited = {k: {**v, "rows_outermost_us": v["as_tuned_us"] * slower} if "as_tuned_us" in v else v
+                  for k, v in order.items()}
+        (forced / T.ROW_ORDER_FILE).write_text(json.dumps(edited))
+        assert reordered(forced) == expected
+    # A verdict about another schedule than the workload's best does not apply.
+    stale = {k: {**v, "rows_outermost_us": v["as_tuned_us"], "schedule": "0" * 16} if "as_tuned_us" in v else v
+             for k, v in order.items()}
+    (forced / T.ROW_ORDER_FILE).write_text(json.dumps(stale))
+    assert reordered(forced) == set()
+    (forced / T.ROW_ORDER_FILE).write_text("{not json")
+    with pytest.warns(UserWarning, match=T.ROW_ORDER_FILE):
+        assert reordered(forced) == set()
+
+    before = (records / T.ROW_ORDER_FILE).read_bytes()
+    rep = T.tune(mod, TARGET, records, len(tasks), seed=1, num_builder_workers=1, progress=False)
+    assert rep.already_done and (records / T.ROW_ORDER_FILE).read_bytes() == before
