@@ -253,10 +253,10 @@ def _built(plans: list[Callable[[], "tvm.s_tir.Schedule"]]) -> list["tvm.s_tir.S
 # the output rows outermost gives each thread the same band of rows through the whole network, so
 # only the rows a 3×3 window reaches across the band edge change cores. Each iteration's work is
 # untouched: the loop's variable is recomputed from the new one, and the output is bit-identical.
-# The code around it is not always as fast: a depthwise kernel whose rows become part of the
-# parallel loop loses its peeled border rows (2× slower alone), and SSDLite's tuned stem ran 1.4×
-# slower alone, MobileNetV2's 1.5× faster. So tuning times each kernel both ways (``tune.py``,
-# ``ROW_ORDER_FILE``) and compile reorders those that stay about as fast alone.
+# The code around it is not always as fast: SSDLite's tuned stem ran 1.4× slower alone on one
+# thread, MobileNetV2's 1.5× faster (a depthwise kernel whose rows are a serial loop would have to
+# move them into the parallel one and lose its peeled border rows, 2–4× slower: left alone). So tuning times each kernel both ways (``tune.py``,
+# ``ROW_ORDER_FILE``) and compile reorders those not much slower alone (``ROW_ORDER_TOLERANCE``).
 
 
 def _realize_of(loop: "tvm.tirx.For", block: Any) -> Any:
