@@ -9,7 +9,8 @@ the producer alone). On 2 threads the difference is what reading the other core'
 
 default: end to end, interleaved rounds in one process, the model compiled reordering the kernels
 that timed within each ``--tolerance`` (0 = none, ``inf`` = every kernel it applies to) beside ONNX
-Runtime; per-round ratios to ORT, split into rounds where ORT ran at its usual speed and slow ones.
+Runtime; per-round ratios to ORT, split into rounds where ORT ran within 1.2× of its fastest round
+of the run and slower ones (this shared machine has spells in which its second core is slow).
 
     .venv/bin/python scripts/bench_row_order.py --model mobilenet_v2 --threads 2
     .venv/bin/python scripts/bench_row_order.py --pairs --tolerance 0 2
@@ -42,6 +43,7 @@ def main() -> int:
     import tvm
     from tvm import relax
 
+    from bench_host import time_round  # this script's folder is first on sys.path
     from mnv2_tvm import targets
     from mnv2_tvm import tune as T
     from mnv2_tvm.lower import export_onnx, to_relax
@@ -74,10 +76,10 @@ def main() -> int:
         times = {k: [] for k in runs}
         for r in range(args.rounds):
             for k, f in runs.items():
-                times[k].append(median_ms(f))
+                times[k].append(time_round(f, 0.25))
             print(f"round {r + 1}/{args.rounds}: ORT {times['onnxruntime'][-1]:.2f} ms", file=sys.stderr)
     fastest = min(times["onnxruntime"])
-    for label, keep in (("usual", lambda o: o < 1.2 * fastest), ("slow", lambda o: o >= 1.2 * fastest)):
+    for label, keep in (("fast", lambda o: o < 1.2 * fastest), ("slow", lambda o: o >= 1.2 * fastest)):
         idx = [i for i, o in enumerate(times["onnxruntime"]) if keep(o)]
         if not idx:
             continue
@@ -87,17 +89,6 @@ def main() -> int:
             ratio = statistics.median(times[k][i] / times["onnxruntime"][i] for i in idx)
             print(f"  {k:32s} {statistics.median(times[k][i] for i in idx):8.2f} ms  {ratio:.3f}x")
     return 0
-
-
-def median_ms(fn, seconds: float = 0.25) -> float:
-    fn()
-    ts = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(ts) < 5:
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def pairs(vm, x) -> tuple[float, float]:
