@@ -94,6 +94,38 @@ def host_clock_ghz() -> float:
     return 2.0
 
 
+def _cpuinfo_fields(text: str) -> dict[str, str]:
+    """The first processor's fields of a /proc/cpuinfo text."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def flops_per_cycle(cpuinfo: str) -> tuple[int, str]:
+    """fp32 FLOP per cycle per core of the x86 CPU a /proc/cpuinfo text describes, and why: FMA
+    pipes × lanes × 2. The ISA alone does not say it: AMD's first Zen executes 256-bit AVX2 on two
+    128-bit pipes (half Zen 2's peak), Zen 4 runs AVX-512 on 256-bit pipes, most Xeons on two
+    512-bit ones."""
+    f = _cpuinfo_fields(cpuinfo)
+    flags = set(f.get("flags", "").split())
+    vendor, family, model = f.get("vendor_id", ""), int(f.get("cpu family", "0")), int(f.get("model", "0"))
+    if vendor == "AuthenticAMD" and family == 0x17 and model < 0x30:
+        return 16, "AMD Zen/Zen+: two 128-bit FMA pipes (2 x 4 lanes x 2)"
+    if vendor == "AuthenticAMD" and family == 0x19:
+        return 32, "AMD Zen 3/4: two 256-bit FMA pipes (2 x 8 lanes x 2; Zen 4's AVX-512 on them)"
+    if "avx512f" in flags:
+        return 64, "two 512-bit FMA units (2 x 16 lanes x 2; Xeon server cores, AMD Zen 5)"
+    if "fma" in flags:
+        return 32, "two 256-bit FMA units (2 x 8 lanes x 2)"
+    return 8, "SSE: no FMA (4 lanes x 2 ops)"
+
+
 def _host_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -164,7 +196,15 @@ def _parse(path: Path, data: dict) -> TargetSpec:
     if cores < 1 or clock <= 0:
         raise UserError(f"{path}: fields 'device.cores' and 'device.clock_ghz' must be positive")
     peak = device.get("peak_gflops")
-    if peak is None and "flops_per_cycle" in device:
+    peak_source = str(device.get("peak_source", ""))
+    if peak is None and device.get("flops_per_cycle") == "host":
+        try:
+            per_cycle, why = flops_per_cycle(Path("/proc/cpuinfo").read_text())
+        except OSError:
+            per_cycle, why = 32, "assumed (no /proc/cpuinfo): two 256-bit FMA units"
+        peak = cores * clock * per_cycle
+        peak_source = f"derived: cores x clock x {per_cycle} FLOP/cycle, {why}"
+    elif peak is None and "flops_per_cycle" in device:
         peak = cores * clock * float(need(device, "flops_per_cycle", (int, float), "device"))
     if peak is not None and (not isinstance(peak, (int, float)) or peak <= 0):
         raise UserError(f"{path}: field 'device.peak_gflops' must be a positive number")
@@ -181,7 +221,7 @@ def _parse(path: Path, data: dict) -> TargetSpec:
         name=path.stem, title=title, target=target, host=host, arch=arch, device_kind=device_kind,
         cross_compiler=cross, ndk=bool(build.get("ndk", False)), rpc_key=str(rpc.get("key", path.stem)),
         cores=cores, clock_ghz=clock, peak_gflops=float(peak) if peak else None,
-        peak_source=str(device.get("peak_source", "")), bandwidth_gbs=float(bandwidth) if bandwidth else None,
+        peak_source=peak_source, bandwidth_gbs=float(bandwidth) if bandwidth else None,
         bandwidth_source=str(device.get("bandwidth_source", "")), path=path,
         layout=layout,
     )

@@ -63,6 +63,26 @@ def test_broken_target_file_names_file_and_field(tmp_path):
     assert_one_line_error(proc, "myboard.toml: field 'build.layout' must be one of NCHW, NCHW4c, NCHW8c")
 
 
+def _cpuinfo(vendor: str, family: int, model: int, flags: str) -> str:
+    one = f"processor\t: {{}}\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\nflags\t\t: {flags}\n"
+    # A second processor that differs: only the first one is read.
+    return one.format(0) + "\n" + one.format(1).replace(flags, "fpu")
+
+
+@pytest.mark.parametrize("vendor,family,model,flags,expected", [
+    ("AuthenticAMD", 23, 1, "sse avx fma avx2", 16),       # Zen 1 (EPYC 7001): 128-bit pipes
+    ("AuthenticAMD", 23, 49, "sse avx fma avx2", 32),      # Zen 2
+    ("AuthenticAMD", 25, 17, "avx fma avx2 avx512f", 32),  # Zen 4: AVX-512 on 256-bit pipes
+    ("GenuineIntel", 6, 106, "avx fma avx2 avx512f", 64),  # Ice Lake server
+    ("GenuineIntel", 6, 63, "avx fma avx2", 32),           # Haswell
+])
+def test_host_peak_counts_the_fma_pipes_not_just_the_isa(vendor, family, model, flags, expected):
+    from mnv2_tvm.targets import flops_per_cycle
+
+    per_cycle, why = flops_per_cycle(_cpuinfo(vendor, family, model, flags))
+    assert per_cycle == expected and why
+
+
 def test_android_without_ndk_says_what_to_install(tmp_path):
     import os
 
