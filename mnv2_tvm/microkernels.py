@@ -255,8 +255,9 @@ def _built(plans: list[Callable[[], "tvm.s_tir.Schedule"]]) -> list["tvm.s_tir.S
 # untouched: the loop's variable is recomputed from the new one, and the output is bit-identical.
 # The code around it is not always as fast: SSDLite's tuned stem ran 1.4× slower alone on one
 # thread, MobileNetV2's 1.5× faster (a depthwise kernel whose rows are a serial loop would have to
-# move them into the parallel one and lose its peeled border rows, 2–4× slower: left alone). So tuning times each kernel both ways (``tune.py``,
-# ``ROW_ORDER_FILE``) and compile reorders those not much slower alone (``ROW_ORDER_TOLERANCE``).
+# move them into the parallel one and lose its peeled border rows, 2–4× slower: left alone). So
+# tuning times each kernel both ways (``tune.py``, ``ROW_ORDER_FILE``) and compile reorders those
+# not much slower alone (``ROW_ORDER_TOLERANCE``).
 
 
 def _realize_of(loop: "tvm.tirx.For", block: Any) -> Any:

@@ -84,14 +84,16 @@ def host_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def host_clock_ghz() -> float:
+def _host_cpuinfo() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return float(line.split(":")[1]) / 1000.0
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return 2.0
+        return ""
+
+
+def host_clock_ghz() -> float:
+    mhz = _cpuinfo_fields(_host_cpuinfo()).get("cpu MHz")
+    return float(mhz) / 1000.0 if mhz else 2.0
 
 
 def _cpuinfo_fields(text: str) -> dict[str, str]:
@@ -127,13 +129,8 @@ def flops_per_cycle(cpuinfo: str) -> tuple[int, str]:
 
 
 def _host_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":")[1].split())
-    except OSError:
-        pass
-    return set()
+    fields = _cpuinfo_fields(_host_cpuinfo())
+    return set((fields.get("flags") or fields.get("Features", "")).split())
 
 
 def host_target_name() -> str:
@@ -198,10 +195,8 @@ def _parse(path: Path, data: dict) -> TargetSpec:
     peak = device.get("peak_gflops")
     peak_source = str(device.get("peak_source", ""))
     if peak is None and device.get("flops_per_cycle") == "host":
-        try:
-            per_cycle, why = flops_per_cycle(Path("/proc/cpuinfo").read_text())
-        except OSError:
-            per_cycle, why = 32, "assumed (no /proc/cpuinfo): two 256-bit FMA units"
+        cpuinfo = _host_cpuinfo()
+        per_cycle, why = flops_per_cycle(cpuinfo) if cpuinfo else (32, "assumed (no /proc/cpuinfo): two 256-bit FMA units")
         peak = cores * clock * per_cycle
         peak_source = f"derived: cores x clock x {per_cycle} FLOP/cycle, {why}"
     elif peak is None and "flops_per_cycle" in device:
