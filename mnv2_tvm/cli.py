@@ -57,11 +57,13 @@ def cmd_madds(args: argparse.Namespace) -> None:
 def cmd_targets(args: argparse.Namespace) -> None:
     from . import targets
 
-    host = targets.host_target_name()
+    host, fastest = targets.host_target_name(), targets.fastest_host_target_name()
     for name in targets.available():
         spec = targets.load(name)
-        print(("* " if name == host else "  ") + spec.summary())
+        print(("* " if name == host else "+ " if name == fastest else "  ") + spec.summary())
     print("(* = this host; `--target host` picks it)")
+    if fastest != host:
+        print(f"(+ = the fastest build with shipped schedules here: `--target {fastest}`)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -40,6 +40,7 @@ from tvm.s_tir.meta_schedule._ffi_api import TuningRecordAsJSON as _TuningRecord
 
 from . import microkernels
 from .lower import OPAQUE, legalize_conv2d, legalize_resize2d
+from .targets import RECORD_FILE
 
 __all__ = [
     "ApplyReport",
@@ -61,7 +62,6 @@ __all__ = [
 ]
 
 WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
 META_FILE = "meta.json"
 LOG_FILE = "tune.log"
 LOCK_FILE = ".lock"

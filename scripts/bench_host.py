@@ -16,6 +16,8 @@ The "RSS +MB" growth seen inside the timing process (which also compiled) is kep
     .venv/bin/python scripts/bench_host.py --models mobilenet_v2 --threads 2 --rounds 9
     # a second tuned build beside the first, e.g. another activation layout with its own records:
     .venv/bin/python scripts/bench_host.py --models mobilenet_v2 --alt-target my.toml --alt-records DIR
+    # the blocked-layout build as the tuned one, the host's NCHW build beside it (what scripts/main.sh runs):
+    .venv/bin/python scripts/bench_host.py --target x86-64-avx2-nchw8c --alt-target x86-64-avx2
 """
 
 from __future__ import annotations
@@ -220,7 +222,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--seconds", type=float, default=0.5, help="minimum time per engine per round")
     p.add_argument("--skip-untuned", action="store_true", help="untuned DeepLab takes seconds per run")
-    p.add_argument("--alt-target", help="also time a tuned build for this target description (.toml) of this host")
+    p.add_argument("--target", default="host", help="the tuned build's target: 'host', a targets/ name or a .toml "
+                                                    "path describing this host")
+    p.add_argument("--alt-target", help="also time a tuned build for this target (a targets/ name or .toml path) of this host")
     p.add_argument("--alt-records", type=Path, help="records for --alt-target (default: its schedules/ folder)")
     p.add_argument("--out", type=Path, default=Path("reports/bench_host"))
     args = p.parse_args()
@@ -229,7 +233,7 @@ def main() -> int:
     from mnv2_tvm.madds import count
     from mnv2_tvm.models import ModelConfig
 
-    spec = targets.load("host")
+    spec = targets.load(args.target)
     alt = None
     if args.alt_target:
         alt_spec = targets.load(args.alt_target)

@@ -83,6 +83,28 @@ def test_host_peak_counts_the_fma_pipes_not_just_the_isa(vendor, family, model, 
     assert per_cycle == expected and why
 
 
+def test_the_fastest_host_build_is_the_blocked_variant_only_where_its_schedules_are_shipped(tmp_path, monkeypatch):
+    from mnv2_tvm import targets
+
+    host = targets.host_target_name()
+    blocked = f"{host}-nchw8c"
+    # Both x86 host kinds ship NCHW8c schedules; `targets` marks that build beside the host's own.
+    assert targets.fastest_host_target_name() == blocked
+    listing = mnv2("targets").stdout.splitlines()
+    assert any(line.startswith(f"* {host} ") for line in listing)
+    assert any(line.startswith(f"+ {blocked} ") for line in listing)
+    assert f"`--target {blocked}`" in listing[-1]
+
+    monkeypatch.setattr(targets, "SCHEDULES_DIR", tmp_path)
+    assert targets.fastest_host_target_name() == host  # no folder
+    (tmp_path / blocked).mkdir()
+    records = tmp_path / blocked / targets.RECORD_FILE
+    records.write_text("")
+    assert targets.fastest_host_target_name() == host  # an empty database is no schedules
+    records.write_text((targets.REPO_ROOT / "schedules" / blocked / targets.RECORD_FILE).read_text())
+    assert targets.fastest_host_target_name() == blocked
+
+
 def test_android_without_ndk_says_what_to_install(tmp_path):
     import os
 
