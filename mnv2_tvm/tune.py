@@ -314,6 +314,45 @@ def _short(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class _PeakMemory:
+    """The peak of this process's RSS plus its descendants' (the builder workers, a local runner),
+    sampled every ``interval`` s on a thread while tuning runs. A sum of RSS counts the pages the
+    processes share (libtvm) once per process, so it over-states what the machine needs."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.peak_bytes = 0
+        self.processes = 1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tune-peak-rss", daemon=True)
+
+    def sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        total, n = me.memory_info().rss, 1
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # it may end between the listing and the read
+                total += child.memory_info().rss
+                n += 1
+        if total > self.peak_bytes:
+            self.peak_bytes, self.processes = total, n
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> _PeakMemory:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
 class _Sigint:
     """SIGINT handling while tuning.
 
@@ -1121,6 +1160,10 @@ class TuneReport:
     already_done: bool = False
     first_trial_s: float | None = None  # from the call to the first measured batch
     message: str = ""
+    #: Peak RSS of the tuning process and its workers summed (:class:`_PeakMemory`), and how many
+    #: processes that peak counted; None where not sampled (nothing to tune).
+    peak_rss_mb: float | None = None
+    peak_rss_processes: int = 0
     #: Sum over tasks of weight × best µs; None until every task has a valid measurement.
     estimated_e2e_us: float | None = field(init=False)
     tasks_without_measurement: int = field(init=False)
@@ -1148,6 +1191,8 @@ class TuneReport:
             f"{self.trials_in_db_before} -> {self.trials_in_db_after}; {self.tasks_covered_before}/{len(self.tasks)} "
             f"tasks had records before); estimated end-to-end {est_s}; "
             f"{self.wall_time_s:.0f} s" + (" [interrupted]" if self.interrupted else "")
+            + (f"; peak RSS {self.peak_rss_mb / 1024:.2f} GB in all ({self.peak_rss_processes} processes)"
+               if self.peak_rss_mb else "")
         )
         if any(t.exhausted for t in self.tasks):
             rows.append("* search space used up: its share went to the other tasks")
@@ -2047,8 +2092,10 @@ def tune(
                 console.write(f"[tune] {sess.covered_before} of {len(sess.tasks)} tasks already have records in "
                               f"{records_dir} ({sum(sess.existing)} trials, from this or other models)\n")
             sess.bar = _Progress(console, total, t0) if progress else None
+            memory = _PeakMemory()
             try:
-                _run_session(sess, runner, num_builder_workers, seed)
+                with memory:
+                    _run_session(sess, runner, num_builder_workers, seed)
                 if opened.db.write_error:  # in case MetaSchedule swallowed the commit's exception
                     raise RecordsError(opened.db.write_error)
             except BaseException as err:  # noqa: BLE001 - a KeyboardInterrupt may arrive as RuntimeError
@@ -2064,6 +2111,7 @@ def tune(
                     sess.bar.close()
             rep = sess.report("interrupted; records so far are kept, run again to resume"
                               if sess.interrupted else "done")
+            rep.peak_rss_mb, rep.peak_rss_processes = memory.peak_bytes / 2**20, memory.processes
             if console is not None:
                 console.write(rep.table() + "\n")
                 if rep.interrupted:
