@@ -93,6 +93,9 @@ def cmd_compile(args: argparse.Namespace) -> None:
           f"lower {s['lower']:.1f} s, build {s['build']:.1f} s, link {s['link']:.1f} s]")
     if spec.device_kind == "opencl":
         print("note: OpenCL kernels are embedded in the library; no OpenCL device here can run them")
+    if args.target == targets.HOST_ALIAS and (fastest := targets.fastest_host_target_name()) != spec.name:
+        print(f"note: the fastest build with shipped schedules on this host is `--target {fastest}` "
+              f"(`mnv2-tvm targets`)")
 
 
 def cmd_tune(args: argparse.Namespace) -> None:

@@ -94,6 +94,10 @@ def test_the_fastest_host_build_is_the_blocked_variant_only_where_its_schedules_
     assert any(line.startswith(f"* {host} ") for line in listing)
     assert any(line.startswith(f"+ {blocked} ") for line in listing)
     assert f"`--target {blocked}`" in listing[-1]
+    # Compiling for `host` (the default) names the faster build.
+    proc = mnv2("compile", "mobilenet_v2", "--width", "0.35", "--resolution", "32", "-o", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: the fastest build with shipped schedules on this host is `--target {blocked}`" in proc.stdout
 
     monkeypatch.setattr(targets, "SCHEDULES_DIR", tmp_path)
     assert targets.fastest_host_target_name() == host  # no folder
