@@ -315,23 +315,32 @@ def _short(err: BaseException, limit: int = 160) -> str:
 
 
 class _PeakMemory:
-    """The peak of this process's RSS plus its descendants' (the builder workers, a local runner),
-    sampled every ``interval`` s on a thread while tuning runs. A sum of RSS counts the pages the
-    processes share (libtvm) once per process, so it over-states what the machine needs."""
+    """The peak of this process's RSS plus that of the descendants started while it runs (the
+    builder workers, a local runner), sampled every ``interval`` s on a thread while tuning runs.
+    Children that were there before (servers a calling program keeps) are not tuning's and are left
+    out. A sum of RSS counts the pages the processes share (libtvm) once per process, so it
+    over-states what the machine needs."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
         self.peak_bytes = 0
         self.processes = 1
+        self._before: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tune-peak-rss", daemon=True)
+
+    def _children(self) -> list[Any]:
+        import psutil
+
+        return psutil.Process().children(recursive=True)
 
     def sample(self) -> None:
         import psutil
 
-        me = psutil.Process()
-        total, n = me.memory_info().rss, 1
-        for child in me.children(recursive=True):
+        total, n = psutil.Process().memory_info().rss, 1
+        for child in self._children():
+            if child.pid in self._before:
+                continue
             with contextlib.suppress(psutil.Error):  # it may end between the listing and the read
                 total += child.memory_info().rss
                 n += 1
@@ -343,6 +352,7 @@ class _PeakMemory:
             self.sample()
 
     def __enter__(self) -> _PeakMemory:
+        self._before = {p.pid for p in self._children()}
         self.sample()
         self._thread.start()
         return self

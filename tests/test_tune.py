@@ -208,6 +208,33 @@ def test_allocate_trials_min_share_and_monotone():
     assert big[0] > big[2] > big[1] >= 8
 
 
+def _holding(mb: int) -> subprocess.Popen:
+    """A child process that holds ``mb`` MB of touched memory until killed (says so on stdout)."""
+    code = f"b = bytearray({mb} << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('ready', flush=True)\n" \
+           "import time\ntime.sleep(600)"
+    proc = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+    return proc
+
+
+def test_peak_memory_counts_the_children_started_while_tuning_not_those_before():
+    import psutil
+
+    before = _holding(400)  # e.g. an RPC server the calling program keeps
+    try:
+        with T._PeakMemory(interval=0.05) as memory:
+            during = _holding(150)  # e.g. a builder worker
+            time.sleep(0.3)
+            during.kill()
+            during.wait()
+        own = psutil.Process().memory_info().rss / 2**20
+        assert memory.processes == 2
+        assert own + 140 < memory.peak_bytes / 2**20 < own + 400, (own, memory.peak_bytes / 2**20)
+    finally:
+        before.kill()
+        before.wait()
+
+
 def test_tune_writes_durable_stock_readable_records(tuned):
     records_dir, rep = tuned
     assert rep.trials_run == 8 and rep.trials_in_db_before == 0 and rep.trials_in_db_after == 8
@@ -217,8 +244,9 @@ def test_tune_writes_durable_stock_readable_records(tuned):
     assert rep.estimated_e2e_us == pytest.approx(sum(t.weight * t.best_us for t in rep.tasks))
     assert rep.first_trial_s is not None and rep.first_trial_s < rep.wall_time_s
     assert "best µs" in rep.table() and all(t.name in rep.table() for t in rep.tasks)
-    # Memory in all: this process (torch, TVM) and the 2 builder workers, each hundreds of MB.
-    assert rep.peak_rss_processes >= 3 and 3 * 100 < rep.peak_rss_mb < 3 * 1024, rep
+    # Memory in all: this process (torch, TVM) and the 2 builder workers, each over 100 MB. No upper
+    # bound here: this pytest process has grown with every test before it (README: a tune run's figures).
+    assert rep.peak_rss_processes >= 3 and rep.peak_rss_mb > 3 * 100, rep
     assert f"peak RSS {rep.peak_rss_mb / 1024:.2f} GB in all ({rep.peak_rss_processes} processes)" in rep.table()
     # on disk: JSON lines, complete, readable by the stock JSONDatabase
     lines = record_lines(records_dir)
