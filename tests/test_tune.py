@@ -244,9 +244,10 @@ def test_tune_writes_durable_stock_readable_records(tuned):
     assert rep.estimated_e2e_us == pytest.approx(sum(t.weight * t.best_us for t in rep.tasks))
     assert rep.first_trial_s is not None and rep.first_trial_s < rep.wall_time_s
     assert "best µs" in rep.table() and all(t.name in rep.table() for t in rep.tasks)
-    # Memory in all: this process (torch, TVM) and the 2 builder workers, each over 100 MB. No upper
-    # bound here: this pytest process has grown with every test before it (README: a tune run's figures).
-    assert rep.peak_rss_processes >= 3 and rep.peak_rss_mb > 3 * 100, rep
+    # Memory in all: this process (torch, TVM) at least; its builder workers too unless an earlier tune
+    # in this pytest process started the pool they belong to (pools are kept). No upper bound: this
+    # process has grown with every test before it (README: a tune run's figures).
+    assert rep.peak_rss_processes >= 1 and rep.peak_rss_mb > 100, rep
     assert f"peak RSS {rep.peak_rss_mb / 1024:.2f} GB in all ({rep.peak_rss_processes} processes)" in rep.table()
     # on disk: JSON lines, complete, readable by the stock JSONDatabase
     lines = record_lines(records_dir)
