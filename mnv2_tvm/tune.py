@@ -319,8 +319,8 @@ class _PeakMemory:
     builder workers, a local runner), sampled every ``interval`` s on a thread while tuning runs.
     Children that were there before (servers a calling program keeps) are not tuning's and are left
     out; so are builder workers kept from an earlier tune in the same process (``_POOLS``), which
-    only a program that tunes twice has. A sum of RSS counts the pages the processes share (libtvm) once per process, so it
-    over-states what the machine needs."""
+    only a program that tunes twice has. A sum of RSS counts the pages the processes share (libtvm)
+    once per process, so it over-states what the machine needs."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
