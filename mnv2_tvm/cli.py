@@ -25,7 +25,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     from .models import MODELS
 
     p.add_argument("model", help=f"one of {', '.join(MODELS)}")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier (0.35 0.5 0.75 1.0 1.3 1.4)")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier, any in (0, 4]; the paper's are 0.35 0.5 0.75 1.0 1.3 1.4")
     p.add_argument("--resolution", type=int, help="input size (default: 224, 320 or 513 by model)")
     p.add_argument("--num-classes", type=int, help="classes (default: 1000, 81 or 21 by model)")
     p.add_argument("--output-stride", type=int, default=16, choices=(8, 16), help="DeepLab only")

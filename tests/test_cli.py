@@ -41,7 +41,8 @@ def test_madds_per_layer_table():
 
 @pytest.mark.parametrize("args, needle", [
     (["madds", "resnet"], "unknown model 'resnet'"),
-    (["madds", "mobilenet_v2", "--width", "0.6"], "width 0.6 is not one the paper defines"),
+    (["madds", "mobilenet_v2", "--width", "0"], "width 0 is invalid"),
+    (["madds", "mobilenet_v2", "--width", "5"], "width 5 is invalid"),
     (["madds", "mobilenet_v2", "--resolution", "100"], "resolution 100 is invalid"),
     (["madds", "mobilenet_v2", "--resolution", "16"], "at least 32"),
     (["compile", "mobilenet_v2", "--target", "nosuchboard"], "unknown target 'nosuchboard'"),

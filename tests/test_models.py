@@ -93,7 +93,10 @@ def test_state_dict_with_wrong_keys_or_shapes_is_refused(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(model="resnet50"), "unknown model"),
-    (dict(width=0.6), "not one the paper defines"),
+    (dict(width=0.0), "width 0 is invalid"),
+    (dict(width=-1.0), "must be in"),
+    (dict(width=4.5), "width 4.5 is invalid"),
+    (dict(width=float("nan")), "invalid"),
     (dict(resolution=100), "multiple of 32"),
     (dict(resolution=0), "at least 32"),
     (dict(model="ssdlite", num_classes=10), "supports 80, 81, 91"),
@@ -126,3 +129,24 @@ def test_deeplab_output_stride_uses_dilation_not_resolution_loss():
             feat = model.backbone(torch.zeros(1, 3, 129, 129))
         assert feat.shape[-1] == {8: 17, 16: 9}[os_]
         assert model(torch.zeros(1, 3, 129, 129)).shape == (1, 21, 129, 129)
+
+
+@pytest.mark.parametrize("width", [0.6, 0.9, 2.0, 0.05])
+def test_any_width_rounds_channels_as_torchvision_does(width):
+    """Channels are multiples of 8, never below 8, and lose at most 10 % to rounding (torchvision's rule)."""
+    from mnv2_tvm.madds import count
+
+    def torchvision_round(v: float) -> int:
+        new = max(8, int(v + 4) // 8 * 8)
+        return new + 8 if new < 0.9 * v else new
+
+    model = MobileNetV2(width=width)
+    convs = [m for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].out_channels == torchvision_round(32 * width)
+    widths = {c.out_channels for c in convs}
+    assert all(c % 8 == 0 and c >= 8 for c in widths)
+    assert torchvision_round(320 * width) in widths
+    assert model.last_channel == torchvision_round(1280 * max(1.0, width))
+    c = count(ModelConfig(width=width, resolution=96))
+    assert c.params == sum(p.numel() for p in build(ModelConfig(width=width, resolution=96)).parameters())
+    assert c.madds > 0

@@ -15,8 +15,10 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-# Width multipliers the paper defines (Table 6a / Figure 5).
+# Width multipliers the paper defines (Table 6a / Figure 5): the default grid. Any other
+# multiplier in (0, MAX_WIDTH] builds too, channels rounded as torchvision rounds them.
 WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+MAX_WIDTH = 4.0
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,9 @@ class ModelConfig:
         info = MODELS.get(self.model)
         if info is None:
             raise UserError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.width not in WIDTHS:
-            raise UserError(f"width {self.width:g} is not one the paper defines; "
-                            f"choose one of {', '.join(f'{w:g}' for w in WIDTHS)}")
+        if not 0 < self.width <= MAX_WIDTH:  # also false for NaN
+            raise UserError(f"width {self.width:g} is invalid: a multiplier must be in (0, {MAX_WIDTH:g}] "
+                            f"(the paper's are {', '.join(f'{w:g}' for w in WIDTHS)})")
         if self.resolution is None:
             object.__setattr__(self, "resolution", info.default_resolution)
         if self.num_classes is None:
