@@ -27,6 +27,15 @@ def test_torch_frontend_bundle_matches_pytorch(model, host_bundles):
     assert np.abs(out - expected).max() <= TOLERANCE
 
 
+def test_deeplab_at_output_stride_8_matches_pytorch(tmp_path):
+    cfg = ModelConfig(**{**SMALL["deeplabv3"], "output_stride": 8})
+    compile_bundle(cfg, targets.load("host"), tmp_path, records_dir=tmp_path / "none", seed=2)
+    x, expected = bundle.reference(tmp_path)
+    assert np.abs(expected).max() > 0.05
+    assert np.abs(Runner(tmp_path).run(x) - expected).max() <= TOLERANCE
+    assert bundle.load_manifest(tmp_path)["config"]["output_stride"] == 8
+
+
 @pytest.mark.parametrize("model", list(SMALL))
 def test_onnx_frontend_bundle_matches_pytorch(model, tmp_path):
     cfg = ModelConfig(**SMALL[model])

@@ -41,16 +41,17 @@ def vboard(virtual_board: BoardFactory) -> Iterator[Board]:
 
 @pytest.fixture(scope="module")
 def rpi_bundles(tmp_path_factory: pytest.TempPathFactory, virtual_board_setup: Path) -> dict[str, Path]:
-    """The three models, small, cross-compiled for the Raspberry Pi 4 target (untuned)."""
+    """The three models, small, cross-compiled for the Raspberry Pi 4 target (untuned); DeepLab at both output strides."""
     from mnv2_tvm import targets
     from mnv2_tvm.compile import compile_bundle
     from mnv2_tvm.models import ModelConfig
 
     root = tmp_path_factory.mktemp("rpi4b")
+    configs = {**SMALL, "deeplabv3-os8": {**SMALL["deeplabv3"], "output_stride": 8}}
     out = {}
-    for model, cfg in SMALL.items():
-        out[model] = root / model
-        compile_bundle(ModelConfig(**cfg), targets.load("rpi4b"), out[model], records_dir=root / "no-records")
+    for name, cfg in configs.items():
+        out[name] = root / name
+        compile_bundle(ModelConfig(**cfg), targets.load("rpi4b"), out[name], records_dir=root / "no-records")
     return out
 
 
@@ -103,7 +104,7 @@ def test_bench_a_model_over_ssh_from_the_cli(vboard: Board, tmp_path: Path, caps
 def test_ssdlite_and_deeplab_match_pytorch_on_the_board(vboard: Board, rpi_bundles: dict[str, Path]) -> None:
     with B.open_board(target_of(vboard), opts_of(vboard)) as ob:
         assert ob.info["arch"] == "aarch64" and ob.local_port != ob.server.port
-        for model in ("ssdlite", "deeplabv3"):
+        for model in ("ssdlite", "deeplabv3", "deeplabv3-os8"):
             sess = remote.connect("127.0.0.1", ob.local_port, via="ssh")
             result = run_bench(rpi_bundles[model], sess, BenchSettings(number=1, repeat=1), emulated=True)
             sess.close()

@@ -42,6 +42,17 @@ def test_detector_and_segmenter_rows_of_the_paper(cfg, madds, params, tol):
     assert abs(c.params / params - 1) < tol
 
 
+def test_output_stride_8_matches_the_papers_multi_scale_figure():
+    """The paper's only OS 8 row without ASPP (Table 7: 152.6B MAdds) evaluates six input scales,
+    0.5 to 1.75, each also flipped; our single-scale count summed the same way must land on it."""
+    single = count(ModelConfig("deeplabv3", output_stride=8)).madds
+    assert 8.7e9 < single < 8.9e9
+    scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    total = 2 * sum(count(ModelConfig("deeplabv3", resolution=round(512 * s) + 1, output_stride=8)).madds
+                    for s in scales)
+    assert abs(total / 152.6e9 - 1) < 0.01
+
+
 def test_per_layer_rows_add_up_and_have_kinds():
     c = count(ModelConfig(width=0.5, resolution=128))
     assert sum(layer.madds for layer in c.layers) == c.madds
