@@ -36,6 +36,23 @@ def test_deeplab_at_output_stride_8_matches_pytorch(tmp_path):
     assert bundle.load_manifest(tmp_path)["config"]["output_stride"] == 8
 
 
+def test_armv7_bundle_is_a_hard_float_arm_elf(tmp_path):
+    """The 32-bit Pi 3 target links with arm-linux-gnueabihf-g++: a 32-bit ARM ELF, EABI 5, hard-float ABI."""
+    import struct
+
+    compile_bundle(ModelConfig(**SMALL["mobilenet_v2"]), targets.load("rpi3b"), tmp_path,
+                   records_dir=tmp_path / "none")
+    m = bundle.load_manifest(tmp_path)
+    head = (tmp_path / m["library"]).read_bytes()[:52]
+    assert head[:4] == b"\x7fELF" and head[4] == 1 and head[5] == 1  # 32-bit, little-endian
+    e_machine, = struct.unpack_from("<H", head, 18)
+    e_flags, = struct.unpack_from("<I", head, 36)
+    assert e_machine == 40  # EM_ARM
+    assert e_flags & 0xFF000000 == 0x05000000  # EABI version 5
+    assert e_flags & 0x400  # EF_ARM_ABI_FLOAT_HARD
+    assert m["arch"] == "arm"
+
+
 @pytest.mark.parametrize("model", list(SMALL))
 def test_onnx_frontend_bundle_matches_pytorch(model, tmp_path):
     cfg = ModelConfig(**SMALL[model])
