@@ -93,6 +93,14 @@ def _host_cpuinfo() -> str:
         return ""
 
 
+def host_cpu_model() -> str:
+    """The host CPU's marketing name and family/model/stepping, as results files record it."""
+    f = _cpuinfo_fields(_host_cpuinfo())
+    name = f.get("model name", os.uname().machine)
+    fms = "/".join(f.get(k, "?") for k in ("cpu family", "model", "stepping"))
+    return f"{name} (family/model/stepping {fms})"
+
+
 def host_clock_ghz() -> float:
     mhz = _cpuinfo_fields(_host_cpuinfo()).get("cpu MHz")
     return float(mhz) / 1000.0 if mhz else 2.0

@@ -294,7 +294,8 @@ def main() -> int:
                 row["peak_rss"] = rss
                 results.append(row)
                 print_row(row)
-    meta = {"cpu": spec.title, "host_target": spec.name, "layout": spec.layout, "cores": spec.cores, "clock_ghz": spec.clock_ghz,
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu_model": targets.host_cpu_model(), "cpu": spec.title,
+            "host_target": spec.name, "layout": spec.layout, "cores": spec.cores, "clock_ghz": spec.clock_ghz,
             "peak_gflops_all_cores": spec.peak_gflops, "rounds": args.rounds,
             "peak_rss": f"VmHWM of a fresh process per engine: imports, load from the built artefact, "
                         f"{RSS_RUNS} inferences at max(--threads) threads",
