@@ -30,3 +30,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -c "import tvm, torch, mnv2_tvm" || { echo "setup: install failed" >&2; exit 1; }
     touch "$stamp"
 fi
+bash scripts/setup_emulator.sh  # emulated-core cost: qemu-user, the QEMU plugin header, our plugin (mnv2_tvm/emulate)

@@ -1,0 +1,1 @@
+"""Emulated-core cost: placeholder, filled in below."""
