@@ -6,7 +6,9 @@
  *   kernel uses (MNV2_SYSCALL, called through ctypes: syscall(NR, op, a, b)).
  * - Only code inside address ranges the guest registers (the candidate library's text, libc's
  *   memcpy/memset) is instrumented, at translation time: start-up and the TVM runtime (thread
- *   pool spin-waiting included) are neither counted nor cache-simulated.
+ *   pool spin-waiting included) are neither counted nor cache-simulated. A range can be
+ *   count-only (the library's packed-call wrappers: they read argument metadata from heap
+ *   objects whose placement depends on what ran before).
  * - Instructions retired are counted by class, classified once per instruction at translation
  *   time from the disassembly (aarch64 and x86-64 mnemonics).
  * - Every data access of that code goes through a per-thread, set-associative, LRU,
@@ -48,7 +50,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 enum op {
     OP_HELLO = 1,        /* write a hello line (the guest checks the plugin is there) */
     OP_RANGE_CLEAR = 2,  /* forget the pending ranges */
-    OP_RANGE_ADD = 3,    /* a = start, b = end: instrument [start, end) */
+    OP_RANGE_ADD = 3,    /* a = start, b = end, c = RANGE_* flags: instrument [start, end) */
     OP_SET_LAUNCH = 4,   /* a = address of TVMBackendParallelLaunch (0: none) */
     OP_COMMIT = 5,       /* pending ranges/launch become active; flush translations if changed */
     OP_OPEN = 6,         /* a = flags (FLAG_COUNT, FLAG_RESET) */
@@ -56,6 +58,7 @@ enum op {
 };
 #define FLAG_COUNT 1u /* count (otherwise only simulate caches: a warm-up window) */
 #define FLAG_RESET 2u /* empty the caches and the page map first */
+#define RANGE_NO_MEMORY 1u /* count instructions only: no cache simulation (takes precedence) */
 
 /* Instruction classes: exclusive, they sum to the instructions retired. */
 enum cls { C_INT, C_FP, C_VEC, C_FMA, C_LOAD, C_STORE, C_VLOAD, C_VSTORE, C_BRANCH, C_OTHER, NCLS };
@@ -120,7 +123,7 @@ static _Atomic(VCPU *) g_vcpus[MAXVCPUS];
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* Active (used at translation) and pending (set by the guest) instrumentation. */
-static uint64_t g_ranges[MAXRANGES][2], g_pending[MAXRANGES][2];
+static uint64_t g_ranges[MAXRANGES][3], g_pending[MAXRANGES][3];
 static int g_nranges, g_npending;
 static uint64_t g_launch, g_pending_launch;
 static GPtrArray *g_tbinfos;
@@ -695,14 +698,19 @@ static void classify(const char *disas, uint64_t *v)
 
 /* ------------------------------------------------------------------ translation */
 
-static bool in_ranges(uint64_t pc)
+/* 0: not instrumented, 1: count only, 2: count and simulate its data accesses. */
+static int range_kind(uint64_t pc)
 {
+    int kind = 0;
     for (int i = 0; i < g_nranges; i++) {
         if (pc >= g_ranges[i][0] && pc < g_ranges[i][1]) {
-            return true;
+            if (g_ranges[i][2] & RANGE_NO_MEMORY) {
+                return 1;
+            }
+            kind = 2;
         }
     }
-    return false;
+    return kind;
 }
 
 static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
@@ -716,7 +724,8 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     for (size_t i = 0; i < n; i++) {
         struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
         uint64_t a = qemu_plugin_insn_vaddr(insn);
-        if (!in_ranges(a)) {
+        int kind = range_kind(a);
+        if (!kind) {
             continue;
         }
         if (!info) {
@@ -738,7 +747,9 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
             pthread_mutex_unlock(&g_lock);
         }
         g_free(d);
-        qemu_plugin_register_vcpu_mem_cb(insn, on_mem, QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_RW, NULL);
+        if (kind == 2) {
+            qemu_plugin_register_vcpu_mem_cb(insn, on_mem, QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_RW, NULL);
+        }
     }
     if (info) {
         qemu_plugin_register_vcpu_tb_exec_cb(tb, on_tb_exec, QEMU_PLUGIN_CB_NO_REGS, info);
@@ -839,6 +850,7 @@ static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num
         if (g_npending < MAXRANGES && a3 > a2) {
             g_pending[g_npending][0] = a2;
             g_pending[g_npending][1] = a3;
+            g_pending[g_npending][2] = a4;
             g_npending++;
         }
         break;

@@ -1,0 +1,221 @@
+"""A model of a board's CPU core: per-thread counts from the emulated core → cycles → milliseconds.
+
+The figures live in the target's TOML, in a ``[core]`` table, each with where it comes from in
+``[core.sources]`` (Arm's Technical Reference Manuals and Software Optimization Guides where they
+state it; "assumed" with a reason where they do not — those are the ones to calibrate).
+
+The model, per thread and per parallel region (counts ``c`` from the plugin)::
+
+    t_core  = max( instructions / issue_width,                  # front end
+                   v64 * 64 / vector_bits_per_cycle,            # vector pipes (64-bit lane units)
+                   ld_ops / loads_per_cycle,
+                   st_ops / stores_per_cycle,
+                   (ld_ops + st_ops) / memory_ops_per_cycle )   # address generation
+    stall   = (1 - miss_overlap) * sum over levels i of
+                  [random load misses_i + sequential_miss_cost * sequential load misses_i]
+                  * (latency_{i+1} - latency_i)                  # latency_{last+1} = DRAM latency
+    t_dram  = (misses_last + writebacks_last) * line / (DRAM bytes per cycle / active threads)
+    cycles  = max(t_core + stall, t_dram)
+
+L1 hits cost nothing beyond t_core (the load pipe's own latency is overlapped by an out-of-order
+or dual-issue core in the loops TVM generates). Store misses cost bandwidth only (the store
+buffer hides their latency). A miss is "sequential" when a neighbouring line of the same page
+missed shortly before: the pattern a stream prefetcher hides, so it costs
+``sequential_miss_cost`` of a random miss. ``miss_overlap`` is the fraction of the remaining
+miss latency hidden by memory-level parallelism.
+
+A measurement's latency is, over the parallel regions of the call (region 0: the serial code
+before the first parallel launch), the sum of the slowest thread's cycles, plus
+``sync_cycles`` per parallel region when more than one thread runs (the thread pool's launch and
+barrier). Serial code after a launch is attributed to the region it follows, on the calling
+thread. Shared cache levels are simulated as per-thread slices (size / threads), which keeps
+multi-threaded results deterministic and ignores sharing between threads.
+
+This is a first model, meant to be refined against x86-64 ground truth (the same pipeline under
+qemu-x86_64 against real timings on the host).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+#: [core] keys every core model needs; numbers must also have an entry in [core.sources].
+NUMBER_KEYS = (
+    "clock_ghz", "issue_width", "vector_bits_per_cycle", "loads_per_cycle", "stores_per_cycle",
+    "memory_ops_per_cycle", "line_bytes", "l1d_kib", "l1d_ways", "l1d_latency", "l2_kib", "l2_ways",
+    "l2_latency", "dram_latency_ns", "dram_bandwidth_gbs", "miss_overlap", "sequential_miss_cost",
+    "sync_cycles",
+)
+TEXT_KEYS = ("model", "qemu_cpu")
+BOOL_KEYS = ("l2_shared",)
+#: An optional third level: all of these or none.
+L3_NUMBER_KEYS = ("l3_kib", "l3_ways", "l3_latency")
+L3_BOOL_KEYS = ("l3_shared",)
+
+#: What the plugin reports per thread and region, in this order (its hello line says the same).
+CLASSES = ("int", "fp", "vec", "fma", "load", "store", "vload", "vstore", "branch", "other")
+LEVEL_FIELDS = ("acc", "miss", "seq", "wb", "stmiss")
+FIELDS = (*CLASSES, "ld_ops", "st_ops", "v64", "ld_acc", "st_acc", "ld_bytes", "st_bytes",
+          *(f"l{n}_{f}" for n in (1, 2, 3) for f in LEVEL_FIELDS))
+
+
+@dataclass(frozen=True)
+class CacheLevel:
+    name: str
+    kib: int
+    ways: int
+    latency: float  # load-to-use cycles
+    shared: bool
+
+    def slice_bytes(self, threads: int) -> int:
+        """What one thread gets: all of a private level, 1/threads of a shared one."""
+        size = self.kib * 1024
+        return size // threads if self.shared and threads > 1 else size
+
+
+@dataclass(frozen=True)
+class CoreModel:
+    target: str
+    arch: str
+    model: str
+    qemu_cpu: str
+    clock_ghz: float
+    issue_width: float
+    vector_bits_per_cycle: float
+    loads_per_cycle: float
+    stores_per_cycle: float
+    memory_ops_per_cycle: float
+    line_bytes: int
+    levels: tuple[CacheLevel, ...]
+    dram_latency_ns: float
+    dram_bandwidth_gbs: float
+    miss_overlap: float
+    sequential_miss_cost: float
+    sync_cycles: float
+    sources: dict[str, str]
+    path: Path
+
+    @property
+    def dram_latency_cycles(self) -> float:
+        return self.dram_latency_ns * self.clock_ghz
+
+    def plugin_args(self, threads: int) -> list[str]:
+        """The plugin's cache arguments: one slice per thread of shared levels."""
+        args = [f"line={self.line_bytes}"]
+        for i, lv in enumerate(self.levels, 1):
+            args.append(f"l{i}={lv.slice_bytes(threads)}:{lv.ways}")
+        return args
+
+    # ------------------------------------------------------------------ cycles
+
+    def thread_cycles(self, c: dict[str, int], active_threads: int = 1) -> dict[str, float]:
+        """Cycles of one thread's counts in one region, with the terms that make them up."""
+        insns = sum(c[k] for k in CLASSES)
+        t_issue = insns / self.issue_width
+        t_vec = c["v64"] * 64 / self.vector_bits_per_cycle
+        t_ld = c["ld_ops"] / self.loads_per_cycle
+        t_st = c["st_ops"] / self.stores_per_cycle
+        t_mem = (c["ld_ops"] + c["st_ops"]) / self.memory_ops_per_cycle
+        t_core = max(t_issue, t_vec, t_ld, t_st, t_mem)
+        latencies = [lv.latency for lv in self.levels] + [self.dram_latency_cycles]
+        stall = 0.0
+        for i in range(len(self.levels)):
+            n = i + 1
+            miss, seq, stmiss = c[f"l{n}_miss"], c[f"l{n}_seq"], c[f"l{n}_stmiss"]
+            load_miss = miss - stmiss
+            seq_load = seq * load_miss / miss if miss else 0.0
+            weight = (load_miss - seq_load) + self.sequential_miss_cost * seq_load
+            stall += weight * (latencies[i + 1] - latencies[i])
+        stall *= 1.0 - self.miss_overlap
+        last = len(self.levels)
+        dram_bytes = (c[f"l{last}_miss"] + c[f"l{last}_wb"]) * self.line_bytes
+        bytes_per_cycle = self.dram_bandwidth_gbs / self.clock_ghz / max(active_threads, 1)
+        t_dram = dram_bytes / bytes_per_cycle
+        cycles = max(t_core + stall, t_dram)
+        return {"cycles": cycles, "issue": t_issue, "vector": t_vec, "loads": t_ld, "stores": t_st,
+                "memory_ops": t_mem, "stall": stall, "dram": t_dram}
+
+    def ms(self, cycles: float) -> float:
+        return cycles / (self.clock_ghz * 1e6)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _target_file(target: str | Path) -> tuple[Path, dict[str, Any]]:
+    from .. import targets
+
+    name = str(target)
+    if name == targets.HOST_ALIAS:
+        name = targets.host_target_name()
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = targets.TARGETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(f"unknown target {target!r}; choose one of {', '.join(targets.available())} "
+                        f"or give a path to a .toml file")
+    try:
+        return path, tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_core_model(target: str | Path) -> CoreModel:
+    """The ``[core]`` table of a target (a name in targets/ or a path to a TOML file).
+
+    Raises UserError naming every missing or malformed key, in one line.
+    """
+    path, data = _target_file(target)
+    arch = data.get("arch", "")
+    core = data.get("core")
+    if not isinstance(core, dict):
+        needed = ", ".join((*TEXT_KEYS, *NUMBER_KEYS, *BOOL_KEYS))
+        raise UserError(f"target {path.stem} has no core model: {path} lacks a [core] table with {needed} "
+                        f"(and a [core.sources] entry for each number); see targets/rpi4b.toml")
+    sources = core.get("sources", {})
+    if not isinstance(sources, dict):
+        sources = {}
+    has_l3 = any(k in core for k in (*L3_NUMBER_KEYS, *L3_BOOL_KEYS))
+    numbers = NUMBER_KEYS + (L3_NUMBER_KEYS if has_l3 else ())
+    bools = BOOL_KEYS + (L3_BOOL_KEYS if has_l3 else ())
+    missing = [k for k in (*TEXT_KEYS, *numbers, *bools) if k not in core]
+    missing += [f"sources.{k}" for k in numbers if k in core and not str(sources.get(k, "")).strip()]
+    bad = [k for k in TEXT_KEYS if k in core and not isinstance(core[k], str)]
+    bad += [k for k in numbers if k in core and (isinstance(core[k], bool) or not isinstance(core[k], (int, float))
+                                                  or core[k] < 0)]
+    bad += [k for k in bools if k in core and not isinstance(core[k], bool)]
+    if missing or bad:
+        parts = []
+        if missing:
+            parts.append("missing " + ", ".join(f"core.{k}" for k in missing))
+        if bad:
+            parts.append("malformed " + ", ".join(f"core.{k}" for k in bad))
+        raise UserError(f"{path}: the core model is incomplete: {'; '.join(parts)}")
+    for k in ("clock_ghz", "issue_width", "vector_bits_per_cycle", "loads_per_cycle", "stores_per_cycle",
+              "memory_ops_per_cycle", "line_bytes", "l1d_kib", "l1d_ways", "l2_kib", "l2_ways", "dram_bandwidth_gbs"):
+        if core[k] <= 0:
+            raise UserError(f"{path}: core.{k} must be positive")
+    for k in ("miss_overlap", "sequential_miss_cost"):
+        if not 0 <= core[k] <= 1:
+            raise UserError(f"{path}: core.{k} must be between 0 and 1")
+    levels = [CacheLevel("L1D", int(core["l1d_kib"]), int(core["l1d_ways"]), float(core["l1d_latency"]), False),
+              CacheLevel("L2", int(core["l2_kib"]), int(core["l2_ways"]), float(core["l2_latency"]),
+                         bool(core["l2_shared"]))]
+    if has_l3:
+        levels.append(CacheLevel("L3", int(core["l3_kib"]), int(core["l3_ways"]), float(core["l3_latency"]),
+                                 bool(core["l3_shared"])))
+    return CoreModel(
+        target=path.stem, arch=str(arch), model=core["model"], qemu_cpu=core["qemu_cpu"],
+        clock_ghz=float(core["clock_ghz"]), issue_width=float(core["issue_width"]),
+        vector_bits_per_cycle=float(core["vector_bits_per_cycle"]), loads_per_cycle=float(core["loads_per_cycle"]),
+        stores_per_cycle=float(core["stores_per_cycle"]), memory_ops_per_cycle=float(core["memory_ops_per_cycle"]),
+        line_bytes=int(core["line_bytes"]), levels=tuple(levels), dram_latency_ns=float(core["dram_latency_ns"]),
+        dram_bandwidth_gbs=float(core["dram_bandwidth_gbs"]), miss_overlap=float(core["miss_overlap"]),
+        sequential_miss_cost=float(core["sequential_miss_cost"]), sync_cycles=float(core["sync_cycles"]),
+        sources={str(k): str(v) for k, v in sources.items()}, path=path,
+    )

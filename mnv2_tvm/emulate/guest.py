@@ -1,0 +1,364 @@
+"""The measuring process that runs INSIDE the emulated core (qemu-user + the mnv2cost plugin).
+
+Standard library, NumPy and the TVM *runtime* only; it never imports the rest of the package
+(it runs as a script, under the board's or the guest's own python3). Long-lived: it imports TVM
+once (~20 s under qemu) and then answers JSON requests, one per line on stdin, with one JSON
+line on stdout:
+
+    {"op": "ping"}
+    {"op": "measure", "lib": PATH, "func": NAME, "args": [{"shape": [...], "dtype": "float32"}, ...],
+     "warmup": 1, "tag": N}                      # one function of a library (a tuning candidate)
+    {"op": "measure_vm", "lib": PATH, "inputs": [...], "warmup": 1, "tag": N}   # a Relax VM's main
+    {"op": "exit"}
+
+Around the measured call it opens windows with the plugin (a syscall number no kernel uses):
+``warmup`` runs in a window that only simulates caches (the first one empties them), then one
+counting window. Before that it tells the plugin which code to instrument: the executable
+mapping of the library, libc's memcpy/memset/memmove, and the address of
+TVMBackendParallelLaunch (each call starts a parallel region). The plugin writes its record to
+a file the host reads; this process only says the window is closed.
+
+A candidate that crashes kills this process: the host restarts it and records one failure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+import sys
+import time
+import traceback
+
+MNV2_SYSCALL = 0x6D6E76
+OP_HELLO, OP_RANGE_CLEAR, OP_RANGE_ADD, OP_SET_LAUNCH, OP_COMMIT, OP_OPEN, OP_CLOSE = range(1, 8)
+FLAG_COUNT, FLAG_RESET = 1, 2
+RANGE_NO_MEMORY = 1
+WRAPPER_PREFIX = b"__tvm_ffi_"
+PAGE = 4096
+LIBC_FUNCTIONS = ("memcpy", "memmove", "memset")
+
+
+class Plugin:
+    """The guest's half of the window protocol."""
+
+    def __init__(self) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self._syscall = self.libc.syscall
+        self._syscall.restype = ctypes.c_long
+
+    def call(self, op: int, a: int = 0, b: int = 0, c: int = 0) -> None:
+        self._syscall(ctypes.c_long(MNV2_SYSCALL), ctypes.c_long(op), ctypes.c_ulong(a), ctypes.c_ulong(b),
+                      ctypes.c_ulong(c))
+
+    def instrument(self, ranges: list[tuple[int, int, int]], launch: int) -> None:
+        """Instrument these (start, end, flags) ranges from now on; translations are redone if they changed."""
+        self.call(OP_RANGE_CLEAR)
+        for start, end, flags in ranges:
+            self.call(OP_RANGE_ADD, start, end, flags)
+        self.call(OP_SET_LAUNCH, launch)
+        self.call(OP_COMMIT)
+
+
+def read_maps() -> list[tuple[int, int, str, int, str]]:
+    out = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split(None, 5)
+            if len(parts) < 5:
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            path = parts[5].strip() if len(parts) > 5 else ""
+            out.append((lo, hi, parts[1], int(parts[2], 16), path))
+    return out
+
+
+def same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def library_ranges(path: str) -> list[tuple[int, int, int]]:
+    """What to instrument of a loaded library: its executable mappings, with the packed-call
+    wrappers (``__tvm_ffi_<name>``: argument unpacking) counted but not cache-simulated."""
+    real = os.path.realpath(path)
+    maps = [m for m in read_maps() if m[4] and (m[4] == real or same_file(m[4], real))]
+    if not maps:
+        return []
+    base = min(lo - off for lo, _, _, off, _ in maps)
+    ranges = [(lo, hi, 0) for lo, hi, perms, _, _ in maps if "x" in perms]
+    for value, size in elf_functions(real, WRAPPER_PREFIX):
+        ranges.append((base + value, base + value + size, RANGE_NO_MEMORY))
+    return ranges
+
+
+def elf_functions(path: str, prefix: bytes) -> list[tuple[int, int]]:
+    """(value, size) of the functions named prefix* in an ELF64 file's .dynsym and .symtab."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return []
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    found = set()
+    for _, sh_type, _, _, sh_offset, sh_size, sh_link, _, _, sh_entsize in sections:
+        if sh_type not in (2, 11) or sh_entsize != 24:  # SHT_SYMTAB, SHT_DYNSYM
+            continue
+        str_off = sections[sh_link][4]
+        for k in range(sh_size // 24):
+            st_name, st_info, _, _, st_value, st_size = struct.unpack_from("<IBBHQQ", data, sh_offset + k * 24)
+            if st_info & 0xF != 2 or st_size == 0:  # STT_FUNC
+                continue
+            end = data.index(b"\0", str_off + st_name)
+            if data[str_off + st_name:end].startswith(prefix):
+                found.add((st_value, st_size))
+    return sorted(found)
+
+
+def _read_encoded(buf: bytes, pos: int, enc: int, base: int) -> tuple[int, int]:
+    """A DWARF-encoded pointer of the forms .eh_frame_hdr uses in practice (4/8-byte, abs/pc/data-rel)."""
+    fmt = enc & 0x0F
+    if fmt == 0x03:
+        val, size = struct.unpack_from("<I", buf, pos)[0], 4
+    elif fmt == 0x0B:
+        val, size = struct.unpack_from("<i", buf, pos)[0], 4
+    elif fmt in (0x04, 0x0C, 0x00):
+        val, size = struct.unpack_from("<q" if fmt == 0x0C else "<Q", buf, pos)[0], 8
+    else:
+        raise ValueError(f"pointer encoding {enc:#x}")
+    app = enc & 0x70
+    if app == 0x10:  # pc-relative
+        val += base + pos
+    elif app == 0x30:  # data-relative (to the start of .eh_frame_hdr)
+        val += base
+    elif app != 0x00:
+        raise ValueError(f"pointer application {enc:#x}")
+    return val, pos + size
+
+
+def function_extent(addr: int) -> tuple[int, int] | None:
+    """[start, end) of the function containing addr, from its library's .eh_frame_hdr table.
+
+    Shared libraries on Debian are stripped of .symtab, but every function with unwind
+    information (glibc's assembler string functions included) has an entry in the sorted
+    .eh_frame_hdr search table: the next entry's start bounds the function.
+    """
+    maps = read_maps()
+    owner = next((m for m in maps if m[0] <= addr < m[1] and m[4].startswith("/")), None)
+    if owner is None:
+        return None
+    path = owner[4]
+    base = min(lo - off for lo, _, _, off, p in maps if p == path)
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    hdr = None
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr = struct.unpack_from("<IIQQ", data, phoff + i * phentsize)
+        if p_type == 0x6474E550:  # PT_GNU_EH_FRAME
+            hdr = (p_offset, p_vaddr)
+    if hdr is None:
+        return None
+    off, vaddr = hdr
+    buf = data[off:]
+    _, ptr_enc, count_enc, table_enc = struct.unpack_from("<BBBB", buf, 0)
+    pos = 4
+    try:
+        _, pos = _read_encoded(buf, pos, ptr_enc, 0)
+        count, pos = _read_encoded(buf, pos, count_enc, 0)
+        starts = []
+        for _ in range(count):
+            loc, pos = _read_encoded(buf, pos, table_enc, 0)
+            _, pos = _read_encoded(buf, pos, table_enc, 0)
+            starts.append(loc)
+    except (ValueError, struct.error):
+        return None
+    # Data-relative entries are relative to .eh_frame_hdr's own address.
+    if table_enc & 0x70 == 0x30:
+        starts = [s + vaddr for s in starts]
+    rel = addr - base
+    starts.sort()
+    import bisect
+
+    i = bisect.bisect_right(starts, rel) - 1
+    if i < 0 or i + 1 >= len(starts):
+        return None
+    return base + starts[i], base + starts[i + 1]
+
+
+class Guest:
+    def __init__(self) -> None:
+        t0 = time.perf_counter()
+        import numpy as np  # noqa: F401
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.np = np
+        self.tvm = tvm
+        self.VirtualMachine = VirtualMachine
+        self.dev = tvm.cpu(0)
+        self.plugin = Plugin()
+        self.plugin.call(OP_HELLO)
+        self.libs: dict[str, object] = {}
+        self.vms: dict[str, object] = {}
+        self.libc_ranges = self._libc_ranges()
+        self.runtime_launch = self._runtime_launch()
+        self.import_s = time.perf_counter() - t0
+
+    def _libc_ranges(self) -> list[tuple[int, int, int]]:
+        ranges = []
+        for name in LIBC_FUNCTIONS:
+            try:
+                addr = ctypes.cast(getattr(self.plugin.libc, name), ctypes.c_void_p).value
+                ext = function_extent(addr) if addr else None
+            except (AttributeError, OSError, ValueError):
+                ext = None
+            if ext and (*ext, 0) not in ranges and ext[1] - ext[0] < (1 << 16):
+                ranges.append((*ext, 0))
+        return ranges
+
+    def _runtime_launch(self) -> int:
+        for lo, hi, perms, _, path in read_maps():
+            if path.endswith("libtvm_runtime.so"):
+                try:
+                    lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 4))
+                    return ctypes.cast(lib.TVMBackendParallelLaunch, ctypes.c_void_p).value or 0
+                except (OSError, AttributeError):
+                    return 0
+        return 0
+
+    def _launch_of(self, lib_path: str) -> int:
+        """What the library really calls for a parallel launch (its context pointer)."""
+        try:
+            lib = ctypes.CDLL(lib_path, mode=getattr(os, "RTLD_NOLOAD", 4))
+            return ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelLaunch").value or self.runtime_launch
+        except (OSError, ValueError):
+            return self.runtime_launch
+
+    def load(self, path: str):
+        key = os.path.realpath(path)
+        st = os.stat(key)
+        ident = f"{key}:{st.st_mtime_ns}:{st.st_size}"
+        if ident not in self.libs:
+            self.libs[ident] = self.tvm.runtime.load_module(key)
+        return ident, self.libs[ident]
+
+    def arg(self, spec: dict, index: int):
+        """A deterministic, page-aligned argument (its page offset never depends on history)."""
+        import mmap
+
+        np = self.np
+        shape = tuple(int(d) for d in spec["shape"])
+        dtype = np.dtype(spec.get("dtype", "float32"))
+        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        nbytes = max(n * dtype.itemsize, 1)
+        buf = mmap.mmap(-1, (nbytes + PAGE - 1) // PAGE * PAGE)
+        a = np.frombuffer(buf, dtype=dtype, count=n).reshape(shape)
+        i = np.arange(n, dtype=np.int64).reshape(shape)
+        h = (i * 2654435761 + 97 * (index + 1)) % 1009
+        if dtype.kind == "f":
+            a[...] = (h.astype(np.float64) / 1009.0 - 0.5).astype(dtype)
+        elif dtype.kind in "iu":
+            a[...] = (h % 7).astype(dtype)
+        elif dtype.kind == "b":
+            a[...] = (h % 2).astype(dtype)
+        else:
+            raise ValueError(f"unsupported dtype {dtype}")
+        t = self.tvm.runtime.from_dlpack(a)
+        return t, buf, a
+
+    def _windows(self, fn, warmup: int, tag: int) -> dict:
+        p = self.plugin
+        t0 = time.perf_counter()
+        for i in range(warmup):
+            p.call(OP_OPEN, FLAG_RESET if i == 0 else 0)
+            fn()
+            p.call(OP_CLOSE, tag)
+        t1 = time.perf_counter()
+        p.call(OP_OPEN, FLAG_COUNT | (0 if warmup else FLAG_RESET))
+        fn()
+        p.call(OP_CLOSE, tag)
+        t2 = time.perf_counter()
+        return {"ok": True, "tag": tag, "warmup_s": t1 - t0, "count_s": t2 - t1}
+
+    def measure(self, req: dict) -> dict:
+        ident, lib = self.load(req["lib"])
+        fn = lib[req["func"]]
+        held = [self.arg(spec, i) for i, spec in enumerate(req["args"])]
+        args = [h[0] for h in held]
+        path = ident.split(":", 1)[0]
+        self.plugin.instrument(library_ranges(path) + self.libc_ranges, self._launch_of(path))
+        reply = self._windows(lambda: fn(*args), int(req.get("warmup", 1)), int(req["tag"]))
+        if req.get("return_output"):
+            reply["outputs"] = [h[2].tolist() for h in held]
+        return reply
+
+    def measure_vm(self, req: dict) -> dict:
+        ident, lib = self.load(req["lib"])
+        if ident not in self.vms:
+            self.vms[ident] = self.VirtualMachine(lib, self.dev)
+        vm = self.vms[ident]
+        main = vm[req.get("func", "main")]
+        held = [self.arg(spec, i) for i, spec in enumerate(req["inputs"])]
+        args = [h[0] for h in held]
+        path = ident.split(":", 1)[0]
+        self.plugin.instrument(library_ranges(path) + self.libc_ranges, self._launch_of(path))
+        out: list = []
+        reply = self._windows(lambda: out.append(main(*args)), int(req.get("warmup", 1)), int(req["tag"]))
+        res = out[-1]
+        if hasattr(res, "numpy"):
+            arr = res.numpy()
+            reply["output"] = {"shape": list(arr.shape), "sum": float(arr.astype("float64").sum())}
+        return reply
+
+    def handle(self, req: dict) -> dict:
+        op = req.get("op")
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if op == "measure":
+            return self.measure(req)
+        if op == "measure_vm":
+            return self.measure_vm(req)
+        if op == "crash":  # for tests of the host's recovery
+            os.abort()
+        raise ValueError(f"unknown op {op!r}")
+
+
+def main() -> int:
+    # The protocol owns the real stdout; anything else printing (C or Python) goes to stderr.
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        guest = Guest()
+    except Exception as e:  # noqa: BLE001 - reported to the host as one line
+        proto.write(json.dumps({"ok": False, "ready": False, "error": f"{type(e).__name__}: {e}"}) + "\n")
+        return 1
+    proto.write(json.dumps({"ok": True, "ready": True, "pid": os.getpid(), "import_s": guest.import_s,
+                            "libc_ranges": guest.libc_ranges, "launch": guest.runtime_launch}) + "\n")
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            req = json.loads(line)
+            if req.get("op") == "exit":
+                proto.write(json.dumps({"ok": True, "bye": True}) + "\n")
+                return 0
+            reply = guest.handle(req)
+        except Exception as e:  # noqa: BLE001 - a failed request, not a dead process
+            traceback.print_exc(file=sys.stderr)
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        proto.write(json.dumps(reply) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
