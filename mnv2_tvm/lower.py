@@ -300,13 +300,13 @@ def _conv2d_into_blocks(data: "te.Tensor", kernel: "te.Tensor", strides: tuple, 
 
 def legalize_conv2d(bb: "relax.BlockBuilder", call: "relax.Call") -> "relax.Expr":
     """TOPI's conv2d legalisation, plus blocked layouts (which TOPI's leaves unlowered)."""
-    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
+    from .tvm_compat import topi_conv2d_legalizer
 
     attrs = call.attrs
     out_dtype = attrs.out_dtype or call.args[0].ty.dtype
     if len(attrs.data_layout) == 4:
         if attrs.out_layout == attrs.data_layout:
-            return _nn_conv2d(bb, call)
+            return topi_conv2d_legalizer()(bb, call)
         block = int(call.ty.shape.values[-1])
         return bb.call_te(_conv2d_into_blocks, call.args[0], call.args[1], attrs.strides, attrs.padding,
                           attrs.dilation, block, out_dtype, primfunc_name_hint="conv2d")
@@ -362,14 +362,14 @@ def legalize_resize2d(bb: "relax.BlockBuilder", call: "relax.Call") -> "relax.Ex
     are the same. The row pass is kept out of fusion (``OPAQUE``): fused, it would be inlined
     into the second and every output would interpolate four pixels again. Other methods,
     layouts and coordinate modes keep TOPI's lowering."""
-    from tvm.relax.transform.legalize_ops.image import _image_resize2d
+    from .tvm_compat import topi_resize2d_legalizer
 
     a = call.attrs
     data_shape = [getattr(v, "value", v) for v in call.args[0].ty.shape.values]
     out_shape = [getattr(v, "value", v) for v in call.ty.shape.values]
     if (a.method != "linear" or a.layout != "NCHW" or a.coordinate_transformation_mode not in _SOURCE_COORDINATE
             or not all(isinstance(v, int) for v in data_shape + out_shape)):
-        return _image_resize2d(bb, call)
+        return topi_resize2d_legalizer()(bb, call)
     mode = a.coordinate_transformation_mode
     rows = bb.emit(bb.call_te(_resize_axis, call.args[0], 3, int(out_shape[3]), mode, "resize_rows",
                               primfunc_name_hint="resize_rows", primfunc_attrs={"op_pattern": OPAQUE}))

@@ -609,9 +609,11 @@ def _make_deadline_pool_class() -> type:
     global _DEADLINE_POOL
     if _DEADLINE_POOL is not None:
         return _DEADLINE_POOL
-    from tvm.support.popen_pool import PopenPoolExecutor, PopenWorker, kill_child_processes
+    from tvm.support.popen_pool import kill_child_processes
 
-    class DeadlinePool(PopenPoolExecutor):
+    from .tvm_compat import popen_worker_process, thread_worker_pool
+
+    class DeadlinePool(thread_worker_pool()):
         """A PopenPoolExecutor whose caller, not the worker, enforces the deadline.
 
         The pool's own ``timeout`` is a timer thread inside the worker; a worker blocked in TVM's
@@ -623,25 +625,18 @@ def _make_deadline_pool_class() -> type:
             super().__init__(max_workers=max_workers, initializer=_runner_worker_init)
 
         def submit_candidate(self, runner: Any, artifact_path: str, device_type: str, args_info: tuple) -> Any:
-            return self._threadpool.submit(self._candidate, runner, artifact_path, device_type, args_info)
-
-        def _worker(self) -> PopenWorker:
-            with self._lock:
-                tid = threading.get_ident()
-                if tid not in self._worker_map:
-                    self._worker_map[tid] = PopenWorker(self._initializer, self._initargs)
-                return self._worker_map[tid]
+            return self.submit_on_thread(self._candidate, runner, artifact_path, device_type, args_info)
 
         def _candidate(self, runner: Any, artifact_path: str, device_type: str,
                        args_info: tuple) -> tuple[list[float] | None, str | None]:
-            worker = self._worker()
+            worker = self.thread_worker()
             # Start the worker before taking a board: a board handed out by the tracker drops its
             # match key if no client arrives within a few seconds, and a cold worker imports TVM.
             worker.send(_runner_worker_ready)
             worker.recv()
             try:
                 url, port, matchkey = _request_board(runner.tracker_host, runner.tracker_port, runner.key,
-                                                     runner.board_wait_s, lambda: self._shutdown)
+                                                     runner.board_wait_s, lambda: self.is_shut_down)
             except UserError as e:
                 return None, f"BoundedRPCRunner: {e}"
             board = f"board {url}:{port} (key {runner.key!r})"
@@ -657,7 +652,7 @@ def _make_deadline_pool_class() -> type:
                     if state["done"]:
                         return
                     state["killed"] = True
-                    proc = worker._proc  # noqa: SLF001 - the pool's worker process
+                    proc = popen_worker_process(worker)
                     if proc is not None:
                         with contextlib.suppress(Exception):
                             kill_child_processes(proc.pid)

@@ -36,11 +36,12 @@ import tvm_ffi
 from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.meta_schedule._ffi_api import TuningRecordAsJSON as _TuningRecordAsJSON
 
-from . import microkernels
+from . import microkernels, tvm_compat
 from .lower import OPAQUE, legalize_conv2d, legalize_resize2d
 from .targets import RECORD_FILE
+
+tvm_compat.check()
 
 __all__ = [
     "ApplyReport",
@@ -85,8 +86,7 @@ TRIALS_PER_ITER = 32
 #: Keyword arguments of ``ms.search_strategy.EvolutionarySearch`` (MetaSchedule defaults when
 #: empty); tests shrink the population to keep tiny runs fast.
 SEARCH_KWARGS: dict[str, Any] = {}
-#: MetaSchedule's stub run time for failed measurements (``kMaxMeanTime``).
-_FAILED_RUN_SECS = 1e10
+_FAILED_RUN_SECS = tvm_compat.FAILED_RUN_SECS
 
 _log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _record_json(record: ms.database.TuningRecord) -> Any:
             return tvm.ir.save_json(obj)
         raise TypeError(f"cannot write a {type(obj).__name__} in a tuning record")
 
-    return plain(_TuningRecordAsJSON(record))
+    return plain(tvm_compat.tuning_record_as_json(record))
 
 
 def _sort_key(first_inst: str | None, secs: list[float]) -> float:
@@ -849,7 +849,7 @@ def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target, params: dict | N
     fused = _fuse(_prepare(mod, params), _as_target(target))
     tasks = []
     for t in ms.relax_integration.extract_tasks(fused, target):
-        wmod = ms.tune_context._normalize_mod(t.dispatched[0])  # noqa: SLF001 - same as TuneContext
+        wmod = tvm_compat.normalize_workload(t.dispatched[0])
         if wmod["main"].attrs and wmod["main"].attrs.get("tirx.is_scheduled", False):
             continue
         try:
@@ -972,29 +972,9 @@ def _host_linked_upload(cross_compiler: str) -> Callable[..., Any]:
     return host_linked_upload(cross_compiler)
 
 
-#: Tensor intrinsics no CPU schedule uses; parsing them is most of ``tvm.s_tir.tensor_intrin``'s
-#: import (measured: CUDA's 54 s, ROCm's 10 s, Hexagon's 4 s of 80 s; x86 and Arm 6 s).
-_GPU_INTRINSICS = ("cuda", "rocm", "hexagon")
-
-
-def _import_tensor_intrinsics(cpu_only: bool) -> None:
-    """Register TVM's tensor intrinsics, which MetaSchedule (TuneContext) and every builder
-    process import before anything else. For CPU targets the GPU ones are left out: each of a
-    tuning run's three processes would spend about a minute of CPU parsing them for nothing.
-    Their modules stay empty placeholders in this process."""
-    import importlib
-    import types
-
-    pkg = "tvm.s_tir.tensor_intrin"
-    if cpu_only and pkg not in sys.modules:
-        for name in _GPU_INTRINSICS:
-            sys.modules.setdefault(f"{pkg}.{name}", types.ModuleType(f"{pkg}.{name}"))
-    importlib.import_module(pkg)
-
-
 def _builder_worker_init(cpu_only: bool) -> None:
     """Runs once per builder worker: the slow import that LocalBuilder repeats per batch."""
-    _import_tensor_intrinsics(cpu_only)
+    tvm_compat.import_tensor_intrinsics(cpu_only)
 
 
 def _builder_worker_noop() -> int:
@@ -1034,6 +1014,8 @@ def _build_one(args: tuple) -> str:
 
 _POOLS: dict[tuple[int, float, bool], Any] = {}
 _POOLS_LOCK = threading.Lock()
+#: Per pool (by id), the futures of its workers' first job: they have started once these are done.
+_WARMUP: dict[int, list[Any]] = {}
 
 
 def _shared_pool(max_workers: int, timeout_sec: float, cpu_only: bool) -> Any:
@@ -1056,38 +1038,13 @@ def _shared_pool(max_workers: int, timeout_sec: float, cpu_only: bool) -> Any:
                 atexit.register(_shutdown_pools)
             _POOLS[key] = pool
             # Start every worker now so the slow import overlaps with task preparation.
-            pool._mnv2_warmup = [pool.submit(_builder_worker_noop) for _ in range(max_workers)]
+            _WARMUP[id(pool)] = [pool.submit(_builder_worker_noop) for _ in range(max_workers)]
         return pool
 
 
-def _kill_pool(pool: Any, settle_sec: float = 0.5) -> None:
-    """Stop a PopenPoolExecutor now, even with work in flight.
-
-    ``PopenPoolExecutor.shutdown()`` closes each worker's pipe while a pool thread may be blocked
-    reading it (e.g. during the 20 s warm-up import), and leaves its lock held if a worker is
-    half-started, which hangs interpreter exit. So kill the worker processes (private attributes
-    of tvm.support.popen_pool) until the threads holding work have seen them die.
-    """
-    from tvm.support.popen_pool import kill_child_processes
-
-    pending = [f for f in getattr(pool, "_mnv2_warmup", []) if not f.done()]
-    deadline = time.monotonic() + settle_sec
-    while True:
-        for worker in list(getattr(pool, "_worker_map", {}).values()):
-            proc = getattr(worker, "_proc", None)
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(Exception):
-                    kill_child_processes(proc.pid)
-                    proc.kill()
-        pending = [f for f in pending if not f.done()]
-        if time.monotonic() >= deadline and not pending:
-            break
-        if time.monotonic() >= deadline + 5.0:
-            break
-        time.sleep(0.05)
-    pool._shutdown = True  # its __del__ would otherwise call the fragile shutdown()
-    with contextlib.suppress(Exception):
-        pool._threadpool.shutdown(wait=False, cancel_futures=True)
+def _kill_pool(pool: Any) -> None:
+    """Stop a pool now, even with work in flight (see :func:`tvm_compat.kill_popen_pool`)."""
+    tvm_compat.kill_popen_pool(pool, _WARMUP.pop(id(pool), ()))
 
 
 def _shutdown_pools(key: tuple[int, float, bool] | None = None) -> None:
@@ -1396,7 +1353,7 @@ class _Unmeasured(ms.search_strategy.PySearchStrategy):
         self.want = self.asked = 0
 
     def _initialize_with_tune_context(self, context: Any) -> None:
-        self.inner._initialize_with_tune_context(context)  # noqa: SLF001 - delegation
+        tvm_compat.initialize_search_strategy(self.inner, context)
 
     def pre_tuning(self, max_trials: int, num_trials_per_iter: int, design_spaces: list, database: Any = None,
                    cost_model: Any = None) -> None:
@@ -1633,19 +1590,10 @@ def _warm_start(cost_model: Any, db: Any, target: tvm.target.Target, ncores: int
         if cands:
             batches.append((workload, cands, results))
         _Sigint.check()
-    adaptive = cost_model.adaptive_training
-    try:
-        for k, (workload, cands, results) in enumerate(batches):
-            # Collect every group, then train once (each training starts from scratch).
-            last = k == len(batches) - 1
-            cost_model.adaptive_training = not last
-            if not last:
-                cost_model.last_train_size = 1 << 40
-            ctx = ms.TuneContext(mod=workload.mod, target=target, num_threads=ncores)
-            cost_model.update(ctx, cands, results)
-    finally:
-        cost_model.adaptive_training = adaptive
-        cost_model.last_train_size = cost_model.data_size
+    # Collect every group, then train once (each training starts from scratch).
+    tvm_compat.update_cost_model_once(
+        cost_model, [(ms.TuneContext(mod=workload.mod, target=target, num_threads=ncores), cands, results)
+                     for workload, cands, results in batches])
     return sum(len(c) for _, c, _ in batches), len(batches)
 
 
@@ -1738,7 +1686,7 @@ def _measure_schedules(sess: _Session, i: int, cands: list[Any], builder: Any, r
     # As MetaSchedule measures a candidate: with the argument shapes after RewriteLayout.
     args_info = [ms.arg_info.ArgInfo.from_entry_func(c.mod, remove_preproc=True) for c in cands]
     built = builder.build([ms.builder.BuilderInput(c.mod, task.target) for c in cands])
-    device = tvm.runtime.Device._DEVICE_TYPE_TO_NAME[task.target.get_target_device_type()]
+    device = tvm_compat.device_type_name(task.target)
     inputs = [ms.runner.RunnerInput(b.artifact_path, device, a)
               for b, a in zip(built, args_info) if b.error_msg is None]
     results = iter(f.result() for f in run.run(inputs)) if inputs else iter(())
@@ -1836,7 +1784,7 @@ def _seed_from_similar(sess: _Session, builder: Any, run: Any) -> int:
 def _workload_key(func: tvm.tirx.PrimFunc | tvm.IRModule) -> str:
     """A kernel's workload as the records key it: the structural hash MetaSchedule's
     ApplyDatabase and :func:`extract_tasks` look it up by."""
-    mod = func if isinstance(func, tvm.IRModule) else ms.tune_context._normalize_mod(func)  # noqa: SLF001
+    mod = func if isinstance(func, tvm.IRModule) else tvm_compat.normalize_workload(func)
     return str(tvm_ffi.structural_hash(mod))
 
 
@@ -1881,7 +1829,7 @@ def _rows_outermost_kernels(fused: tvm.IRModule, db: Any, records_dir: Path) -> 
     out = set()
     for gv, func in fused.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc):
-            wmod = ms.tune_context._normalize_mod(func)  # noqa: SLF001
+            wmod = tvm_compat.normalize_workload(func)
             key = _workload_key(wmod)
             if key in order and _reorders(order[key], _best_record(db, wmod)):
                 out.add(gv.name_hint)
@@ -1929,7 +1877,7 @@ def _time_row_order(order: dict, pending: list, records_dir: Path, builder: Any,
         mods, targets = mods[:1] + mods, targets[:1] + targets
         args_info = [ms.arg_info.ArgInfo.from_entry_func(m, remove_preproc=True) for m in mods]
         built = builder.build([ms.builder.BuilderInput(m, tg) for m, tg in zip(mods, targets)])
-        device = tvm.runtime.Device._DEVICE_TYPE_TO_NAME[targets[0].get_target_device_type()]
+        device = tvm_compat.device_type_name(targets[0])
         inputs = [ms.runner.RunnerInput(b.artifact_path, device, a)
                   for b, a in zip(built, args_info) if b.error_msg is None]
         results = iter([f.result() for f in run.run(inputs)] if inputs else [])
@@ -1970,7 +1918,7 @@ def _run_session(sess: _Session, runner: RunnerSpec, num_builder_workers: int, s
     builder = run = None
     try:
         cpu_only = sess.target.kind.name == "llvm"
-        _import_tensor_intrinsics(cpu_only)  # before the builder's workers and TuneContext import them all
+        tvm_compat.import_tensor_intrinsics(cpu_only)  # before the builder's workers and TuneContext import them all
         builder = PersistentBuilder(num_builder_workers, artifact_format=runner.artifact_format, cpu_only=cpu_only)
         run = runner.make_runner()
         ncores = ms.utils.cpu_count(logical=True)
@@ -2038,7 +1986,7 @@ def _row_order_alone(sess: _Session, runner: RunnerSpec, num_builder_workers: in
         return
     builder = run = None
     try:
-        _import_tensor_intrinsics(True)
+        tvm_compat.import_tensor_intrinsics(True)
         builder = PersistentBuilder(num_builder_workers, artifact_format=runner.artifact_format, cpu_only=True)
         run = runner.make_runner()
         note = (lambda m: console.write(f"[tune] {m}\n")) if console is not None else None
