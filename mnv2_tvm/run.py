@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
+from . import postprocess
 from .bundle import Runner, reference
 from .errors import UserError
 from .models import ModelConfig, preprocess_image
@@ -26,48 +28,44 @@ def voc_palette() -> list[int]:
 
 def run_bundle(bundle_dir: Path, image: Path | None = None, save: Path | None = None,
                time_it: bool = False, top: int = 5) -> dict:
-    import numpy as np
-
     runner = Runner(bundle_dir)
     cfg = ModelConfig.from_dict(runner.manifest["config"])
     if save and cfg.model == "mobilenet_v2":
         raise UserError("--save writes a mask (deeplabv3) or boxes (ssdlite); a classifier has neither")
+    ref_raw = None
     if image is not None:
         x = preprocess_image(image, cfg)
     else:
-        x, _ = reference(bundle_dir)
+        x, ref_raw = reference(bundle_dir)
     out = runner.run(x)
-    result: dict = {"model": cfg.label}
+    t0 = time.perf_counter()
+    final = postprocess.final_outputs(cfg.model, out, cfg.resolution)
+    post_ms = (time.perf_counter() - t0) * 1e3
+    result: dict = {"model": cfg.label, "postprocess_ms": post_ms, **postprocess.summary(cfg.model, final)}
     print(f"{cfg.label} on {runner.manifest['target']} ({'image ' + str(image) if image else 'fixed random input'})")
     if cfg.model == "mobilenet_v2":
-        logits = out[0].astype(np.float64)
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
-        best = np.argsort(-p)[:top]
-        result["top"] = [(int(i), float(p[i])) for i in best]
-        for rank, (i, prob) in enumerate(result["top"], 1):
-            print(f"  {rank}. class {i:4d}  p={prob:.4f}")
+        for rank, t in enumerate(final["top"][:top], 1):
+            print(f"  {rank}. class {t['class']:4d}  p={t['p']:.4f}")
     elif cfg.model == "ssdlite":
-        from .models.ssdlite import postprocess
-
-        dets = postprocess(out)
-        result["detections"] = dets
+        dets = final["detections"]
         print(f"  {len(dets)} detections above the score threshold")
         for d in dets[:top]:
-            print(f"  class {d['class']:3d}  score {d['score']:.3f}  box (ymin, xmin, ymax, xmax) "
-                  + ", ".join(f"{v:.3f}" for v in d["box"]))
+            print(f"  class {d['class']:3d}  score {d['score']:.3f}  box (ymin, xmin, ymax, xmax) in input pixels "
+                  + ", ".join(f"{v:.1f}" for v in d["box"]))
         if save:
             _save_boxes(save, dets, image, cfg)
     else:
-        from .models.deeplab import postprocess
-
-        seg = postprocess(out)
-        result["classes"] = seg["classes"]
-        shares = sorted(seg["classes"].items(), key=lambda kv: -kv[1])
-        print(f"  mask {seg['mask'].shape[1]}x{seg['mask'].shape[0]}: "
+        shares = sorted(result["classes"].items(), key=lambda kv: -kv[1])
+        print(f"  mask {final['mask'].shape[1]}x{final['mask'].shape[0]}: "
               + ", ".join(f"class {c} {share:.1%}" for c, share in shares[:top]))
         if save:
-            _save_mask(save, seg["mask"])
+            _save_mask(save, final["mask"])
+    print(f"  post-processing {post_ms:.2f} ms")
+    if ref_raw is not None:
+        ref = postprocess.final_outputs(cfg.model, ref_raw, cfg.resolution)
+        result["agreement"] = agree = postprocess.agreement(cfg.model, final, ref, ref_raw)
+        print(f"  final outputs {'match' if agree['ok'] else 'DIFFER FROM'} PyTorch's: "
+              + ", ".join(f"{k} {v}" for k, v in agree.items() if k != "ok"))
     if save:
         print(f"  saved {save}")
     if time_it:
@@ -97,13 +95,13 @@ def _save_boxes(path: Path, dets: list[dict], image: Path | None, cfg: ModelConf
     else:
         canvas = Image.new("RGB", (size, size), (40, 40, 40))
     draw = ImageDraw.Draw(canvas)
-    w, h = canvas.size
+    sx, sy = canvas.size[0] / size, canvas.size[1] / size  # boxes are in the network input's pixels
     palette = voc_palette()
     for d in dets:
         y0, x0, y1, x1 = d["box"]
         colour = tuple(palette[3 * (d["class"] % 255 + 1): 3 * (d["class"] % 255 + 1) + 3])
-        draw.rectangle([x0 * w, y0 * h, x1 * w, y1 * h], outline=colour, width=2)
-        draw.text((x0 * w + 2, y0 * h + 1), f"{d['class']} {d['score']:.2f}", fill=colour)
+        draw.rectangle([x0 * sx, y0 * sy, x1 * sx, y1 * sy], outline=colour, width=2)
+        draw.text((x0 * sx + 2, y0 * sy + 1), f"{d['class']} {d['score']:.2f}", fill=colour)
     _save(canvas, path)
 
 

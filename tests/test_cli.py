@@ -152,7 +152,28 @@ def test_run_with_an_image_and_saved_outputs(host_bundles, tmp_path):
         assert mask.size == (SMALL["deeplabv3"]["resolution"],) * 2 and mask.mode == "P"
     proc = mnv2("run", host_bundles("ssdlite"), "--save", tmp_path / "boxes.png")
     assert proc.returncode == 0 and "detections" in proc.stdout
+    assert "final outputs match PyTorch's" in proc.stdout and "post-processing" in proc.stdout
     assert (tmp_path / "boxes.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("model", list(SMALL))
+def test_run_gives_final_outputs_that_match_pytorchs(model, host_bundles):
+    """On the reference input: detections inside the image (there are some), a full mask, top-5."""
+    from mnv2_tvm.run import run_bundle
+
+    result = run_bundle(host_bundles(model))
+    assert result["agreement"]["ok"], result["agreement"]
+    res = SMALL[model]["resolution"]
+    if model == "ssdlite":
+        dets = result["detections"]
+        assert 0 < len(dets) <= 100
+        assert all(0 <= v <= res for d in dets for v in d["box"])
+        assert all(d["box"][0] < d["box"][2] and d["box"][1] < d["box"][3] for d in dets)
+        assert all(d["class"] >= 1 and d["score"] > 0.3 for d in dets)
+    elif model == "deeplabv3":
+        assert result["mask_shape"] == [res, res] and abs(sum(result["classes"].values()) - 1) < 1e-9
+    else:
+        assert len(result["top"]) == 5 and result["top"][0]["p"] >= result["top"][-1]["p"]
 
 
 def test_run_refuses_unreadable_image(host_bundles, tmp_path):

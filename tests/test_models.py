@@ -7,7 +7,8 @@ import torch
 from mnv2_tvm.errors import UserError
 from mnv2_tvm.models import WIDTHS, ModelConfig, build, example_input, fold_batchnorm, load_weights
 from mnv2_tvm.models.mobilenet_v2 import MobileNetV2, make_divisible
-from mnv2_tvm.models.ssdlite import make_anchors, nms
+from mnv2_tvm.models.ssdlite import make_anchors
+from mnv2_tvm.postprocess import nms
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -7,7 +7,6 @@ image-pooling branch, a 1×1 projection, the classifier, then bilinear upsamplin
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -39,10 +38,3 @@ class DeepLabV3(nn.Module):
         y = self.project(torch.cat([self.branch_1x1(f), pooled], dim=1))
         # align_corners=True matches TF's resize_bilinear for the odd 513 input.
         return F.interpolate(self.classifier(y), size=size, mode="bilinear", align_corners=True)
-
-
-def postprocess(mask_logits: np.ndarray) -> dict:
-    """Per-pixel class map and the share of pixels per class."""
-    mask = mask_logits[0].argmax(0).astype(np.uint8)
-    classes, counts = np.unique(mask, return_counts=True)
-    return {"mask": mask, "classes": {int(c): float(n) / mask.size for c, n in zip(classes, counts)}}

@@ -122,37 +122,3 @@ def decode_boxes(rel: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     h = torch.exp(th / BOX_SCALES[2]) * ha
     w = torch.exp(tw / BOX_SCALES[3]) * wa
     return torch.stack([yc - h / 2, xc - w / 2, yc + h / 2, xc + w / 2], dim=-1)
-
-
-def postprocess(raw: np.ndarray, score_threshold: float = 0.3, iou_threshold: float = 0.6,
-                max_detections: int = 100) -> list[dict]:
-    """Per-class NMS on the host; class 0 is background. Returns detections sorted by score."""
-    boxes, scores = raw[0, :, :4], raw[0, :, 4:]
-    dets: list[dict] = []
-    for cls in range(1, scores.shape[1]):
-        keep = np.nonzero(scores[:, cls] > score_threshold)[0]
-        if keep.size == 0:
-            continue
-        for i in nms(boxes[keep], scores[keep, cls], iou_threshold)[:max_detections]:
-            dets.append({"class": cls, "score": float(scores[keep[i], cls]),
-                         "box": [float(v) for v in boxes[keep[i]]]})
-    dets.sort(key=lambda d: -d["score"])
-    return dets[:max_detections]
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
-    """Greedy non-maximum suppression; returns kept indices, best first."""
-    order = np.argsort(-scores, kind="stable")
-    y0, x0, y1, x1 = boxes.T
-    area = np.clip(y1 - y0, 0, None) * np.clip(x1 - x0, 0, None)
-    keep: list[int] = []
-    while order.size:
-        i = order[0]
-        keep.append(int(i))
-        rest = order[1:]
-        ih = np.clip(np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]), 0, None)
-        iw = np.clip(np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]), 0, None)
-        inter = ih * iw
-        iou = inter / np.maximum(area[i] + area[rest] - inter, 1e-12)
-        order = rest[iou <= iou_threshold]
-    return keep
