@@ -2,8 +2,8 @@
 
 Standard library, NumPy and the TVM *runtime* only; it never imports the rest of the package
 (it runs as a script, under the board's or the guest's own python3). Long-lived: it imports TVM
-once (~20 s under qemu) and then answers JSON requests, one per line on stdin, with one JSON
-line on stdout:
+once (~15-20 s under qemu) and then answers JSON requests, one per line on stdin, with one JSON
+line on stdout. Every measurement runs in a child forked from this idle process (see Guest):
 
     {"op": "ping"}
     {"op": "measure", "lib": PATH, "func": NAME, "args": [{"shape": [...], "dtype": "float32"}, ...],
@@ -18,7 +18,8 @@ mapping of the library, libc's memcpy/memset/memmove, and the address of
 TVMBackendParallelLaunch (each call starts a parallel region). The plugin writes its record to
 a file the host reads; this process only says the window is closed.
 
-A candidate that crashes kills this process: the host restarts it and records one failure.
+A candidate that crashes kills only its child: the reply says so and the next request works.
+(If this process itself dies, the host restarts it.)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import traceback
 MNV2_SYSCALL = 0x6D6E76
 OP_HELLO, OP_RANGE_CLEAR, OP_RANGE_ADD, OP_SET_LAUNCH, OP_COMMIT, OP_OPEN, OP_CLOSE = range(1, 8)
 FLAG_COUNT, FLAG_RESET = 1, 2
-RANGE_NO_MEMORY = 1
+RANGE_NO_MEMORY, RANGE_PLT, RANGE_GATED = 1, 2, 4
 WRAPPER_PREFIX = b"__tvm_ffi_"
 PAGE = 4096
 LIBC_FUNCTIONS = ("memcpy", "memmove", "memset")
@@ -83,7 +84,8 @@ def same_file(a: str, b: str) -> bool:
 
 def library_ranges(path: str) -> list[tuple[int, int, int]]:
     """What to instrument of a loaded library: its executable mappings, with the packed-call
-    wrappers (``__tvm_ffi_<name>``: argument unpacking) counted but not cache-simulated."""
+    wrappers (``__tvm_ffi_<name>``: argument unpacking) counted but not cache-simulated, and its
+    PLT marked (the plugin then counts libc's memcpy/memset only when the library calls them)."""
     real = os.path.realpath(path)
     maps = [m for m in read_maps() if m[4] and (m[4] == real or same_file(m[4], real))]
     if not maps:
@@ -92,7 +94,31 @@ def library_ranges(path: str) -> list[tuple[int, int, int]]:
     ranges = [(lo, hi, 0) for lo, hi, perms, _, _ in maps if "x" in perms]
     for value, size in elf_functions(real, WRAPPER_PREFIX):
         ranges.append((base + value, base + value + size, RANGE_NO_MEMORY))
+    for addr, size in elf_sections(real, b".plt"):
+        ranges.append((base + addr, base + addr + size, RANGE_PLT))
     return ranges
+
+
+def _section_headers(data: bytes) -> list[tuple]:
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    return [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)], shstrndx
+
+
+def elf_sections(path: str, prefix: bytes) -> list[tuple[int, int]]:
+    """(address, size) of the allocated sections named prefix* (.plt, .plt.sec, .plt.got)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return []
+    sections, shstrndx = _section_headers(data)
+    names_off = sections[shstrndx][4]
+    out = []
+    for sh_name, _, _, sh_addr, _, sh_size, *_ in sections:
+        end = data.index(b"\0", names_off + sh_name)
+        if data[names_off + sh_name:end].startswith(prefix) and sh_addr and sh_size:
+            out.append((sh_addr, sh_size))
+    return out
 
 
 def elf_functions(path: str, prefix: bytes) -> list[tuple[int, int]]:
@@ -101,9 +127,7 @@ def elf_functions(path: str, prefix: bytes) -> list[tuple[int, int]]:
         data = fh.read()
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return []
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    sections, _ = _section_headers(data)
     found = set()
     for _, sh_type, _, _, sh_offset, sh_size, sh_link, _, _, sh_entsize in sections:
         if sh_type not in (2, 11) or sh_entsize != 24:  # SHT_SYMTAB, SHT_DYNSYM
@@ -194,6 +218,13 @@ def function_extent(addr: int) -> tuple[int, int] | None:
 
 
 class Guest:
+    """The long-lived parent: imports TVM once, then forks one child per request.
+
+    Each measurement runs in a child forked from the same idle parent, so it starts from the
+    same process state (heap, allocator pools, thread pool: none yet) whatever was measured
+    before: costs do not depend on history, and a candidate that crashes only kills its child.
+    """
+
     def __init__(self) -> None:
         t0 = time.perf_counter()
         import numpy as np  # noqa: F401
@@ -206,8 +237,6 @@ class Guest:
         self.dev = tvm.cpu(0)
         self.plugin = Plugin()
         self.plugin.call(OP_HELLO)
-        self.libs: dict[str, object] = {}
-        self.vms: dict[str, object] = {}
         self.libc_ranges = self._libc_ranges()
         self.runtime_launch = self._runtime_launch()
         self.import_s = time.perf_counter() - t0
@@ -220,8 +249,8 @@ class Guest:
                 ext = function_extent(addr) if addr else None
             except (AttributeError, OSError, ValueError):
                 ext = None
-            if ext and (*ext, 0) not in ranges and ext[1] - ext[0] < (1 << 16):
-                ranges.append((*ext, 0))
+            if ext and (*ext, RANGE_GATED) not in ranges and ext[1] - ext[0] < (1 << 16):
+                ranges.append((*ext, RANGE_GATED))
         return ranges
 
     def _runtime_launch(self) -> int:
@@ -241,14 +270,6 @@ class Guest:
             return ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelLaunch").value or self.runtime_launch
         except (OSError, ValueError):
             return self.runtime_launch
-
-    def load(self, path: str):
-        key = os.path.realpath(path)
-        st = os.stat(key)
-        ident = f"{key}:{st.st_mtime_ns}:{st.st_size}"
-        if ident not in self.libs:
-            self.libs[ident] = self.tvm.runtime.load_module(key)
-        return ident, self.libs[ident]
 
     def arg(self, spec: dict, index: int):
         """A deterministic, page-aligned argument (its page offset never depends on history)."""
@@ -271,8 +292,7 @@ class Guest:
             a[...] = (h % 2).astype(dtype)
         else:
             raise ValueError(f"unsupported dtype {dtype}")
-        t = self.tvm.runtime.from_dlpack(a)
-        return t, buf, a
+        return self.tvm.runtime.from_dlpack(a), buf, a
 
     def _windows(self, fn, warmup: int, tag: int) -> dict:
         p = self.plugin
@@ -288,28 +308,28 @@ class Guest:
         t2 = time.perf_counter()
         return {"ok": True, "tag": tag, "warmup_s": t1 - t0, "count_s": t2 - t1}
 
+    def _load(self, path: str):
+        real = os.path.realpath(path)
+        lib = self.tvm.runtime.load_module(real)
+        self.plugin.instrument(library_ranges(real) + self.libc_ranges, self._launch_of(real))
+        return lib
+
     def measure(self, req: dict) -> dict:
-        ident, lib = self.load(req["lib"])
+        lib = self._load(req["lib"])
         fn = lib[req["func"]]
         held = [self.arg(spec, i) for i, spec in enumerate(req["args"])]
         args = [h[0] for h in held]
-        path = ident.split(":", 1)[0]
-        self.plugin.instrument(library_ranges(path) + self.libc_ranges, self._launch_of(path))
         reply = self._windows(lambda: fn(*args), int(req.get("warmup", 1)), int(req["tag"]))
         if req.get("return_output"):
             reply["outputs"] = [h[2].tolist() for h in held]
         return reply
 
     def measure_vm(self, req: dict) -> dict:
-        ident, lib = self.load(req["lib"])
-        if ident not in self.vms:
-            self.vms[ident] = self.VirtualMachine(lib, self.dev)
-        vm = self.vms[ident]
+        lib = self._load(req["lib"])
+        vm = self.VirtualMachine(lib, self.dev)
         main = vm[req.get("func", "main")]
         held = [self.arg(spec, i) for i, spec in enumerate(req["inputs"])]
         args = [h[0] for h in held]
-        path = ident.split(":", 1)[0]
-        self.plugin.instrument(library_ranges(path) + self.libc_ranges, self._launch_of(path))
         out: list = []
         reply = self._windows(lambda: out.append(main(*args)), int(req.get("warmup", 1)), int(req["tag"]))
         res = out[-1]
@@ -320,15 +340,85 @@ class Guest:
 
     def handle(self, req: dict) -> dict:
         op = req.get("op")
-        if op == "ping":
-            return {"ok": True, "pid": os.getpid()}
         if op == "measure":
             return self.measure(req)
         if op == "measure_vm":
             return self.measure_vm(req)
-        if op == "crash":  # for tests of the host's recovery
+        if op == "crash":  # for tests of the recovery path: a candidate that aborts
             os.abort()
         raise ValueError(f"unknown op {op!r}")
+
+    def run_forked(self, req: dict) -> dict:
+        """Handle one request in a child process; a crash or a hang is a failed reply."""
+        timeout = float(req.get("timeout_s", 600))
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(rfd)
+            # The measurement runs in a new thread: glibc gives it a fresh malloc arena, so where
+            # the runtime puts small buffers (a model's constants) does not depend on what the
+            # long-lived parent allocated before this request.
+            box: dict = {}
+
+            def work() -> None:
+                try:
+                    box["reply"] = self.handle(req)
+                except Exception as e:  # noqa: BLE001 - a failed candidate, reported as one line
+                    traceback.print_exc(file=sys.stderr)
+                    box["reply"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+            import threading
+
+            worker = threading.Thread(target=work, name="measure")
+            worker.start()
+            worker.join()
+            reply = box.get("reply", {"ok": False, "error": "the measuring thread ended without a result"})
+            data = (json.dumps(reply) + "\n").encode()
+            while data:
+                data = data[os.write(wfd, data):]
+            os._exit(0)
+        os.close(wfd)
+        import select
+
+        chunks = []
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select([rfd], [], [], min(left, 5.0))
+            if not ready:
+                continue
+            chunk = os.read(rfd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(rfd)
+        if timed_out:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        _, status = os.waitpid(pid, 0)
+        text = b"".join(chunks).decode(errors="replace").strip()
+        if text and not timed_out:
+            return json.loads(text.splitlines()[-1])
+        if timed_out:
+            return {"ok": False, "error": f"the candidate did not finish within {timeout:.0f} s (emulated)"}
+        if os.WIFSIGNALED(status):
+            import signal
+
+            sig = os.WTERMSIG(status)
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            return {"ok": False, "error": f"the candidate crashed under emulation (killed by {name})",
+                    "crashed": True}
+        return {"ok": False, "error": f"the measuring child exited with status {os.WEXITSTATUS(status)} "
+                                      f"without a reply", "crashed": True}
 
 
 def main() -> int:
@@ -349,13 +439,18 @@ def main() -> int:
             continue
         try:
             req = json.loads(line)
-            if req.get("op") == "exit":
+            op = req.get("op")
+            if op == "exit":
                 proto.write(json.dumps({"ok": True, "bye": True}) + "\n")
                 return 0
-            reply = guest.handle(req)
+            if op == "ping":
+                reply = {"ok": True, "pid": os.getpid()}
+            else:
+                reply = guest.run_forked(req)
         except Exception as e:  # noqa: BLE001 - a failed request, not a dead process
             traceback.print_exc(file=sys.stderr)
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        reply.setdefault("tag", req.get("tag") if isinstance(req, dict) else None)
         proto.write(json.dumps(reply) + "\n")
     return 0
 

@@ -8,7 +8,8 @@
  *   memcpy/memset) is instrumented, at translation time: start-up and the TVM runtime (thread
  *   pool spin-waiting included) are neither counted nor cache-simulated. A range can be
  *   count-only (the library's packed-call wrappers: they read argument metadata from heap
- *   objects whose placement depends on what ran before).
+ *   objects whose placement depends on what ran before). Shared code (libc's memcpy) is
+ *   counted only when the library calls it through its PLT (see RANGE_GATED).
  * - Instructions retired are counted by class, classified once per instruction at translation
  *   time from the disassembly (aarch64 and x86-64 mnemonics).
  * - Every data access of that code goes through a per-thread, set-associative, LRU,
@@ -59,6 +60,14 @@ enum op {
 #define FLAG_COUNT 1u /* count (otherwise only simulate caches: a warm-up window) */
 #define FLAG_RESET 2u /* empty the caches and the page map first */
 #define RANGE_NO_MEMORY 1u /* count instructions only: no cache simulation (takes precedence) */
+#define RANGE_PLT 2u       /* the library's PLT: executing it opens the thread's gate */
+#define RANGE_GATED 4u     /* shared code (libc's memcpy...): counted only while the gate is open */
+/*
+ * The gate tells the library's own calls of a shared function from everybody else's: a PLT
+ * stub of the library opens it, any other code of the library closes it. So memcpy counts
+ * when the candidate calls it through its PLT, not when Python or the runtime do.
+ */
+enum kind { K_NONE, K_COUNT_ONLY, K_FULL, K_PLT, K_GATED };
 
 /* Instruction classes: exclusive, they sum to the instructions retired. */
 enum cls { C_INT, C_FP, C_VEC, C_FMA, C_LOAD, C_STORE, C_VLOAD, C_VSTORE, C_BRANCH, C_OTHER, NCLS };
@@ -94,6 +103,7 @@ typedef struct {
 
 typedef struct {
     uint64_t window_seen, epoch_seen;
+    bool gate;
     uint64_t *stats; /* regions * NSTAT */
     size_t cap, used;
     uint64_t scratch[NSTAT];
@@ -106,6 +116,7 @@ typedef struct {
 
 typedef struct {
     uint64_t v[NTB];
+    int kind;
 } TBInfo;
 
 static qemu_plugin_id_t g_id;
@@ -113,6 +124,13 @@ static const char *g_target = "";
 static bool g_x86;
 static FILE *g_out;
 static FILE *g_dump;
+/* Per-instruction data of instrumented instructions (their memory callbacks' udata). */
+typedef struct {
+    uint64_t vaddr;
+    bool gated;
+    uint64_t accesses; /* in counting windows, only kept with dump= (a debugging aid) */
+} InsnInfo;
+static GPtrArray *g_insninfos;
 static int g_levels;
 static uint64_t g_level_size[MAXLEVELS];
 static uint32_t g_level_assoc[MAXLEVELS];
@@ -348,6 +366,7 @@ static inline void vcpu_sync(VCPU *v)
         v->epoch_seen = e;
     }
     v->used = 0;
+    v->gate = false;
     v->window_seen = w;
 }
 
@@ -376,7 +395,7 @@ static inline uint64_t *vcpu_stats(VCPU *v)
 
 static void on_tb_exec(unsigned int vcpu_index, void *udata)
 {
-    if (!atomic_load_explicit(&g_counting, memory_order_acquire)) {
+    if (!atomic_load_explicit(&g_open, memory_order_acquire)) {
         return;
     }
     VCPU *v = vcpu_get(vcpu_index);
@@ -384,8 +403,18 @@ static void on_tb_exec(unsigned int vcpu_index, void *udata)
         return;
     }
     vcpu_sync(v);
-    uint64_t *st = vcpu_stats(v);
     const TBInfo *t = udata;
+    if (t->kind == K_GATED) {
+        if (!v->gate) {
+            return;
+        }
+    } else {
+        v->gate = t->kind == K_PLT;
+    }
+    if (!atomic_load_explicit(&g_counting, memory_order_acquire)) {
+        return;
+    }
+    uint64_t *st = vcpu_stats(v);
     for (int i = 0; i < NTB; i++) {
         st[i] += t->v[i];
     }
@@ -397,11 +426,15 @@ static void on_mem(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t
         return;
     }
     VCPU *v = vcpu_get(vcpu_index);
-    if (!v) {
+    const InsnInfo *ii = udata;
+    if (!v || (ii->gated && !v->gate)) {
         return;
     }
     vcpu_sync(v);
     uint64_t *st = vcpu_stats(v);
+    if (g_dump && atomic_load_explicit(&g_counting, memory_order_relaxed)) {
+        ((InsnInfo *)udata)->accesses++;
+    }
     unsigned size = 1u << qemu_plugin_mem_size_shift(info);
     bool store = qemu_plugin_mem_is_store(info);
     st[store ? S_STACC : S_LDACC]++;
@@ -698,16 +731,21 @@ static void classify(const char *disas, uint64_t *v)
 
 /* ------------------------------------------------------------------ translation */
 
-/* 0: not instrumented, 1: count only, 2: count and simulate its data accesses. */
+/* How an instruction at pc is instrumented (enum kind); count-only wins over the rest. */
 static int range_kind(uint64_t pc)
 {
-    int kind = 0;
+    int kind = K_NONE;
     for (int i = 0; i < g_nranges; i++) {
-        if (pc >= g_ranges[i][0] && pc < g_ranges[i][1]) {
-            if (g_ranges[i][2] & RANGE_NO_MEMORY) {
-                return 1;
-            }
-            kind = 2;
+        if (pc < g_ranges[i][0] || pc >= g_ranges[i][1]) {
+            continue;
+        }
+        uint64_t f = g_ranges[i][2];
+        int k = (f & RANGE_NO_MEMORY) ? K_COUNT_ONLY : (f & RANGE_PLT) ? K_PLT : (f & RANGE_GATED) ? K_GATED : K_FULL;
+        if (k == K_COUNT_ONLY) {
+            return k;
+        }
+        if (kind == K_NONE || kind == K_FULL) {
+            kind = k;
         }
     }
     return kind;
@@ -721,6 +759,7 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     }
     size_t n = qemu_plugin_tb_n_insns(tb);
     TBInfo *info = NULL;
+    int tb_kind = K_NONE;
     for (size_t i = 0; i < n; i++) {
         struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
         uint64_t a = qemu_plugin_insn_vaddr(insn);
@@ -730,15 +769,19 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         }
         if (!info) {
             info = g_new0(TBInfo, 1);
+            tb_kind = kind;
+        } else if (kind != tb_kind && tb_kind == K_FULL) {
+            tb_kind = kind; /* a TB that runs into the PLT behaves as PLT */
         }
+        info->kind = tb_kind;
         char *d = qemu_plugin_insn_disas(insn);
         uint64_t before[NTB];
         memcpy(before, info->v, sizeof(before));
         classify(d ? d : "", info->v);
+        int c = 0;
+        for (c = 0; c < NCLS && info->v[c] == before[c]; c++) {
+        }
         if (g_dump) {
-            int c = 0;
-            for (c = 0; c < NCLS && info->v[c] == before[c]; c++) {
-            }
             pthread_mutex_lock(&g_lock);
             fprintf(g_dump, "%" PRIx64 "\t%s\t%" PRIu64 "\t%" PRIu64 "\t%" PRIu64 "\t%s\n", a,
                     c < NCLS ? cls_names[c] : "?", info->v[S_LDOPS] - before[S_LDOPS],
@@ -747,8 +790,21 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
             pthread_mutex_unlock(&g_lock);
         }
         g_free(d);
-        if (kind == 2) {
-            qemu_plugin_register_vcpu_mem_cb(insn, on_mem, QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_RW, NULL);
+        /*
+         * QEMU 7.2 points the vCPU at an instruction's memory callbacks before it runs and
+         * clears that after it; a branch ends its TB before the clearing, and later helper
+         * accesses of uninstrumented code (atomics in the runtime) would then call the stale
+         * callbacks. So branches (and system instructions) get none: their only accesses are
+         * x86 call/ret stack slots and a PLT's GOT load, which do not matter for the caches.
+         */
+        if ((kind == K_FULL || kind == K_PLT || kind == K_GATED) && c != C_BRANCH && c != C_OTHER) {
+            InsnInfo *ii = g_new0(InsnInfo, 1);
+            ii->vaddr = a;
+            ii->gated = kind == K_GATED;
+            pthread_mutex_lock(&g_lock);
+            g_ptr_array_add(g_insninfos, ii);
+            pthread_mutex_unlock(&g_lock);
+            qemu_plugin_register_vcpu_mem_cb(insn, on_mem, QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_RW, ii);
         }
     }
     if (info) {
@@ -827,6 +883,7 @@ static void on_reset_done(qemu_plugin_id_t id)
     /* All translations are gone: the per-TB data of the old ones is unreachable. */
     pthread_mutex_lock(&g_lock);
     g_ptr_array_set_size(g_tbinfos, 0);
+    g_ptr_array_set_size(g_insninfos, 0);
     g_tbs_instrumented = 0;
     pthread_mutex_unlock(&g_lock);
     register_callbacks(id);
@@ -884,6 +941,31 @@ static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num
             if (atomic_load(&g_counting)) {
                 atomic_store(&g_counting, false);
                 emit_record(a2);
+                if (g_dump) {
+                    pthread_mutex_lock(&g_lock);
+                    fprintf(g_dump, "# window %" PRIu64 " tag %" PRIu64 "\n", (uint64_t)atomic_load(&g_window), a2);
+                    for (unsigned vi = 0; vi < MAXVCPUS; vi++) {
+                        VCPU *v = atomic_load(&g_vcpus[vi]);
+                        if (!v || !v->pm_keys) {
+                            continue;
+                        }
+                        for (size_t h = 0; h < v->pm_cap; h++) {
+                            if (v->pm_keys[h] != INVALID) {
+                                fprintf(g_dump, "page\t%u\t%" PRIu64 "\t%" PRIx64 "\n", vi, v->pm_vals[h],
+                                        v->pm_keys[h]);
+                            }
+                        }
+                    }
+                    for (guint i = 0; i < g_insninfos->len; i++) {
+                        InsnInfo *ii = g_ptr_array_index(g_insninfos, i);
+                        if (ii->accesses) {
+                            fprintf(g_dump, "acc\t%" PRIx64 "\t%" PRIu64 "\n", ii->vaddr, ii->accesses);
+                            ii->accesses = 0;
+                        }
+                    }
+                    fflush(g_dump);
+                    pthread_mutex_unlock(&g_lock);
+                }
             }
         }
         break;
@@ -982,6 +1064,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     g_target = g_strdup(info->target_name ? info->target_name : "");
     g_x86 = strcmp(g_target, "x86_64") == 0 || strcmp(g_target, "i386") == 0;
     g_tbinfos = g_ptr_array_new_with_free_func(g_free);
+    g_insninfos = g_ptr_array_new_with_free_func(g_free);
     register_callbacks(id);
     return 0;
 }
