@@ -19,9 +19,9 @@ The model, per thread and per parallel region (counts ``c`` from the plugin)::
 
 L1 hits cost nothing beyond t_core (the load pipe's own latency is overlapped by an out-of-order
 or dual-issue core in the loops TVM generates). Store misses cost bandwidth only (the store
-buffer hides their latency). A miss is "sequential" when a neighbouring line of the same page
-missed shortly before: the pattern a stream prefetcher hides, so it costs
-``sequential_miss_cost`` of a random miss. ``miss_overlap`` is the fraction of the remaining
+buffer hides their latency). A miss is "sequential" (the plugin's ``seq``) when it continues a
+pattern of recent misses within one page — next/previous lines or a constant stride — the
+patterns hardware prefetchers follow, so it costs ``sequential_miss_cost`` of a random miss. ``miss_overlap`` is the fraction of the remaining
 miss latency hidden by memory-level parallelism.
 
 A measurement's latency is, over the parallel regions of the call (region 0: the serial code

@@ -90,13 +90,31 @@ def library_ranges(path: str) -> list[tuple[int, int, int]]:
     maps = [m for m in read_maps() if m[4] and (m[4] == real or same_file(m[4], real))]
     if not maps:
         return []
+    # The load bias; the executable segments come from the ELF file, because qemu's
+    # /proc/self/maps does not always show guest code as executable (x86-64 guests on x86-64).
     base = min(lo - off for lo, _, _, off, _ in maps)
-    ranges = [(lo, hi, 0) for lo, hi, perms, _, _ in maps if "x" in perms]
+    ranges = [(base + vaddr, base + vaddr + size, 0) for vaddr, size in elf_exec_segments(real)]
     for value, size in elf_functions(real, WRAPPER_PREFIX):
         ranges.append((base + value, base + value + size, RANGE_NO_MEMORY))
     for addr, size in elf_sections(real, b".plt"):
         ranges.append((base + addr, base + addr + size, RANGE_PLT))
     return ranges
+
+
+def elf_exec_segments(path: str) -> list[tuple[int, int]]:
+    """(vaddr, memsz) of an ELF64 file's executable PT_LOAD segments."""
+    with open(path, "rb") as fh:
+        data = fh.read(1 << 16)
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return []
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    out = []
+    for i in range(phnum):
+        p_type, p_flags, _, p_vaddr, _, _, p_memsz = struct.unpack_from("<IIQQQQQ", data, phoff + i * phentsize)
+        if p_type == 1 and p_flags & 1:  # PT_LOAD, PF_X
+            out.append((p_vaddr, p_memsz))
+    return out
 
 
 def _section_headers(data: bytes) -> list[tuple]:
@@ -338,7 +356,15 @@ class Guest:
             reply["output"] = {"shape": list(arr.shape), "sum": float(arr.astype("float64").sum())}
         return reply
 
+    def _configure_threads(self) -> None:
+        """Use TVM_NUM_THREADS threads whatever the host has: TVM sizes its pool by the cores it
+        sees (the host's, under qemu), so the pool of this thread is set explicitly."""
+        threads = int(os.environ.get("TVM_NUM_THREADS", "1") or 1)
+        if threads > 1:
+            self.tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1: kBig
+
     def handle(self, req: dict) -> dict:
+        self._configure_threads()
         op = req.get("op")
         if op == "measure":
             return self.measure(req)

@@ -203,21 +203,35 @@ static bool cache_access(Cache *c, uint64_t line, bool dirty, uint64_t *wb_line)
     return false;
 }
 
-/* A miss is "sequential" when a nearby line of the same page missed recently: the kind of
- * miss a next-line/stream prefetcher hides. */
+/*
+ * A miss is "predictable" when it continues a pattern a hardware prefetcher follows: the next
+ * or previous line(s) of a recent miss, or a constant stride through recent misses, within one
+ * 4 KiB page (prefetchers do not cross pages). The core model charges these less.
+ */
 static bool cache_note_miss(Cache *c, uint64_t line)
 {
     const uint64_t page_lines_shift = g_page_shift - g_line_shift;
+    const uint64_t page = line >> page_lines_shift;
     bool seq = false;
-    for (int i = 0; i < RECENT; i++) {
+    for (int i = 0; i < RECENT && !seq; i++) {
         uint64_t r = c->recent[i];
-        if (r == INVALID || r == line || (r >> page_lines_shift) != (line >> page_lines_shift)) {
+        if (r == INVALID || r == line || (r >> page_lines_shift) != page) {
             continue;
         }
-        uint64_t d = r > line ? r - line : line - r;
-        if (d <= 2) {
+        int64_t d = (int64_t)(line - r);
+        if (d >= -2 && d <= 2) {
             seq = true;
             break;
+        }
+        uint64_t prev = r - (uint64_t)d; /* r - d: the miss before r on the same stride */
+        if ((prev >> page_lines_shift) != page) {
+            continue;
+        }
+        for (int j = 0; j < RECENT; j++) {
+            if (c->recent[j] == prev) {
+                seq = true;
+                break;
+            }
         }
     }
     c->recent[c->rpos] = line;
@@ -626,23 +640,61 @@ static bool x86_scalar_fp(const char *m)
            starts(m, "comis") || starts(m, "ucomis") || starts(m, "vcomis") || starts(m, "vucomis");
 }
 
+/*
+ * x86-64: QEMU 7.2 disassembles in AT&T syntax ("vaddps 0x20(%rdi), %ymm1, %ymm1": sources
+ * first, destination last, memory operands in parentheses); Intel syntax (destination first,
+ * memory in brackets) is understood too. Loads and stores folded into arithmetic are counted
+ * in ld_ops/st_ops; the class is the operation's.
+ */
 static void classify_x86(const char *m, const char *ops, uint64_t *v)
 {
-    const char *comma = strchr(ops, ',');
-    const char *bracket = strchr(ops, '[');
-    bool mem = bracket != NULL && strcmp(m, "lea") != 0 && !starts(m, "nop");
-    bool dst_mem = mem && (!comma || bracket < comma);
-    bool src_mem = mem && !dst_mem;
+    bool att = strchr(ops, '%') != NULL || strchr(ops, '(') != NULL;
+    /* Top-level operands and which of them are memory. */
+    int nops = 0, mem_first = 0, mem_last = 0, mem_any = 0, depth = 0;
+    bool cur_mem = false, cur_any = false;
+    for (const char *p = ops;; p++) {
+        char ch = *p;
+        if (ch == '(' || ch == '[') {
+            depth++;
+            cur_mem = true;
+        } else if (ch == ')' || ch == ']') {
+            depth--;
+        }
+        if (ch && !(ch == ',' && depth == 0)) {
+            if (ch != ' ') {
+                cur_any = true;
+            }
+            continue;
+        }
+        if (cur_any) {
+            nops++;
+            if (cur_mem) {
+                mem_any++;
+                if (nops == 1) {
+                    mem_first = 1;
+                }
+                mem_last = 1;
+            } else {
+                mem_last = 0;
+            }
+        }
+        cur_mem = cur_any = false;
+        if (!ch) {
+            break;
+        }
+    }
+    bool is_lea = starts(m, "lea");
+    bool dst_mem = !is_lea && nops > 0 && (att ? mem_last : mem_first);
+    bool src_mem = !is_lea && mem_any > (dst_mem ? 1 : 0);
     int bits = x86_vector_bits(ops);
     if (m[0] == 'j' || starts(m, "call") || starts(m, "ret") || starts(m, "loop")) {
         v[C_BRANCH]++;
         return;
     }
-    if (in_list(m, x86_other)) {
+    if (in_list(m, x86_other) || starts(m, "nop") || starts(m, "prefetch") || starts(m, "endbr")) {
         v[C_OTHER]++;
         return;
     }
-    /* Operand-less stores/loads: push/pop, string ops. */
     if (starts(m, "push")) {
         v[C_STORE]++;
         v[S_STOPS]++;
@@ -653,25 +705,24 @@ static void classify_x86(const char *m, const char *ops, uint64_t *v)
         v[S_LDOPS]++;
         return;
     }
-    if ((starts(m, "stos") || starts(m, "movs")) && !comma) {
+    if (starts(m, "stos") || (starts(m, "movs") && nops == 0)) {
         v[C_STORE]++;
         v[S_STOPS]++;
-        if (starts(m, "movs")) {
-            v[S_LDOPS]++;
-        }
         return;
     }
-    if (x86_is_move(m)) {
-        bool vec = bits >= 128 && !x86_scalar_fp(m) && !strstr(m, "movd") && !(strstr(m, "movq") && !bits);
+    if (x86_is_move(m) || (starts(m, "mov") && !bits)) {
+        /* movd/movq/movss/movsd move one scalar even through a vector register. */
+        const char *b = m[0] == 'v' ? m + 1 : m;
+        bool scalar = x86_scalar_fp(m) || strcmp(b, "movd") == 0 || strcmp(b, "movq") == 0 || !bits;
         if (dst_mem) {
-            v[vec ? C_VSTORE : C_STORE]++;
+            v[scalar ? C_STORE : C_VSTORE]++;
             v[S_STOPS]++;
         } else if (src_mem) {
-            v[vec ? C_VLOAD : C_LOAD]++;
+            v[scalar ? C_LOAD : C_VLOAD]++;
             v[S_LDOPS]++;
         } else {
             v[bits ? C_VEC : C_INT]++;
-            v[S_V64] += bits / 64;
+            v[S_V64] += scalar ? 0 : bits / 64;
         }
         return;
     }
