@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything mnv2-tvm needs on a Debian 12 machine into ./.venv (idempotent).
 #   apt: a C++ compiler (TVM links libraries with it), venv support, the aarch64 and armv7 hard-float cross compilers.
+#        PoCL (OpenCL on the CPU: `mnv2-tvm check-opencl` runs the GPU targets' kernels on it).
 #   pip: the package with its pinned TVM/torch versions and the test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-APT_PACKAGES=(g++ python3-venv python3-dev g++-aarch64-linux-gnu g++-arm-linux-gnueabihf)
+APT_PACKAGES=(g++ python3-venv python3-dev g++-aarch64-linux-gnu g++-arm-linux-gnueabihf pocl-opencl-icd)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
