@@ -1,0 +1,288 @@
+"""The emulated-core cost (mnv2_tvm.emulate): qemu-user + our TCG plugin + a core model.
+
+Tests marked slow start guests under qemu (~15 s each): one shared single-thread aarch64 guest,
+one 4-thread guest, and a second 4-thread guest under host load for the determinism check.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mnv2_tvm.emulate import EmulatedCore, cost_from_record, load_core_model
+from mnv2_tvm.emulate.core_model import FIELDS
+from mnv2_tvm.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+BOARDS = ("rpi3b", "rpi4b", "rpi5")
+
+
+# ---------------------------------------------------------------------- core model (no qemu)
+
+
+@pytest.mark.parametrize("target", [*BOARDS, "x86-64-avx2", "x86-64-avx2-nchw8c"])
+def test_core_models_load_with_a_source_for_every_figure(target):
+    core = load_core_model(target)
+    assert core.clock_ghz > 0 and core.levels[0].kib > 0
+    for key in ("clock_ghz", "issue_width", "vector_bits_per_cycle", "l1d_kib", "l2_latency", "dram_latency_ns"):
+        assert core.sources[key].strip()
+
+
+def test_board_core_models_are_the_boards_cores():
+    assert [load_core_model(t).model for t in BOARDS] == ["Cortex-A53", "Cortex-A72", "Cortex-A76"]
+    a72 = load_core_model("rpi4b")
+    # 1 MB shared L2: each of 4 threads simulates a quarter.
+    assert a72.plugin_args(4) == ["line=64", "l1=32768:2", "l2=262144:16"]
+    assert a72.plugin_args(1) == ["line=64", "l1=32768:2", "l2=1048576:16"]
+    a76 = load_core_model("rpi5")  # private L2, shared L3
+    assert a76.plugin_args(4) == ["line=64", "l1=65536:4", "l2=524288:8", "l3=524288:16"]
+
+
+def _without_core(tmp_path: Path, keep: str = "") -> Path:
+    text = (REPO / "targets" / "rpi4b.toml").read_text()
+    head = text.split("\n[core]")[0].rstrip().rsplit("\n#", 2)[0]
+    path = tmp_path / "board.toml"
+    path.write_text(head + "\n" + keep)
+    return path
+
+
+def test_target_without_core_model_is_one_line_naming_the_keys(tmp_path):
+    path = _without_core(tmp_path)
+    with pytest.raises(UserError) as e:
+        load_core_model(path)
+    msg = str(e.value)
+    assert "\n" not in msg and "no core model" in msg
+    for key in ("clock_ghz", "issue_width", "l1d_kib", "l2_latency", "dram_bandwidth_gbs", "sync_cycles"):
+        assert key in msg
+    with pytest.raises(UserError, match="no core model"):
+        load_core_model("pixel2")  # a shipped target without one
+
+
+def test_incomplete_core_model_names_exactly_the_missing_keys(tmp_path):
+    core = textwrap.dedent("""
+        [core]
+        model = "Cortex-A72"
+        qemu_cpu = "cortex-a72"
+        clock_ghz = 1.5
+        issue_width = 3
+        vector_bits_per_cycle = 128
+        loads_per_cycle = 1
+        stores_per_cycle = 1
+        memory_ops_per_cycle = 2
+        line_bytes = 64
+        l1d_kib = 32
+        l1d_ways = 2
+        l1d_latency = 4
+        l2_kib = 1024
+        l2_ways = 16
+        l2_shared = true
+        dram_latency_ns = 110
+        miss_overlap = 0.5
+        sequential_miss_cost = 0.1
+        sync_cycles = 3000
+        [core.sources]
+        clock_ghz = "brief"
+        """)
+    with pytest.raises(UserError) as e:
+        load_core_model(_without_core(tmp_path, core))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "core.l2_latency" in msg and "core.dram_bandwidth_gbs" in msg
+    assert "core.sources.issue_width" in msg and "core.sources.clock_ghz" not in msg
+
+
+def test_latency_is_the_slowest_thread_per_region_plus_sync():
+    core = load_core_model("rpi4b")
+    zero = dict.fromkeys(FIELDS, 0)
+
+    def row(region: int, ints: int) -> list[int]:
+        c = dict(zero, int=ints, ld_ops=0)
+        return [region, *(c[f] for f in FIELDS)]
+
+    record = {"regions": 3, "threads": [
+        {"vcpu": 1, "regions": [row(0, 300), row(1, 3000), row(2, 300)]},
+        {"vcpu": 2, "regions": [row(1, 600), row(2, 3000)]},
+    ]}
+    cost = cost_from_record(record, core, threads=2)
+    issue = core.issue_width
+    assert cost.cycles == pytest.approx((300 + 3000 + 3000) / issue + 2 * core.sync_cycles)
+    assert cost.instructions == 300 + 3000 + 300 + 600 + 3000
+    assert [t.vcpu for t in cost.per_thread] == [1, 2]
+    single = cost_from_record(record, core, threads=1)  # no pool, no synchronisation
+    assert single.cycles == pytest.approx((300 + 3000 + 3000) / issue)
+
+
+def test_32bit_arm_target_is_refused_with_a_reason():
+    with pytest.raises(UserError, match="aarch64 and x86-64 guests only"):
+        EmulatedCore("rpi3b")
+
+
+def test_missing_qemu_names_the_setup_command(monkeypatch, tmp_path):
+    import shutil
+
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name.startswith("qemu-") else real_which(name, *a, **k))
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "usr/bin").mkdir(parents=True)
+    (rootfs / "usr/bin/python3").touch()
+    (rootfs / "opt/tvm-site/tvm").mkdir(parents=True)
+    with pytest.raises(UserError) as e:
+        EmulatedCore("rpi4b", rootfs=rootfs)
+    assert "\n" not in str(e.value) and "scripts/setup_emulator.sh" in str(e.value)
+
+
+def test_missing_guest_userland_names_the_board_setup(tmp_path):
+    with pytest.raises(UserError, match="virtual_board.py setup"):
+        EmulatedCore("rpi4b", rootfs=tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------- under qemu
+
+
+@pytest.fixture(scope="module")
+def rootfs(virtual_board_setup):
+    subprocess.run(["bash", str(REPO / "scripts" / "setup_emulator.sh")], check=True)
+    return Path(virtual_board_setup) / "rootfs"
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    from mnv2_tvm.emulate.kernels import build_kernel
+
+    out = tmp_path_factory.mktemp("kernels")
+    return {
+        "vadd_small": build_kernel("vadd", "rpi4b", out, n=1024),
+        "vadd": build_kernel("vadd", "rpi4b", out, n=4096),
+        "vadd_l2": build_kernel("vadd", "rpi4b", out, n=65536),      # 768 KiB: > L1, < L2
+        "vadd_dram": build_kernel("vadd", "rpi4b", out, n=262144),   # 3 MiB: > L2
+        "matmul": build_kernel("matmul", "rpi4b", out, n=64),
+        "x86_matmul": build_kernel("matmul", "x86-64-avx2", out, n=64),
+    }
+
+
+@pytest.fixture(scope="module")
+def core(rootfs):
+    with EmulatedCore("rpi4b", threads=1, rootfs=rootfs) as c:
+        c.start()
+        yield c
+
+
+def measure(core: EmulatedCore, k):
+    cost = core.measure(k.path, k.func, k.args)
+    assert cost.ok, cost.error
+    return cost
+
+
+@pytest.mark.slow
+def test_vector_add_retires_a_vector_add_per_four_floats(core, kernels):
+    k = kernels["vadd"]
+    n = k.args[0][0][0]
+    cost = measure(core, k)
+    (t,) = cost.per_thread
+    # The loop: ldp q,q from A and B, two fadd .4s, stp q,q to C per 8 floats; the packed-call
+    # wrapper adds a few dozen scalar loads and stores.
+    assert n / 4 <= cost.classes["vec"] <= n / 4 * 1.02
+    assert 2 * n / 4 <= t.counts["ld_ops"] <= 2 * n / 4 + 100
+    assert n / 4 <= t.counts["st_ops"] <= n / 4 + 100
+    assert cost.classes["fma"] == 0 and cost.classes["fp"] == 0
+    assert cost.cycles > 0 and cost.ms == pytest.approx(cost.cycles / 1.5e6)
+
+
+@pytest.mark.slow
+def test_matmul_fmas_and_a_bigger_kernel_costs_more(core, kernels):
+    small, big, mm = (measure(core, kernels[k]) for k in ("vadd_small", "vadd_l2", "matmul"))
+    assert mm.classes["fma"] == 64 ** 3 // 4  # one fmla .4s per 4 multiply-adds
+    assert big.instructions > 50 * small.instructions
+    assert big.cycles > 50 * small.cycles
+    assert mm.cycles > small.cycles
+
+
+@pytest.mark.slow
+def test_cache_misses_appear_when_the_working_set_exceeds_a_level(core, kernels):
+    def lines(k):
+        return 3 * k.args[0][0][0] * 4 // 64
+
+    small, mid, big = (measure(core, kernels[k]) for k in ("vadd_small", "vadd_l2", "vadd_dram"))
+    # 12 KiB stays in L1 after the warm-up run; 768 KiB misses L1 but stays in L2; 3 MiB misses both.
+    assert small.cache[0]["miss"] < 0.05 * lines(kernels["vadd_small"])
+    assert mid.cache[0]["miss"] > 0.9 * lines(kernels["vadd_l2"])
+    assert mid.cache[1]["miss"] < 0.05 * lines(kernels["vadd_l2"])
+    assert big.cache[1]["miss"] > 0.9 * lines(kernels["vadd_dram"])
+    assert big.terms["dram"] > 0
+
+
+@pytest.mark.slow
+def test_same_candidate_same_cost_whatever_ran_before(core, kernels):
+    first = measure(core, kernels["matmul"])
+    measure(core, kernels["vadd_dram"])
+    again = measure(core, kernels["matmul"])
+    assert again.fingerprint() == first.fingerprint() and again.cycles == first.cycles
+
+
+@pytest.mark.slow
+def test_crashing_candidate_is_one_failed_measurement(core, kernels):
+    starts = core.starts
+    crashed = core.crash_for_test()
+    assert not crashed.ok and "crashed" in crashed.error and "SIGABRT" in crashed.error
+    wrong = core.measure(kernels["vadd"].path, kernels["vadd"].func, [((3,), "float32")] * 3)
+    assert not wrong.ok and wrong.error  # the wrapper's shape check, reported as one failure
+    missing = core.measure(kernels["vadd"].path, "no_such_function", kernels["vadd"].args)
+    assert not missing.ok
+    assert measure(core, kernels["vadd"]).ok
+    assert core.starts == starts  # the long-lived guest survived all of that
+
+
+def _burn_cpus(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
+
+
+@pytest.mark.slow
+def test_four_threads_bit_identical_across_processes_and_host_load(rootfs, kernels):
+    from mnv2_tvm.emulate.kernels import build_kernel
+
+    k = build_kernel("matmul", "rpi4b", kernels["matmul"].path.parent, n=128)
+    with EmulatedCore("rpi4b", threads=4, rootfs=rootfs) as quiet:
+        a = quiet.measure(k.path, k.func, k.args)
+        assert a.ok, a.error
+    assert len(a.per_thread) == 4 and a.regions == 2  # serial part + one parallel region
+    work = [t.instructions for t in a.per_thread]
+    assert max(work) < 1.01 * min(work)  # the runtime's static split of 128 rows
+    burners = _burn_cpus(os.cpu_count() or 2)
+    try:
+        time.sleep(0.5)
+        with EmulatedCore("rpi4b", threads=4, rootfs=rootfs) as loaded:
+            loaded.measure(kernels["vadd"].path, kernels["vadd"].func, kernels["vadd"].args)
+            b = loaded.measure(k.path, k.func, k.args)
+    finally:
+        for p in burners:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert b.ok, b.error
+    assert b.fingerprint() == a.fingerprint()
+    assert b.cycles == a.cycles and b.instructions == a.instructions
+
+
+@pytest.mark.slow
+def test_x86_64_guest_counts_avx2_fmas(rootfs, kernels):  # rootfs: runs setup_emulator.sh
+    k = kernels["x86_matmul"]
+    with EmulatedCore("x86-64-avx2", threads=1) as c:
+        cost = c.measure(k.path, k.func, k.args)
+    assert cost.ok, cost.error
+    assert cost.classes["fma"] == 64 ** 3 // 8  # vfmadd231ps ymm: 8 multiply-adds
+    assert cost.core.startswith("AMD Zen 4")
+
+
+@pytest.mark.slow
+def test_guest_that_dies_is_restarted_on_the_next_measurement(core, kernels):
+    before = measure(core, kernels["vadd"])
+    os.killpg(core._proc.pid, signal.SIGKILL)  # the long-lived guest itself, not a candidate
+    core._proc.wait()
+    after = measure(core, kernels["vadd"])
+    assert after.fingerprint() == before.fingerprint()
