@@ -318,10 +318,9 @@ def profile_kernels(bundle_dir: Path, manifest: dict[str, Any], remote: RemoteSe
     import tvm
 
     from . import targets
-    from .compile import _fcompile
+    from .compile import _fcompile, compile_kernels
     from .lower import to_relax
     from .models import ModelConfig, build
-    from .tune import compile_kernels
 
     spec = targets.load(manifest["target"])
     cfg = ModelConfig.from_dict(manifest["config"])

@@ -105,7 +105,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
         _tune_over_ssh(args)
         return
     from . import targets
-    from .tune import tune_model
+    from .tuning import tune_model
 
     spec = targets.load(args.target)
     from .remote import parse_hostport
@@ -122,7 +122,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     from . import targets
-    from .tune import RecordsError, prune
+    from .tuning import RecordsError, prune
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, not {args.top_k}")
@@ -237,7 +237,7 @@ def _tune_over_ssh(args: argparse.Namespace) -> None:
     from . import targets
     from .board import open_board
     from .remote import LocalTracker, wait_registered
-    from .tune import tune_model
+    from .tuning import tune_model
 
     if args.rpc_tracker:
         raise UserError("give either --ssh (one board, tracker handled here) or --rpc-tracker, not both")

@@ -5,7 +5,7 @@ One call, :func:`run_compare`, does the whole job for one target:
 1. the grid (:func:`default_grid` or :func:`load_grid`) is counted (MAdds, bytes per layer);
    a configuration that cannot be built stops the run before anything is measured;
 2. with ``tune_trials_per_config > 0`` every configuration is tuned into the records first
-   (``tune.tune`` only runs what the records lack), so all tuned points see one records state;
+   (``tuning.tune`` only runs what the records lack), so all tuned points see one records state;
 3. every configuration is compiled untuned (an empty records folder) and tuned (the target's
    records) and measured by a :class:`Measurer`; each finished point is appended to
    ``REPORT_DIR/points.jsonl`` (flushed and fsynced), which is what makes a run resumable; a
@@ -735,7 +735,7 @@ class _Progress:
         elapsed = time.monotonic() - self.t0
         left = sum(self.costs.values()) - self.done_cost
         eta = elapsed / self.done_cost * left if self.done_cost > 0 else None
-        from .tune import fmt_duration  # loaded already: points are measured with TVM
+        from .tuning.progress import fmt_duration  # loaded already: points are measured with TVM
 
         self.say(f"{self.done}/{len(self.costs)} {text} | elapsed {fmt_duration(elapsed)}, ETA {fmt_duration(eta)}")
 
@@ -820,7 +820,7 @@ def _run(configs: list[ModelConfig], spec: TargetSpec, out_dir: Path, records: P
          tune_trials_per_config: int, progress: bool, profile: bool = True,
          passes: int = DEFAULT_PASSES) -> CompareResult:
     from .madds import count
-    from .tune import records_digest_for, workload_digests
+    from .tuning.records import records_digest_for, workload_digests
 
     store = PointStore(out_dir / POINTS_FILE)
     _check_identity(store, spec, measurer, out_dir)
@@ -957,10 +957,10 @@ def _check_identity(store: PointStore, spec: TargetSpec, measurer: Measurer, out
 
 def _tune_grid(configs: list[ModelConfig], spec: TargetSpec, records: Path, trials: int, measurer: Measurer,
                bar: _Progress) -> None:
-    """Tune each configuration up to ``trials`` measurements (tune.tune skips what is done)."""
+    """Tune each configuration up to ``trials`` measurements (tuning.tune skips what is done)."""
     from .lower import to_relax
     from .models import build
-    from .tune import RecordsError, tune
+    from .tuning import RecordsError, tune
 
     runner = getattr(measurer, "tune_runner", None)  # an RPC measurer may offer its RunnerSpec
     if runner is None and not spec.is_host:
@@ -987,7 +987,7 @@ def _measure_point(cfg: ModelConfig, variant: str, spec: TargetSpec, out_dir: Pa
 
     import tvm
 
-    from .tune import records_digest_for, workload_digests
+    from .tuning.records import records_digest_for, workload_digests
 
     bundle_dir = _bundle_dir(out_dir, cfg, variant)
     t = time.perf_counter()

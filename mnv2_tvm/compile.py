@@ -1,4 +1,9 @@
-"""Relax module (+ tuning records) → a bundle for one target: library, manifest, reference."""
+"""Relax module (+ tuning records) → a bundle for one target: library, manifest, reference.
+
+Compiling reads what tuning left in a records folder (the database, :mod:`.tuning.records`; the
+loop-order table, :mod:`.tuning.row_order`) and fuses kernels exactly as tuning did
+(:mod:`.tuning.tasks`); nothing of the search itself.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,18 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import bundle
 from .errors import UserError
 from .models import ModelConfig
 from .targets import TargetSpec
+
+if TYPE_CHECKING:
+    import tvm
+    from tvm import relax
 
 LIBRARY = "model.so"
 
@@ -24,6 +33,136 @@ class CompileResult:
     bundle_dir: Path
     manifest: dict[str, Any]
     seconds: dict[str, float]
+
+
+@dataclass
+class ApplyReport:
+    """What :func:`compile_with_records` applied."""
+
+    tuned: list[str]
+    fallback: list[str]
+    records_digest: str | None  # sha256 of workload file + NUL + record file as read
+    records_dir: str | None
+    untuned: bool = field(default=False)
+    # Structural hashes of every kernel's workload looked up in the records (see workload_digests)
+    workloads: list[str] = field(default_factory=list)
+    # Kernels whose parallel loop runs over output rows outermost (tuning.row_order.ROW_ORDER_FILE)
+    rows_outermost: list[str] = field(default_factory=list)
+
+
+def kernels_module(mod: tvm.IRModule, target: tvm.target.Target, db: Any | None = None) -> tvm.IRModule:
+    """The fused Relax module as it will be compiled: records of ``db`` applied and, where the
+    tuned kernels read pre-packed weights, the packing folded into the constants. Its
+    ``call_tir`` calls are exactly the kernels of the compiled library (``mod`` as from
+    :func:`.tuning.tasks.prepare`)."""
+    from .tuning.records import as_target
+    from .tuning.tasks import fuse
+
+    target = as_target(target)
+    return _applied(fuse(mod, target), target, db)
+
+
+def _applied(fused: tvm.IRModule, target: tvm.target.Target, db: Any | None) -> tvm.IRModule:
+    import tvm
+    from tvm import relax
+
+    from .tuning.tasks import prepacks_weights
+
+    if db is None:
+        return fused
+    with target, db, tvm.transform.PassContext(opt_level=3):
+        applied = relax.transform.MetaScheduleApplyDatabase()(fused)
+        if prepacks_weights(target):
+            applied = relax.transform.SplitLayoutRewritePreproc()(applied)
+            applied = relax.transform.FoldConstant()(applied)
+            applied = relax.transform.DeadCodeElimination(["main"])(applied)  # the folded repacking
+    return applied
+
+
+def _build(kernels: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+    import tvm
+    from tvm import relax
+
+    from .kernels import loop_order
+
+    if target.kind.name != "llvm":
+        # GPU kernels need the default pipeline's DLight schedules to build at all (opencl.build:
+        # with each rule guarded; `mnv2-tvm check-opencl` runs the kernels it produces).
+        from . import opencl
+
+        return opencl.build(kernels, target)
+    from tvm.relax.backend.cpu_generic.pipeline import dataflow_lower_passes, finalize_passes
+
+    # Lower only: the default pipeline would run FuseOps again over the tuned kernels and
+    # could merge them into new, unscheduled ones.
+    @tvm.transform.module_pass(opt_level=0)
+    def lower(m: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return tvm.transform.Sequential(dataflow_lower_passes(target) + finalize_passes(target))(m)
+
+    with target:
+        return relax.build(kernels, target=target, relax_pipeline=lower, tir_pipeline=loop_order.tir_pipeline())
+
+
+def compile_with_records(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    records_dir: Path | None,
+    params: dict | None = None,
+) -> tuple[relax.VMExecutable, ApplyReport]:
+    """Compile ``mod`` with the best records of ``records_dir`` applied to its kernels.
+
+    Without records (``records_dir`` None, missing or empty) the kernels are compiled as
+    legalised (slow on CPUs); the report then says ``untuned``.
+    """
+    executable, report, _ = compile_kernels(mod, target, records_dir, params)
+    return executable, report
+
+
+def compile_kernels(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    records_dir: Path | None,
+    params: dict | None = None,
+) -> tuple[relax.VMExecutable, ApplyReport, tvm.IRModule]:
+    """:func:`compile_with_records`, also returning the module that was compiled (see
+    :func:`kernels_module`), for listing the library's kernels and their argument shapes."""
+    import tvm
+
+    from .kernels import loop_order
+    from .tuning.records import as_target, check_meta, has_files, open_records, read_meta
+    from .tuning.row_order import rows_outermost_kernels
+    from .tuning.tasks import fuse, prepare
+
+    target = as_target(target)
+    prepared = prepare(mod, params)
+    rdir = Path(records_dir) if records_dir is not None else None
+    if rdir is None or not rdir.is_dir() or not has_files(rdir):
+        if rdir is not None and rdir.is_dir():
+            meta = read_meta(rdir)
+            if meta is not None:
+                check_meta(meta, target, rdir)
+        kernels = kernels_module(prepared, target)
+        names = sorted(gv.name_hint for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+        report = ApplyReport([], names, None, None if rdir is None else str(rdir), untuned=True)
+        return _build(kernels, target), report, kernels
+    opened = open_records(rdir, target, writable=False)
+    try:
+        db = opened.db
+        fused = fuse(prepared, target)
+        kernels = _applied(fused, target, db)
+        # Named as the tasks are (SplitLayoutRewritePreproc renames kernels that read packed weights).
+        prims = {gv.name_hint.removesuffix("_prepacked"): f
+                 for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+        tuned = sorted(n for n, f in prims.items() if f.attrs and f.attrs.get("tirx.is_scheduled", False))
+        fallback = sorted(n for n in prims if n not in set(tuned))
+        reorder = rows_outermost_kernels(fused, db, rdir) & set(tuned)
+        kernels, reordered = loop_order.rows_outermost(
+            kernels, [gv.name_hint for gv in kernels.functions if gv.name_hint.removesuffix("_prepacked") in reorder])
+        report = ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned, workloads=sorted(db.queried),
+                             rows_outermost=sorted(n.removesuffix("_prepacked") for n in reordered))
+        return _build(kernels, target), report, kernels
+    finally:
+        opened.close()
 
 
 def _fcompile(spec: TargetSpec):
@@ -50,9 +189,9 @@ def _fcompile(spec: TargetSpec):
     return None
 
 
-def build_executable(mod, spec: TargetSpec, records_dir: Path | None) -> tuple[Any, dict[str, Any]]:
+def build_executable(mod: tvm.IRModule, spec: TargetSpec, records_dir: Path | None) -> tuple[Any, dict[str, Any]]:
     """Compile a Relax module, applying tuning records when there are any."""
-    from .tune import RecordsError, compile_with_records
+    from .tuning.records import RecordsError
 
     try:
         executable, report = compile_with_records(mod, spec.tvm_target(), records_dir)

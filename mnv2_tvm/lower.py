@@ -7,7 +7,7 @@ A target may ask for blocked activations (``NCHW8c``: channels in blocks of the 
 width, innermost), as x86 libraries such as oneDNN and ONNX Runtime's MLAS use: every
 convolution then vectorises over a block of 8 channels whatever its spatial size, where in
 NCHW the vector runs along a row (7 or 14 wide in the late stages, or strided). It is also
-what the hand-written register-tiled 1×1 schedules need (``microkernels.py``). It stays a
+what the hand-written register-tiled 1×1 schedules need (``kernels.schedules``). It stays a
 per-target choice (``[build] layout``): ``x86-64-avx2-nchw8c`` uses it.
 """
 
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .models import ModelConfig, fold_batchnorm
+from .targets import LAYOUTS
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 FRONTENDS = ("torch", "onnx")
 INPUT_NAME = "input"
-LAYOUTS = ("NCHW", "NCHW4c", "NCHW8c", "NCHW16c")
 
 
 def layout_block(layout: str) -> int:
@@ -141,7 +141,7 @@ def _pad_outputs_to_blocks(mod: "tvm.IRModule", block: int) -> "tvm.IRModule":
     (SSDLite's heads: 6 anchors × 81 classes = 486; DeepLab's 21 classes) computes zero filters
     up to the next multiple and drops them after. Left NCHW, such a conv read its input through
     a layout transform and got only the search's schedules: SSDLite's 1280→486 head ran at 2.9×
-    ONNX Runtime's time (1 thread); blocked, it gets the register-tiled 1×1 of ``microkernels``.
+    ONNX Runtime's time (1 thread); blocked, it gets the register-tiled 1×1 of ``kernels.schedules``.
     """
     import numpy as np
     import tvm

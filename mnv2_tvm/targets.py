@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .lower import LAYOUTS
 
 if TYPE_CHECKING:
     import tvm
@@ -25,6 +24,9 @@ SCHEDULES_DIR = Path(os.environ.get("MNV2_TVM_SCHEDULES", REPO_ROOT / "schedules
 HOST_ALIAS = "host"
 #: The file of a records folder that holds the measured schedules (MetaSchedule's JSON database).
 RECORD_FILE = "database_tuning_record.json"
+#: Activation layouts a target may ask for (``[build] layout``): plain NCHW, or channels in blocks
+#: of 4, 8 or 16 innermost (``lower.to_blocked_layout`` rewrites the model for them).
+LAYOUTS = ("NCHW", "NCHW4c", "NCHW8c", "NCHW16c")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What running parallel loops with output rows outermost buys (``microkernels.rows_outermost``).
+"""What running parallel loops with output rows outermost buys (``kernels.loop_order.rows_outermost``).
 
 Two measurements, both on the shipped records of a target:
 
@@ -45,9 +45,10 @@ def main() -> int:
 
     from bench_host import time_round  # this script's folder is first on sys.path
     from mnv2_tvm import targets
-    from mnv2_tvm import tune as T
+    from mnv2_tvm.compile import compile_with_records
     from mnv2_tvm.lower import export_onnx, to_relax
     from mnv2_tvm.models import ModelConfig, build, example_input
+    from mnv2_tvm.tuning import row_order
 
     cfg = ModelConfig(args.model)
     spec = targets.load(args.target)
@@ -56,8 +57,8 @@ def main() -> int:
     x = tvm.runtime.tensor(x_np)
     vms = {}
     for tol in args.tolerance:
-        T.ROW_ORDER_TOLERANCE = tol
-        ex, rep = T.compile_with_records(mod, spec.tvm_target(), spec.records_dir)
+        row_order.ROW_ORDER_TOLERANCE = tol
+        ex, rep = compile_with_records(mod, spec.tvm_target(), spec.records_dir)
         vms[f"within {tol:g}x ({len(rep.rows_outermost)} kernels)"] = relax.VirtualMachine(ex, tvm.cpu())
     if args.pairs:
         for name, vm in vms.items():

@@ -22,7 +22,8 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) \[INFO\] mnv2_tvm\.tune: "
+# The logger is mnv2_tvm.tuning.<module> (mnv2_tvm.tune in the logs of older runs).
+_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) \[INFO\] mnv2_tvm\.tun[\w.]*: "
 
 
 def wall_axis(log: Path) -> tuple[list[int], list[float]]:
@@ -60,7 +61,7 @@ def main() -> int:
     from mnv2_tvm import targets
     from mnv2_tvm.lower import to_relax
     from mnv2_tvm.models import ModelConfig, build
-    from mnv2_tvm.tune import extract_tasks
+    from mnv2_tvm.tuning import extract_tasks
 
     cfg = ModelConfig(args.model, args.width, args.resolution)
     spec = targets.load(args.target)

@@ -54,7 +54,7 @@ def test_tune_refuses_records_of_another_target(tmp_path):
     records.mkdir()
     import tvm
 
-    from mnv2_tvm.tune import RECORDS_FORMAT
+    from mnv2_tvm.tuning import RECORDS_FORMAT
 
     meta = {"format": RECORDS_FORMAT, "tvm_version": tvm.__version__, "target_str": "rpi4b",
             "target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}}

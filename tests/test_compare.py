@@ -365,7 +365,7 @@ def test_tuned_points_are_tied_to_the_records_they_were_measured_with(tmp_path):
 
 
 def test_a_tuned_point_goes_stale_only_when_records_of_its_own_kernels_change(tmp_path):
-    from mnv2_tvm.tune import records_digest_for, workload_digests
+    from mnv2_tvm.tuning import records_digest_for, workload_digests
 
     records = tmp_path / "records"
     records.mkdir()

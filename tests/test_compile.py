@@ -108,10 +108,10 @@ def test_blocked_layout_stays_blocked_from_the_stem_to_the_pooling():
 
     from mnv2_tvm.lower import to_relax
     from mnv2_tvm.models import build
-    from mnv2_tvm.tune import _fuse, _prepare
+    from mnv2_tvm.tuning.tasks import fuse, prepare
 
     cfg = ModelConfig(**SMALL["mobilenet_v2"])
-    fused = _fuse(_prepare(to_relax(build(cfg), cfg, layout="NCHW8c"), None), tvm.target.Target("llvm"))
+    fused = fuse(prepare(to_relax(build(cfg), cfg, layout="NCHW8c"), None), tvm.target.Target("llvm"))
     main = fused["main"].script()
     calls = re.findall(r"call_tir\((\w+),", main)
     # The 3-channel stem reads NCHW and writes blocks itself (with its bias and ReLU6), so the
@@ -180,10 +180,10 @@ def _fused_calls(model: str) -> tuple[list[str], list[str]]:
 
     from mnv2_tvm.lower import to_relax
     from mnv2_tvm.models import build
-    from mnv2_tvm.tune import _fuse, _prepare
+    from mnv2_tvm.tuning.tasks import fuse, prepare
 
     cfg = ModelConfig(**SMALL[model])
-    main = _fuse(_prepare(to_relax(build(cfg), cfg, layout="NCHW8c"), None), tvm.target.Target("llvm"))["main"].script()
+    main = fuse(prepare(to_relax(build(cfg), cfg, layout="NCHW8c"), None), tvm.target.Target("llvm"))["main"].script()
     calls = re.findall(r"call_tir\((\w+),", main)
     return calls, [ln for ln in main.splitlines() if re.search(r"call_tir\(\w*conv2d", ln)]
 
@@ -219,7 +219,7 @@ def test_separable_resize_computes_what_topi_resize_does(mode):
     from tvm import relax
 
     from mnv2_tvm.lower import legalize_resize2d
-    from mnv2_tvm.tune import _fuse
+    from mnv2_tvm.tuning.tasks import fuse
 
     rng = np.random.default_rng(0)
     for size_in, size_out in (((5, 7), (33, 21)), ((33, 33), (9, 14))):
@@ -237,5 +237,5 @@ def test_separable_resize_computes_what_topi_resize_does(mode):
             outs.append(vm["main"](tvm.runtime.tensor(data)).numpy())
         assert outs[1].shape == (1, 3, *size_out)
         assert np.abs(outs[0] - outs[1]).max() <= 1e-6
-    calls = re.findall(r"call_tir\((\w+),", _fuse(mod, tvm.target.Target("llvm"))["main"].script())
+    calls = re.findall(r"call_tir\((\w+),", fuse(mod, tvm.target.Target("llvm"))["main"].script())
     assert [c.rstrip("0123456789") for c in calls] == ["resize_rows", "resize_columns"], calls

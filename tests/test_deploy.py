@@ -267,18 +267,19 @@ def test_remote_tuning_through_a_tracker_writes_records(vboard: Board, tmp_path:
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from mnv2_tvm import tune as T
+    from mnv2_tvm import tuning as T
+    from mnv2_tvm.tuning.runner import host_linked_upload
 
     @dataclass(frozen=True)
     class HostLinked(T.RunnerSpec):
         # The virtual board has no gzip or C++ compiler to link MetaSchedule's .tar artifacts,
-        # so candidates are linked here (remote.host_linked_upload); see the report on tune.py.
+        # so candidates are linked here (tuning.runner.host_linked_upload).
         def make_runner(self):  # type: ignore[override]
             return ms.runner.RPCRunner(
                 ms.runner.RPCConfig(tracker_host=self.tracker_host, tracker_port=self.tracker_port,
                                     tracker_key=self.key, session_timeout_sec=int(self.session_timeout_sec)),
                 evaluator_config=self.evaluator_config(), max_workers=self.max_workers,
-                f_upload_module=remote.host_linked_upload("aarch64-linux-gnu-g++"))
+                f_upload_module=host_linked_upload("aarch64-linux-gnu-g++"))
 
     key = f"tune{os.getpid()}"
     target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 2})
@@ -297,8 +298,8 @@ def test_remote_tuning_through_a_tracker_writes_records(vboard: Board, tmp_path:
 
 
 def test_tune_model_over_ssh(vboard: Board, tmp_path: Path) -> None:
-    """`tune --ssh` end to end through tune.py's own RPC runner (tune_model)."""
-    from mnv2_tvm import tune as T
+    """`tune --ssh` end to end through tuning's own RPC runner (tune_model)."""
+    from mnv2_tvm import tuning as T
 
     # The virtual board has no gzip or g++: this passes only because candidates are linked here.
     cfg = SMALL["mobilenet_v2"]

@@ -32,7 +32,10 @@ from tvm.s_tir import meta_schedule as ms
 
 from board_fixture import left_on
 from mnv2_tvm import remote
-from mnv2_tvm import tune as T
+from mnv2_tvm import tuning as T
+from mnv2_tvm.tuning import search
+from mnv2_tvm.tuning.records import atomic_write
+from mnv2_tvm.tuning.row_order import ROW_ORDER_FILE
 
 # Runs by default; `-m faults` selects this suite alone.
 pytestmark = pytest.mark.faults
@@ -230,8 +233,8 @@ def proc_listen(port: int) -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def small_tuning():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "SEARCH_KWARGS", SMALL_SEARCH)
-        mp.setattr(T, "TRIALS_PER_ITER", 2)
+        mp.setattr(search, "SEARCH_KWARGS", SMALL_SEARCH)
+        mp.setattr(search, "TRIALS_PER_ITER", 2)
         yield
     TABLE_PATH.write_text(json.dumps(ROWS, indent=2) + "\n")
     print("\n[faults table]")
@@ -318,10 +321,11 @@ def test_server_killed_mid_tuning_run_goes_on(tmp_path, conv):
 TUNER = """
 import json, sys
 sys.path.insert(0, {tests!r})
-from mnv2_tvm import tune as T
+from mnv2_tvm import tuning as T
+from mnv2_tvm.tuning import search
 import test_faults as F
-T.SEARCH_KWARGS = F.SMALL_SEARCH
-T.TRIALS_PER_ITER = 2
+search.SEARCH_KWARGS = F.SMALL_SEARCH
+search.TRIALS_PER_ITER = 2
 mod, params = F.one_conv()
 spec = T.RunnerSpec.rpc("127.0.0.1", int(sys.argv[3]), sys.argv[4], session_timeout_sec=20, number=1, repeat=1,
                         min_repeat_ms=0)
@@ -479,7 +483,7 @@ def test_candidate_that_crashes_or_hangs_the_server_is_isolated(tmp_path, conv):
         assert len(lines) == 6 and rep.trials_run == 6
         # Every candidate went to the board once; then, if the best schedule has a loop to reorder,
         # a warm-up and the best schedule in both loop orders (row_order.json).
-        order = json.loads((records / T.ROW_ORDER_FILE).read_text())
+        order = json.loads((records / ROW_ORDER_FILE).read_text())
         timed = sum("as_tuned_us" in v for v in order.values())
         assert (tmp_path / "counter").read_text() == "x" * (6 + (1 + 2 * timed if timed else 0)), order
         failed = [i for i, ln in enumerate(lines) if is_failed(ln)]
@@ -588,7 +592,7 @@ def test_disk_full_stops_with_clear_error_and_keeps_records(tmp_path, conv):
         # atomic writes on a full disk: the old file stays whole, no temporary is left behind
         meta = (records / T.META_FILE).read_bytes()
         with pytest.raises(OSError):
-            T._atomic_write(records / T.META_FILE, b"x" * (1 << 20))
+            atomic_write(records / T.META_FILE, b"x" * (1 << 20))
         with pytest.raises(OSError):
             bundle.write_atomic(records / T.META_FILE, b"y" * (1 << 20))
         assert (records / T.META_FILE).read_bytes() == meta

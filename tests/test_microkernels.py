@@ -1,4 +1,4 @@
-"""Tests for mnv2_tvm.microkernels: the hand-written register-tiled schedules of blocked 1×1 and
+"""Tests for mnv2_tvm.kernels: the hand-written register-tiled schedules of blocked 1×1 and
 depthwise convolutions, alone (each one computes what the unscheduled kernel computes) and inside tuning
 (measured first, within the budget, never twice, compiled with parity against PyTorch)."""
 
@@ -11,8 +11,13 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
-from mnv2_tvm import microkernels as mk
-from mnv2_tvm import tune as T
+from mnv2_tvm import tuning as T
+from mnv2_tvm.compile import compile_with_records
+from mnv2_tvm.kernels import loop_order, schedules
+from mnv2_tvm.tuning import search
+from mnv2_tvm.tuning.records import trace_key
+from mnv2_tvm.tuning.row_order import ROW_ORDER_FILE, ROW_ORDER_TOLERANCE
+from mnv2_tvm.tuning.tasks import with_num_cores, workload_key
 from mnv2_tvm.lower import to_blocked_layout
 from test_tune import SMALL_SEARCH, TARGET
 
@@ -51,7 +56,7 @@ def blocked():
 
 @pytest.fixture(autouse=True)
 def small_search(monkeypatch):
-    monkeypatch.setattr(T, "SEARCH_KWARGS", SMALL_SEARCH)
+    monkeypatch.setattr(search, "SEARCH_KWARGS", SMALL_SEARCH)
 
 
 def _run(mod: tvm.IRModule, args: list[np.ndarray]) -> np.ndarray:
@@ -64,7 +69,7 @@ def _run(mod: tvm.IRModule, args: list[np.ndarray]) -> np.ndarray:
 
 def test_tiles_fit_the_registers_and_write_back_rectangles():
     for height, width, blocks, regs in [(14, 14, 6, 16), (7, 7, 20, 16), (56, 56, 3, 16), (28, 28, 4, 32)]:
-        tiles = mk._tiles(height, width, blocks, regs)
+        tiles = schedules._tiles(height, width, blocks, regs)
         assert tiles and len(tiles) == len(set(tiles))
         spilled = 0
         for ty, tx, tc in tiles:
@@ -74,19 +79,19 @@ def test_tiles_fit_the_registers_and_write_back_rectangles():
             acc = ty * tx * tc
             assert acc + 2 <= regs  # the accumulators, the broadcast and a weight vector
             spilled += acc + tc + 1 > regs  # not a weight vector per block as well
-        assert len(tiles) - spilled <= mk.MAX_CANDIDATES and spilled <= mk.SPILLED_CANDIDATES
+        assert len(tiles) - spilled <= schedules.MAX_CANDIDATES and spilled <= schedules.SPILLED_CANDIDATES
     # 14×14: 4 pixels as 2 × 2 (rows of 14 take no run of 4), 4 px × 3 blocks as on larger maps.
-    assert (2, 2, 3) in mk._tiles(14, 14, 6, 16)
+    assert (2, 2, 3) in schedules._tiles(14, 14, 6, 16)
     # 7×7: a row by 2 blocks (weights from memory) besides the row by 1 block.
-    assert {(1, 7, 1), (1, 7, 2)} <= set(mk._tiles(7, 7, 20, 16))
-    assert max(ty * tx * tc for ty, tx, tc in mk._tiles(28, 28, 4, 32)) > 14  # AVX-512 / NEON: 32 registers
-    assert mk.vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"})) == 16
-    assert mk.vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})) == 32
-    assert mk.vector_registers(tvm.target.Target("raspberry-pi/4b-aarch64")) == 32
+    assert {(1, 7, 1), (1, 7, 2)} <= set(schedules._tiles(7, 7, 20, 16))
+    assert max(ty * tx * tc for ty, tx, tc in schedules._tiles(28, 28, 4, 32)) > 14  # AVX-512 / NEON: 32 registers
+    assert schedules.vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"})) == 16
+    assert schedules.vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})) == 32
+    assert schedules.vector_registers(tvm.target.Target("raspberry-pi/4b-aarch64")) == 32
 
 
 def _hand_written(task) -> bool:
-    return mk.kind(task.mod) is not None
+    return schedules.kind(task.mod) is not None
 
 
 def _check_candidates(mod: tvm.IRModule) -> int:
@@ -96,7 +101,7 @@ def _check_candidates(mod: tvm.IRModule) -> int:
     rng = np.random.default_rng(0)
     fitted = 0
     for task in T.extract_tasks(mod, target):
-        cands = mk.candidates(task.mod, target)
+        cands = schedules.candidates(task.mod, target)
         if not _hand_written(task):
             assert cands == [], task.name  # layout transforms and the like: the search's
             continue
@@ -144,12 +149,12 @@ def test_classifier_candidates_compute_the_matrix_vector_product(classes):
     with torch.no_grad():
         ep = torch.export.export(net, (torch.randn(1, 64),))
     mod = relax.transform.DecomposeOpsForInference()(from_exported_program(ep, unwrap_unit_return_tuple=True))
-    if classes % mk.GEMV_LANES:
-        assert all(mk.candidates(t.mod, tvm.target.Target(TARGET)) == [] for t in T.extract_tasks(mod, TARGET))
+    if classes % schedules.GEMV_LANES:
+        assert all(schedules.candidates(t.mod, tvm.target.Target(TARGET)) == [] for t in T.extract_tasks(mod, TARGET))
         return
     assert _check_candidates(mod) == 1
     (task,) = [t for t in T.extract_tasks(mod, TARGET) if _hand_written(t)]
-    assert mk.kind(task.mod) == mk.MATMUL_BLOCK
+    assert schedules.kind(task.mod) == schedules.MATMUL_BLOCK
 
 
 def _parallel_loop(func: tvm.tirx.PrimFunc) -> tvm.tirx.For:
@@ -171,8 +176,8 @@ def _rows_visited(before: tvm.tirx.PrimFunc, after: tvm.tirx.PrimFunc) -> list[t
     """(iteration of the original parallel loop, output row it writes) for each iteration of the
     rewritten loop, in order, the rows as the original loop's variable gives them."""
     sch = tvm.s_tir.Schedule(before)
-    (rows_in,) = [f for b in sch.get_output_blocks(sch.get_sblock("root")) if (f := mk._rows_in(sch, b))]
-    loop = _parallel_loop(mk.reorder_marked(after))
+    (rows_in,) = [f for b in sch.get_output_blocks(sch.get_sblock("root")) if (f := loop_order._rows_in(sch, b))]
+    loop = _parallel_loop(loop_order.reorder_marked(after))
     (bind,) = [s for s in loop.body.seq if isinstance(s, tvm.tirx.Bind)]
     out = []
     for q in range(int(loop.extent)):
@@ -203,16 +208,16 @@ def test_rows_outermost_hands_each_thread_a_band_of_rows_and_keeps_every_kernel(
     tasks = T.extract_tasks(blocked[0], target) + T.extract_tasks(classifier, target)
     whole_maps = 0
     for task in tasks:
-        for sch in mk.candidates(task.mod, target):
+        for sch in schedules.candidates(task.mod, target):
             before = tvm.IRModule({"main": sch.mod["main"].with_attr("tirx.is_scheduled", True)})
-            after, changed = mk.rows_outermost(before)
+            after, changed = loop_order.rows_outermost(before)
             if not changed:
-                left.add(mk.kind(task.mod))
+                left.add(schedules.kind(task.mod))
                 assert after.same_as(before)
-                whole_maps += mk.kind(task.mod) == mk.DEPTHWISE_BLOCK
+                whole_maps += schedules.kind(task.mod) == schedules.DEPTHWISE_BLOCK
                 continue
-            assert changed == ["main"] and mk.ROWS_ANNOTATION in after["main"].script()
-            rewritten.add(mk.kind(task.mod))
+            assert changed == ["main"] and loop_order.ROWS_ANNOTATION in after["main"].script()
+            rewritten.add(schedules.kind(task.mod))
             order = _rows_visited(before["main"], after["main"])
             assert sorted(i for i, _ in order) == list(range(len(order))), task.name  # each once
             rows = [r for _, r in order]
@@ -220,37 +225,37 @@ def test_rows_outermost_hands_each_thread_a_band_of_rows_and_keeps_every_kernel(
             info = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
             args = [rng.standard_normal(a.shape).astype(a.dtype) for a in info]
             # The mark survives lowering to where the pipeline rewrites it, and is gone after.
-            lowering, _, _ = tvm.tirx.get_tir_pipeline(mk.tir_pipeline())
+            lowering, _, _ = tvm.tirx.get_tir_pipeline(loop_order.tir_pipeline())
             entry = tvm.IRModule({"main": after["main"].with_attr("global_symbol", "main")})
             lowered = lowering(tvm.tirx.transform.BindTarget(target.with_host(target))(entry))["main"]
-            assert len(mk._marked_loops(lowered.body)) == 1 and not mk._marked_loops(mk.reorder_marked(lowered).body)
-            lib = tvm.tirx.build(after, target=target, pipeline=mk.tir_pipeline())
+            assert len(loop_order._marked_loops(lowered.body)) == 1 and not loop_order._marked_loops(loop_order.reorder_marked(lowered).body)
+            lib = tvm.tirx.build(after, target=target, pipeline=loop_order.tir_pipeline())
             tensors = [tvm.runtime.tensor(a) for a in args]
             lib["main"](*tensors)
             np.testing.assert_array_equal(tensors[-1].numpy(), _run(before, args), err_msg=task.name)
-    assert {mk.DEPTHWISE_BLOCK, mk.CONV_BLOCK} <= rewritten
-    assert mk.MATMUL_BLOCK in left and mk.MATMUL_BLOCK not in rewritten and whole_maps >= 1
+    assert {schedules.DEPTHWISE_BLOCK, schedules.CONV_BLOCK} <= rewritten
+    assert schedules.MATMUL_BLOCK in left and schedules.MATMUL_BLOCK not in rewritten and whole_maps >= 1
 
 
 def test_depthwise_tiles_divide_the_row_and_fit_the_registers():
     for rows, row, regs in [(112, 112, 16), (56, 56, 16), (14, 14, 16), (7, 7, 16), (33, 33, 16), (28, 28, 32)]:
-        tiles = mk._depthwise_tiles(rows, row, regs)
-        assert tiles and len(tiles) <= mk.MAX_CANDIDATES, (rows, regs)
+        tiles = schedules._depthwise_tiles(rows, row, regs)
+        assert tiles and len(tiles) <= schedules.MAX_CANDIDATES, (rows, regs)
         for tw, ty in tiles:
             assert row % tw == 0 and rows % ty == 0
             assert tw <= regs // 2 - 1  # about half the register file as accumulators
-    assert max(tw for tw, _ in mk._depthwise_tiles(56, 56, 16)) == 7  # 14 spills, 8 ran slower than 7
-    assert max(tw for tw, _ in mk._depthwise_tiles(28, 28, 32)) == 14
+    assert max(tw for tw, _ in schedules._depthwise_tiles(56, 56, 16)) == 7  # 14 spills, 8 ran slower than 7
+    assert max(tw for tw, _ in schedules._depthwise_tiles(28, 28, 32)) == 14
     # A prime row (DeepLab's 257): a cut-short last tile ran 2× slower, so none (the search's).
-    assert mk._depthwise_tiles(257, 257, 16) == []
+    assert schedules._depthwise_tiles(257, 257, 16) == []
 
 
 def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_parity(blocked, tmp_path):
     mod, net, x = blocked
     records = tmp_path / "records"
-    tasks = T.extract_tasks(mod, T._with_num_cores(tvm.target.Target(TARGET), True))
+    tasks = T.extract_tasks(mod, with_num_cores(tvm.target.Target(TARGET), True))
     hand = [t for t in tasks if _hand_written(t)]
-    assert len(hand) == 4 and all(len(mk.candidates(t.mod, t.target)) >= 3 for t in hand)
+    assert len(hand) == 4 and all(len(schedules.candidates(t.mod, t.target)) >= 3 for t in hand)
     # 3 trials a task: the other tasks' minimum (3) is kept back, the stem, 1×1 and depthwise
     # tasks get 3 hand-written schedules each and so need no search.
     trials = 3 * len(tasks)
@@ -264,15 +269,15 @@ def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_
         try:
             out = {}
             for task in hand:
-                mine = {T._trace_key(s.trace) for s in mk.candidates(task.mod, task.target)}
-                out[task.name] = [r for r in opened.db.records_of(task.mod) if T._trace_key(r.trace) in mine]
+                mine = {trace_key(s.trace) for s in schedules.candidates(task.mod, task.target)}
+                out[task.name] = [r for r in opened.db.records_of(task.mod) if trace_key(r.trace) in mine]
             return out
         finally:
             opened.close()
 
     first = written(records)
     for name, recs in first.items():
-        keys = [T._trace_key(r.trace) for r in recs]
+        keys = [trace_key(r.trace) for r in recs]
         assert len(keys) == len(set(keys)) == 3, (name, by_name[name].trials)
     # Compiled from the hand-written records alone (the other kernels untuned): the hand-written
     # schedules, with the weights packed by MetaSchedule's RewriteLayout, match PyTorch.
@@ -285,7 +290,7 @@ def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_
                                                                       r.args_info))
     finally:
         only.close()
-    ex, applied = T.compile_with_records(mod, TARGET, tmp_path / "hand-written")
+    ex, applied = compile_with_records(mod, TARGET, tmp_path / "hand-written")
     assert sorted(applied.tuned) == sorted(t.name for t in hand), applied.tuned
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
     with torch.no_grad():
@@ -294,9 +299,9 @@ def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_
     T.tune(mod, TARGET, records, 40, seed=2, num_builder_workers=1, progress=False)
     again = written(records)
     for name, recs in again.items():
-        keys = [T._trace_key(r.trace) for r in recs]
+        keys = [trace_key(r.trace) for r in recs]
         assert len(keys) == len(set(keys)), f"{name}: a hand-written schedule measured twice"
-        assert {T._trace_key(r.trace) for r in first[name]} <= set(keys)
+        assert {trace_key(r.trace) for r in first[name]} <= set(keys)
 
 
 def test_tuning_times_both_loop_orders_and_compile_reorders_what_stayed_as_fast(blocked, tmp_path):
@@ -315,39 +320,39 @@ def test_tuning_times_both_loop_orders_and_compile_reorders_what_stayed_as_fast(
     records = tmp_path / "records"
     # One trial per task: the hand-written schedules (channel blocks outermost) come first.
     T.tune(mod, TARGET, records, len(tasks), seed=1, num_builder_workers=1, progress=False)
-    order = json.loads((records / T.ROW_ORDER_FILE).read_text())
-    assert set(order) == {T._workload_key(t.mod) for t in tasks}  # a verdict for every task
+    order = json.loads((records / ROW_ORDER_FILE).read_text())
+    assert set(order) == {workload_key(t.mod) for t in tasks}  # a verdict for every task
     timed = {v["task"]: v for v in order.values() if "as_tuned_us" in v}
-    assert mk.CONV_BLOCK in {mk.kind(t.mod) for t in tasks if t.name in timed}, order
+    assert schedules.CONV_BLOCK in {schedules.kind(t.mod) for t in tasks if t.name in timed}, order
     assert all(v["as_tuned_us"] > 0 and v["rows_outermost_us"] > 0 for v in timed.values())
 
     def reordered(records_dir):
-        ex, rep = T.compile_with_records(mod, TARGET, records_dir)
+        ex, rep = compile_with_records(mod, TARGET, records_dir)
         out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
         np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
         return set(rep.rows_outermost)
 
     assert reordered(records) == {n for n, v in timed.items()
-                                  if v["rows_outermost_us"] <= T.ROW_ORDER_TOLERANCE * v["as_tuned_us"]}
+                                  if v["rows_outermost_us"] <= ROW_ORDER_TOLERANCE * v["as_tuned_us"]}
     forced = tmp_path / "forced"
     shutil.copytree(records, forced)
-    for slower, expected in ((1.0, set(timed)), (2 * T.ROW_ORDER_TOLERANCE, set())):
+    for slower, expected in ((1.0, set(timed)), (2 * ROW_ORDER_TOLERANCE, set())):
         edited = {k: {**v, "rows_outermost_us": v["as_tuned_us"] * slower} if "as_tuned_us" in v else v
                   for k, v in order.items()}
-        (forced / T.ROW_ORDER_FILE).write_text(json.dumps(edited))
+        (forced / ROW_ORDER_FILE).write_text(json.dumps(edited))
         assert reordered(forced) == expected
     # A verdict about another schedule than the workload's best does not apply.
     stale = {k: {**v, "rows_outermost_us": v["as_tuned_us"], "schedule": "0" * 16} if "as_tuned_us" in v else v
              for k, v in order.items()}
-    (forced / T.ROW_ORDER_FILE).write_text(json.dumps(stale))
+    (forced / ROW_ORDER_FILE).write_text(json.dumps(stale))
     assert reordered(forced) == set()
-    (forced / T.ROW_ORDER_FILE).write_text("{not json")
-    with pytest.warns(UserWarning, match=T.ROW_ORDER_FILE):
+    (forced / ROW_ORDER_FILE).write_text("{not json")
+    with pytest.warns(UserWarning, match=ROW_ORDER_FILE):
         assert reordered(forced) == set()
 
-    before = (records / T.ROW_ORDER_FILE).read_bytes()
+    before = (records / ROW_ORDER_FILE).read_bytes()
     rep = T.tune(mod, TARGET, records, len(tasks), seed=1, num_builder_workers=1, progress=False)
-    assert rep.already_done and (records / T.ROW_ORDER_FILE).read_bytes() == before
+    assert rep.already_done and (records / ROW_ORDER_FILE).read_bytes() == before
 
 
 def _parallel_bodies(asm: str) -> list[str]:
@@ -372,10 +377,10 @@ def test_pointwise_and_stem_tiles_take_nothing_from_the_workspace_pool(blocked):
     target = tvm.target.Target(TARGET)
     checked = 0
     for task in T.extract_tasks(mod, target):
-        if mk.kind(task.mod) not in (mk.CONV_BLOCK, mk.STEM_BLOCK):
+        if schedules.kind(task.mod) not in (schedules.CONV_BLOCK, schedules.STEM_BLOCK):
             continue
-        for sch in mk.candidates(task.mod, target):
-            lib = tvm.tirx.build(sch.mod, target=target, pipeline=mk.tir_pipeline())
+        for sch in schedules.candidates(task.mod, target):
+            lib = tvm.tirx.build(sch.mod, target=target, pipeline=loop_order.tir_pipeline())
             bodies = _parallel_bodies(lib.inspect_source("asm"))
             assert bodies, task.name
             assert not any("TVMBackendAllocWorkspace" in b for b in bodies), task.name

@@ -1,6 +1,6 @@
-"""Tests for mnv2_tvm.tune: tiny modules and budgets (each test well under ~2 min on 2 cores).
+"""Tests for mnv2_tvm.tuning: tiny modules and budgets (each test well under ~2 min on 2 cores).
 
-The MetaSchedule search population is shrunk (``tune.SEARCH_KWARGS``) to keep runs short; the
+The MetaSchedule search population is shrunk (``tuning.search.SEARCH_KWARGS``) to keep runs short; the
 tuning path is otherwise the real one (PersistentBuilder, LocalRunner/RPCRunner, XGB model).
 """
 
@@ -27,10 +27,15 @@ from tvm.s_tir import meta_schedule as ms
 
 REPO = Path(__file__).resolve().parents[1]
 try:
-    from mnv2_tvm import tune as T
+    from mnv2_tvm import tuning as T
 except ImportError:  # plain `pytest` without the repo on sys.path
     sys.path.insert(0, str(REPO))
-    from mnv2_tvm import tune as T
+    from mnv2_tvm import tuning as T
+from mnv2_tvm.compile import compile_with_records
+from mnv2_tvm.tuning import search, seeding
+from mnv2_tvm.tuning.progress import PeakMemory
+from mnv2_tvm.tuning.records import _record_json, trace_key
+from mnv2_tvm.tuning.runner import stop_runner
 
 PY = sys.executable
 SMALL_SEARCH = {"population_size": 64, "init_min_unmeasured": 16, "genetic_num_iters": 1}
@@ -138,9 +143,10 @@ def kill_group(proc: subprocess.Popen) -> None:
 TUNE_SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
-from mnv2_tvm import tune as T
+from mnv2_tvm import tuning as T
+from mnv2_tvm.tuning import search
 from test_tune import tiny_module, TARGET, SMALL_SEARCH
-T.SEARCH_KWARGS = SMALL_SEARCH
+search.SEARCH_KWARGS = SMALL_SEARCH
 mod, params, _, _ = tiny_module()
 rep = T.tune(mod, TARGET, sys.argv[1], int(sys.argv[2]), params=params, num_builder_workers=1, seed=3)
 print("REPORT " + json.dumps({{"interrupted": rep.interrupted, "trials_run": rep.trials_run,
@@ -171,7 +177,7 @@ def start_tuner(tmp_path: Path, records_dir: Path, trials: int) -> tuple[subproc
 @pytest.fixture(scope="module", autouse=True)
 def small_search():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "SEARCH_KWARGS", SMALL_SEARCH)
+        mp.setattr(search, "SEARCH_KWARGS", SMALL_SEARCH)
         yield
 
 
@@ -222,7 +228,7 @@ def test_peak_memory_counts_the_children_started_while_tuning_not_those_before()
 
     before = _holding(400)  # e.g. an RPC server the calling program keeps
     try:
-        with T._PeakMemory(interval=0.05) as memory:
+        with PeakMemory(interval=0.05) as memory:
             during = _holding(150)  # e.g. a builder worker
             time.sleep(0.3)
             during.kill()
@@ -260,7 +266,7 @@ def test_tune_writes_durable_stock_readable_records(tuned):
     assert packed, "no record rewrote a weight layout"
     db = T.RecordsDatabase(str(records_dir), writable=False)
     for rec in db.get_all_tuning_records():
-        again = ms.database.TuningRecord.from_json(json.loads(json.dumps(T._record_json(rec))), rec.workload)
+        again = ms.database.TuningRecord.from_json(json.loads(json.dumps(_record_json(rec))), rec.workload)
         a, b = (tvm.s_tir.Schedule(rec.workload.mod) for _ in range(2))
         rec.trace.apply_to_schedule(a, remove_postproc=False)
         again.trace.apply_to_schedule(b, remove_postproc=False)
@@ -359,10 +365,10 @@ def test_a_task_whose_search_space_is_used_up_gives_its_share_to_the_others(tmp_
     assert set(by_kind) == {"conv", "move"}, [t.name for t in rep.tasks]
     move, conv = by_kind["move"], by_kind["conv"]
     # the transpose has fewer distinct schedules than its phase-1 minimum: one round well short of it ends it
-    assert move.exhausted and 1 <= move.trials < T.MIN_TRIALS_PER_TASK, rep.table()
+    assert move.exhausted and 1 <= move.trials < search.MIN_TRIALS_PER_TASK, rep.table()
     # without the move's share the conv would get at most 40 - MIN (the move's phase-1 minimum);
     # a round of the conv may come back a candidate short, which does not stop it
-    assert not conv.exhausted and 40 - T.MIN_TRIALS_PER_TASK < conv.trials <= 40 - move.trials, rep.table()
+    assert not conv.exhausted and 40 - search.MIN_TRIALS_PER_TASK < conv.trials <= 40 - move.trials, rep.table()
     assert "search space used up" in rep.table()
 
 
@@ -372,20 +378,20 @@ def test_transfer_trains_the_cost_model_on_every_workload_in_the_database(tuned)
     db = T.RecordsDatabase(str(tuned[0]), writable=False)
     valid = sum(1 for r in db.get_all_tuning_records() if r.run_secs and min(float(x) for x in r.run_secs) < 1e9)
     model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=1)
-    used, workloads = T._warm_start(model, db, TARGET, 1)
+    used, workloads = seeding.warm_start(model, db, TARGET, 1)
     assert used == valid > 0 and workloads == 3
     assert model.data_size == used and model.booster is not None  # trained once, at the end
     assert model.last_train_size == used and model.adaptive_training  # tuning retrains as before
 
 
 def test_fit_tile_keeps_inner_factors_and_multiplies_to_the_extent():
-    assert T._fit_tile(56, [2, 7, 4], 64) == [2, 7, 4]  # fits as it is
-    assert T._fit_tile(112, [2, 7, 4], 64) == [4, 7, 4]  # only the outer factor grows
-    assert T._fit_tile(14, [1, 8, 4], 64) == [1, 2, 7]  # nearest divisors (log scale) from the inside
-    assert T._fit_tile(14, [1, 8, 4], 4) == [1, 7, 2]  # ... the innermost within its bound
+    assert seeding._fit_tile(56, [2, 7, 4], 64) == [2, 7, 4]  # fits as it is
+    assert seeding._fit_tile(112, [2, 7, 4], 64) == [4, 7, 4]  # only the outer factor grows
+    assert seeding._fit_tile(14, [1, 8, 4], 64) == [1, 2, 7]  # nearest divisors (log scale) from the inside
+    assert seeding._fit_tile(14, [1, 8, 4], 4) == [1, 7, 2]  # ... the innermost within its bound
     for extent in (1, 7, 12, 96, 1280):
         for old in ([1, 1, 1, 1], [4, 2, 8, 16], [3, 64]):
-            new = T._fit_tile(extent, old, 16)
+            new = seeding._fit_tile(extent, old, 16)
             assert len(new) == len(old) and int(np.prod(new)) == extent
             assert new[-1] <= 16
 
@@ -395,12 +401,12 @@ def test_kernel_kind_ignores_sizes_but_not_what_is_computed(tiny):
     tasks = {t.name: t for t in T.extract_tasks(mod, TARGET, params)}
     big_mod, big_params = to_relax(net, torch.randn(1, 3, 24, 24))
     bigger = {t.name: t for t in T.extract_tasks(big_mod, TARGET, big_params)}
-    kinds = {n: T._kernel_kind(T._sblocks(t.mod)) for n, t in tasks.items()}
+    kinds = {n: seeding._kernel_kind(seeding._sblocks(t.mod)) for n, t in tasks.items()}
     assert len(set(kinds.values())) == len(kinds)  # conv3x3, depthwise and 1x1 all differ
     for name, task in bigger.items():
-        assert T._kernel_kind(T._sblocks(task.mod)) == kinds[name]
+        assert seeding._kernel_kind(seeding._sblocks(task.mod)) == kinds[name]
         assert not tvm_ffi.structural_equal(task.mod, tasks[name].mod)
-        assert T._shape_distance(T._sblocks(task.mod), T._sblocks(tasks[name].mod)) > 0
+        assert seeding._shape_distance(seeding._sblocks(task.mod), seeding._sblocks(tasks[name].mod)) > 0
 
 
 def test_transfer_seeds_a_new_resolution_with_refitted_schedules_of_the_old(tuned, tiny, tmp_path, capfd):
@@ -415,7 +421,7 @@ def test_transfer_seeds_a_new_resolution_with_refitted_schedules_of_the_old(tune
     assert 3 <= seeds <= 6  # each of the 3 tasks got at least one carried-over schedule
     assert all(t.best_us is not None for t in rep.tasks)
     # the seeds are real measurements, kept like any trial and applied by compile
-    exe, report = T.compile_with_records(mod, TARGET, records_dir, params=params)
+    exe, report = compile_with_records(mod, TARGET, records_dir, params=params)
     assert not report.untuned and not report.fallback
 
 
@@ -531,7 +537,7 @@ def test_record_with_unparsable_trace_is_dropped_when_queried(tuned, tiny, tmp_p
     # compile (its own open of the folder) warns likewise and still gets a schedule for every task
     mod, params, _, _ = tiny
     with pytest.warns(T.RecordsWarning, match=f"{path}:{len(lines) + 1}: unreadable tuning record"):
-        _, report = T.compile_with_records(mod, TARGET, records_dir, params=params)
+        _, report = compile_with_records(mod, TARGET, records_dir, params=params)
     assert not report.untuned and not report.fallback
 
 
@@ -543,7 +549,7 @@ def test_other_target_or_tvm_version_refused_and_nothing_written(tuned, tiny, tm
     with pytest.raises(T.RecordsError, match="target"):
         T.tune(mod, {"kind": "llvm", "mcpu": other_cpu}, records_dir, 16, params=params)
     with pytest.raises(T.RecordsError, match="target"):
-        T.compile_with_records(mod, {"kind": "llvm", "mcpu": other_cpu}, records_dir, params=params)
+        compile_with_records(mod, {"kind": "llvm", "mcpu": other_cpu}, records_dir, params=params)
     assert snapshot(records_dir) == before
     meta = json.loads(before[T.META_FILE])
     meta["tvm_version"] = "0.26.0"
@@ -552,7 +558,7 @@ def test_other_target_or_tvm_version_refused_and_nothing_written(tuned, tiny, tm
     with pytest.raises(T.RecordsError, match="TVM 0.26.0"):
         T.tune(mod, TARGET, records_dir, 16, params=params)
     with pytest.raises(T.RecordsError, match="TVM"):
-        T.compile_with_records(mod, TARGET, records_dir, params=params)
+        compile_with_records(mod, TARGET, records_dir, params=params)
     with pytest.raises(T.RecordsError, match="TVM"):
         T.prune(records_dir)
     assert snapshot(records_dir) == before
@@ -597,7 +603,7 @@ def test_compile_with_records_runs_and_matches_torch(tuned, tiny, tmp_path):
     records_dir = tuned[0]
     mod, params, net, x = tiny
     ref = net(x).detach().numpy()
-    ex, rep = T.compile_with_records(mod, TARGET, records_dir, params=params)
+    ex, rep = compile_with_records(mod, TARGET, records_dir, params=params)
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     assert not rep.untuned and len(rep.tuned) == 3 and rep.fallback == []
@@ -607,13 +613,13 @@ def test_compile_with_records_runs_and_matches_torch(tuned, tiny, tmp_path):
     assert rep.records_digest == digest
     # params bound up front instead of passed: same workloads, same records apply
     bound = relax.transform.BindParams("main", params)(mod)
-    ex_b, rep_b = T.compile_with_records(bound, TARGET, records_dir)
+    ex_b, rep_b = compile_with_records(bound, TARGET, records_dir)
     assert rep_b.tuned == rep.tuned
     out_b = relax.VirtualMachine(ex_b, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
     np.testing.assert_allclose(out_b, ref, rtol=1e-4, atol=1e-5)
     # no records: still legalised/fused, compiled untuned
     for empty in (None, tmp_path / "nothing"):
-        ex_u, rep_u = T.compile_with_records(mod, TARGET, empty, params=params)
+        ex_u, rep_u = compile_with_records(mod, TARGET, empty, params=params)
         assert rep_u.untuned and rep_u.tuned == [] and sorted(rep_u.fallback) == sorted(rep.tuned)
         out_u = relax.VirtualMachine(ex_u, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
         np.testing.assert_allclose(out_u, ref, rtol=1e-4, atol=1e-5)
@@ -651,7 +657,7 @@ def test_runner_spec():
     runner = spec.make_runner()  # no connection is made until something is measured
     assert runner.key == "pi4" and runner.evaluator_config.repeat == 2
     assert runner.session_timeout_sec == spec.session_timeout_sec and runner.board_wait_s == spec.board_wait_sec
-    T._kill_pool(runner.pool)
+    stop_runner(runner)
     with pytest.raises(ValueError, match="num-cores"):
         T.tune(tvm.IRModule(), {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, "/nonexistent", 1, runner=spec)
 
@@ -712,7 +718,7 @@ def test_continuing_never_measures_a_schedule_the_database_holds(tuned, tiny, tm
     opened = T.open_records(records_dir, None, writable=False)
     try:
         for task in T.extract_tasks(mod, tvm.target.Target(TARGET), params):
-            keys = [T._trace_key(r.trace) for r in opened.db.records_of(task.mod)]
+            keys = [trace_key(r.trace) for r in opened.db.records_of(task.mod)]
             assert len(keys) == len(set(keys)), f"{task.name}: {len(keys) - len(set(keys))} measured twice"
         assert len(opened.db) == 56
     finally:
