@@ -70,4 +70,4 @@ fi
 # Our plugin (rebuilt when its source changes) and the x86-64 guest's runtime-only TVM site.
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-MNV2_TVM_EMULATE_DIR="$CACHE" "$PY" -m mnv2_tvm.emulate.setup
+MNV2_TVM_EMULATE_DIR="$CACHE" "$PY" -c "from mnv2_tvm.emulate.setup import main; raise SystemExit(main())"

@@ -138,6 +138,17 @@ def test_missing_qemu_names_the_setup_command(monkeypatch, tmp_path):
     assert "\n" not in str(e.value) and "scripts/setup_emulator.sh" in str(e.value)
 
 
+def test_missing_plugin_header_names_the_setup_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("MNV2_TVM_EMULATE_DIR", str(tmp_path / "empty-cache"))
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "usr/bin").mkdir(parents=True)
+    (rootfs / "usr/bin/python3").touch()
+    (rootfs / "opt/tvm-site/tvm").mkdir(parents=True)
+    with pytest.raises(UserError) as e:
+        EmulatedCore("rpi4b", rootfs=rootfs)
+    assert "\n" not in str(e.value) and "plugin header" in str(e.value) and "setup_emulator.sh" in str(e.value)
+
+
 def test_missing_guest_userland_names_the_board_setup(tmp_path):
     with pytest.raises(UserError, match="virtual_board.py setup"):
         EmulatedCore("rpi4b", rootfs=tmp_path / "nothing")
@@ -235,6 +246,12 @@ def test_crashing_candidate_is_one_failed_measurement(core, kernels):
     assert not wrong.ok and wrong.error  # the wrapper's shape check, reported as one failure
     missing = core.measure(kernels["vadd"].path, "no_such_function", kernels["vadd"].args)
     assert not missing.ok
+    timeout, core.timeout_s = core.timeout_s, 3.0
+    try:
+        hung = core.crash_for_test(hang=True)
+    finally:
+        core.timeout_s = timeout
+    assert not hung.ok and "did not finish" in hung.error
     assert measure(core, kernels["vadd"]).ok
     assert core.starts == starts  # the long-lived guest survived all of that
 

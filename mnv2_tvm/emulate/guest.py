@@ -372,6 +372,9 @@ class Guest:
             return self.measure_vm(req)
         if op == "crash":  # for tests of the recovery path: a candidate that aborts
             os.abort()
+        if op == "hang":  # ... and one that never returns
+            while True:
+                time.sleep(3600)
         raise ValueError(f"unknown op {op!r}")
 
     def run_forked(self, req: dict) -> dict:

@@ -425,9 +425,10 @@ class EmulatedCore:
         spec = manifest["input"]
         return self.measure_vm(lib, [{"shape": spec["shape"], "dtype": spec["dtype"]}], warmup=warmup)
 
-    def crash_for_test(self) -> EmulatedCost:
-        """Make the guest abort, as a crashing candidate would (tests of the recovery path)."""
-        return self._measure({"op": "crash"})
+    def crash_for_test(self, hang: bool = False) -> EmulatedCost:
+        """Abort (or hang) in the guest as a crashing (or endless) candidate would: tests of the
+        recovery path."""
+        return self._measure({"op": "hang" if hang else "crash"})
 
 
 class _GuestDied(Exception):

@@ -11,7 +11,7 @@ Everything lives in the cache folder ``$MNV2_TVM_EMULATE_DIR`` (default
 - ``x86_64-site/``: apache-tvm + tvm-ffi + numpy wheels for the host's CPython, without the
   compiler library (runtime-only mode: quick to import under qemu-x86_64).
 
-    python -m mnv2_tvm.emulate.setup            # both, quiet when done
+    python -c "from mnv2_tvm.emulate.setup import main; main()"   # both, quiet when done
 """
 
 from __future__ import annotations
