@@ -3,7 +3,8 @@
  * guest code executes, deterministically, for the emulated-core cost of mnv2_tvm.emulate.
  *
  * - Counting happens only inside windows the guest opens and closes with a syscall number no
- *   kernel uses (MNV2_SYSCALL, called through ctypes: syscall(NR, op, a, b)).
+ *   kernel uses (MNV2_SYSCALL, called through ctypes: syscall(NR, op, a, b, c)). A warm-up
+ *   window simulates the caches without counting; a counting window follows.
  * - Only code inside address ranges the guest registers (the candidate library's text, libc's
  *   memcpy/memset) is instrumented, at translation time: start-up and the TVM runtime (thread
  *   pool spin-waiting included) are neither counted nor cache-simulated. A range can be
@@ -13,7 +14,8 @@
  * - Instructions retired are counted by class, classified once per instruction at translation
  *   time from the disassembly (aarch64 and x86-64 mnemonics).
  * - Every data access of that code goes through a per-thread, set-associative, LRU,
- *   write-back/write-allocate, non-inclusive cache hierarchy (up to 3 levels). Shared levels
+ *   write-back/write-allocate, non-inclusive cache hierarchy (up to 3 levels; no memory
+ *   callbacks on branches, see on_tb_trans; DC ZVA zeroing is invisible). Shared levels
  *   are modelled as per-thread slices (the host passes slice sizes), so results do not depend
  *   on how the host interleaves the emulated threads.
  * - Cache indexing uses pseudo-physical addresses: each 4 KiB virtual page gets the next frame
@@ -27,7 +29,9 @@
  *   when a counting window closes (API v1 cannot write guest memory).
  *
  * Arguments: out=PATH (required), l1=SIZE:ASSOC, l2=SIZE:ASSOC, l3=SIZE:ASSOC (bytes; absent
- * levels are not simulated), line=64, dump=PATH (write each instrumented instruction's class).
+ * levels are not simulated), line=64, dump=PATH (a debugging aid: each instrumented
+ * instruction's class at translation, and per counting window the accesses per instruction and
+ * the page map).
  *
  * Own code of the mnv2-tvm project, written against include/qemu/qemu-plugin.h.
  */
