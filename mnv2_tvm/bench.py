@@ -14,13 +14,14 @@ often ``main`` calls it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -389,10 +390,51 @@ class Where:
                                                                                if given else ""))
 
 
+@contextlib.contextmanager
+def open_remote(where: Where, settings: BenchSettings, *, key: str | None = None,
+                precheck: Callable[[dict[str, Any]], None] | None = None
+                ) -> Iterator[tuple[RemoteSession, bool | None]]:
+    """A session with the board ``where`` names, and whether that board is emulated (None: it cannot
+    say, only a board reached over SSH does). With ``--ssh`` its RPC server is started and tunnelled
+    to, ``precheck`` sees the board's description first (e.g. to refuse another architecture), and
+    the server is stopped when the session ends. ``key`` is the tracker key when ``where`` has none.
+    """
+    from . import remote as rpc
+
+    where.check()
+    if where.rpc:
+        sess = rpc.connect(*where.rpc, session_timeout=settings.session_timeout)
+        try:
+            yield sess, None
+        finally:
+            sess.close()
+        return
+    if where.tracker:
+        key = where.key or key
+        if not key:
+            raise UserError("--rpc-tracker needs --rpc-key KEY (the key the boards serve under)")
+        sess = rpc.request(*where.tracker, key, wait_s=where.wait_s, session_timeout=settings.session_timeout)
+        try:
+            yield sess, None
+        finally:
+            sess.close()
+        return
+    from .board import open_board
+
+    with open_board(where.ssh, where.ssh_opts, precheck=precheck) as ob:
+        sess = rpc.connect("127.0.0.1", ob.local_port, session_timeout=settings.session_timeout,
+                           via=f"ssh {where.ssh}")
+        sess.info.update(ob.identity())
+        sess.address = f"{where.ssh} (127.0.0.1:{ob.server.port} on the board)"
+        try:
+            yield sess, bool(ob.info.get("emulated"))
+        finally:
+            sess.close()
+
+
 def bench_bundle(bundle_dir: Path, where: Where, settings: BenchSettings) -> BenchResult:
     """Run :func:`run_bench` on the board ``where`` names; with ``--ssh`` start and stop its server."""
     from . import bundle, targets
-    from . import remote as rpc
 
     where.check()
     manifest = bundle.load_manifest(bundle_dir)
@@ -402,22 +444,8 @@ def bench_bundle(bundle_dir: Path, where: Where, settings: BenchSettings) -> Ben
         peak, key = spec.peak_gflops, spec.rpc_key
     except UserError:  # a bundle for a target file this checkout lacks
         peak, key = None, None
-    if where.rpc:
-        sess = rpc.connect(*where.rpc, session_timeout=settings.session_timeout)
-        try:
-            return run_bench(bundle_dir, sess, settings, peak_gflops=peak)
-        finally:
-            sess.close()
-    if where.tracker:
-        key = where.key or key
-        if not key:
-            raise UserError("--rpc-tracker needs --rpc-key KEY (the bundle's target names no default key)")
-        sess = rpc.request(*where.tracker, key, wait_s=where.wait_s, session_timeout=settings.session_timeout)
-        try:
-            return run_bench(bundle_dir, sess, settings, peak_gflops=peak)
-        finally:
-            sess.close()
-    from .board import open_board
+    if where.tracker and not (where.key or key):
+        raise UserError("--rpc-tracker needs --rpc-key KEY (the bundle's target names no default key)")
 
     def same_arch(info: dict[str, Any]) -> None:
         # Refuse a bundle for another architecture before anything is uploaded or started.
@@ -425,15 +453,8 @@ def bench_bundle(bundle_dir: Path, where: Where, settings: BenchSettings) -> Ben
             raise UserError(f"bundle {bundle_dir} is built for {manifest['arch']} ({manifest['target']}) but "
                             f"{where.ssh} is {info['uname_m']}: compile it for this board's target")
 
-    with open_board(where.ssh, where.ssh_opts, precheck=same_arch) as ob:
-        sess = rpc.connect("127.0.0.1", ob.local_port, session_timeout=settings.session_timeout,
-                           via=f"ssh {where.ssh}")
-        sess.info.update(ob.identity())
-        sess.address = f"{where.ssh} (127.0.0.1:{ob.server.port} on the board)"
-        try:
-            return run_bench(bundle_dir, sess, settings, peak_gflops=peak, emulated=bool(ob.info.get("emulated")))
-        finally:
-            sess.close()
+    with open_remote(where, settings, key=key, precheck=same_arch) as (sess, emulated):
+        return run_bench(bundle_dir, sess, settings, peak_gflops=peak, emulated=emulated)
 
 
 def resolve_bundle(source: str, target: str | None, make_config: Any, *, out_dir: Path | None = None,

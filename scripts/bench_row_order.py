@@ -96,7 +96,7 @@ def pairs(vm, x) -> tuple[float, float]:
     """Sum over kernels of (alone, after their producer) median µs."""
     import tvm_ffi
 
-    from mnv2_tvm.compare import _is_kernel
+    from mnv2_tvm.compare.profile import is_kernel
 
     def med(f, n=40):
         f()
@@ -110,7 +110,7 @@ def pairs(vm, x) -> tuple[float, float]:
     prev, alone, after = [None], [0.0], [0.0]
 
     def instrument(func, symbol, before, ret, *args):
-        if not _is_kernel(symbol) or not before:
+        if not is_kernel(symbol) or not before:
             return 0
         if prev[0] is not None:
             pf, pa = prev[0]

@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 
 from mnv2_tvm import compare, targets
+from mnv2_tvm.compare.profile import board_kernels
+from mnv2_tvm.compare.run import _lock_report_dir
+from mnv2_tvm.compare.store import records_fingerprint
 from mnv2_tvm.compare import HostMeasurer, KernelTime, load_grid, map_kernels, run_compare
 from mnv2_tvm.errors import UserError
 from mnv2_tvm.models import ModelConfig
@@ -343,7 +346,7 @@ def test_a_torn_last_line_is_dropped_and_the_file_stays_appendable(tmp_path):
 def test_one_run_per_report_folder(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
-    held = compare._lock_report_dir(out)
+    held = _lock_report_dir(out)
     try:
         with pytest.raises(UserError, match="in use by another compare run"):
             run_compare(targets.load("host"), out, grid=_grid_file(tmp_path), progress=False)
@@ -353,15 +356,15 @@ def test_one_run_per_report_folder(tmp_path):
 
 def test_tuned_points_are_tied_to_the_records_they_were_measured_with(tmp_path):
     records = tmp_path / "records"
-    assert compare._records_fingerprint(records) is None  # missing folder
+    assert records_fingerprint(records) is None  # missing folder
     records.mkdir()
     (records / "database_workload.json").write_text("")
-    assert compare._records_fingerprint(records) is None  # empty files: nothing to apply
+    assert records_fingerprint(records) is None  # empty files: nothing to apply
     (records / "database_tuning_record.json").write_text('[0, {"run_secs": [1e-5]}]\n')
-    before = compare._records_fingerprint(records)
+    before = records_fingerprint(records)
     with open(records / "database_tuning_record.json", "a") as f:
         f.write('[0, {"run_secs": [9e-6]}]\n')
-    assert before is not None and compare._records_fingerprint(records) not in (None, before)
+    assert before is not None and records_fingerprint(records) not in (None, before)
 
 
 def test_a_tuned_point_goes_stale_only_when_records_of_its_own_kernels_change(tmp_path):
@@ -476,7 +479,7 @@ def test_board_kernel_rows_become_calls_in_execution_order():
              "dtypes": ["float32"] * 3, "at": [0]},
             {"name": "mean", "calls": 1, "ms_per_call": 0.1, "args": [[1, 8, 4, 4], [1, 8]], "dtypes": ["float32"] * 2,
              "at": [2]}]
-    kernels = compare._board_kernels(rows)
+    kernels = board_kernels(rows)
     assert [k.name for k in kernels] == ["fused_conv2d_add", "fused_conv2d1_add", "mean", "fused_conv2d1_add"]
     assert kernels[0].madds == 8 * 16 * 27 and kernels[1].madds == 8 * 16 * 8 and kernels[2].madds is None
     assert kernels[0].bytes == 4 * (3 * 64 + 8 * 27 + 8 * 16) and kernels[2].output_shape == (1, 8)
