@@ -482,7 +482,7 @@ def resolve_bundle(source: str, target: str | None, make_config: Any, *, out_dir
     spec = targets.load(target)
     cfg = make_config()
     out = out_dir or Path("build") / f"{cfg.label}-{spec.name}"
-    records = tuning_records if tuning_records is not None else spec.records_dir
+    records = targets.records_dir(spec, tuning_records)
     compile_bundle(cfg, spec, out, frontend=frontend, records_dir=records, weights=weights, seed=seed)
     return out
 

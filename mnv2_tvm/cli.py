@@ -81,7 +81,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     spec = targets.load(args.target)
-    records = args.tuning_records if args.tuning_records is not None else spec.records_dir
+    records = targets.records_dir(spec, args.tuning_records)
     out = args.output or Path("build") / f"{cfg.label}-{spec.name}"
     result = compile_bundle(cfg, spec, out, frontend=args.frontend, records_dir=records,
                             weights=args.weights, seed=args.seed)
@@ -115,7 +115,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     if tracker is None and not spec.is_host:
         raise UserError(f"target {spec.name} is not this machine: measure on the board with "
                         f"--rpc-tracker HOST:PORT --rpc-key {spec.rpc_key}")
-    records = args.tuning_records if args.tuning_records is not None else spec.records_dir
+    records = targets.records_dir(spec, args.tuning_records)
     tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
                tracker=tracker, rpc_key=args.rpc_key or spec.rpc_key, seed=args.seed, transfer=args.transfer)
 
@@ -126,8 +126,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, not {args.top_k}")
-    records = args.tuning_records if args.tuning_records is not None else targets.load(args.target).records_dir
-    if not (records / "database_tuning_record.json").is_file():
+    records = targets.records_dir(args.target, args.tuning_records)
+    if not (records / targets.RECORD_FILE).is_file():
         raise UserError(f"{records} holds no tuning records")
     try:
         before, after = prune(records, args.top_k)
@@ -245,7 +245,7 @@ def _tune_over_ssh(args: argparse.Namespace) -> None:
     spec = targets.load(args.target)
     target, opts = _ssh(args)
     key = args.rpc_key or spec.rpc_key
-    records = args.tuning_records if args.tuning_records is not None else spec.records_dir
+    records = targets.records_dir(spec, args.tuning_records)
     def same_arch(info: dict) -> None:
         if info["arch"] != spec.arch:
             raise UserError(f"target {spec.name} is {spec.arch} but {target} is {info['uname_m']}; "

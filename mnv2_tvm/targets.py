@@ -1,7 +1,7 @@
 """Device descriptions: ``targets/<name>.toml`` → a validated :class:`TargetSpec`.
 
 This is the one place that maps a target name to a TVM target object, to the records
-folder of that target and to the figures the MAd comparison needs.
+folder of that target (:func:`records_dir`) and to the figures the MAd comparison needs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ SCHEDULES_DIR = Path(os.environ.get("MNV2_TVM_SCHEDULES", REPO_ROOT / "schedules
 HOST_ALIAS = "host"
 #: The file of a records folder that holds the measured schedules (MetaSchedule's JSON database).
 RECORD_FILE = "database_tuning_record.json"
+#: The records folder's other file: the workloads (kernels) the records refer to by line number.
+WORKLOAD_FILE = "database_workload.json"
 #: Activation layouts a target may ask for (``[build] layout``): plain NCHW, or channels in blocks
 #: of 4, 8 or 16 innermost (``lower.to_blocked_layout`` rewrites the model for them).
 LAYOUTS = ("NCHW", "NCHW4c", "NCHW8c", "NCHW16c")
@@ -48,10 +50,6 @@ class TargetSpec:
     bandwidth_source: str
     path: Path = field(compare=False)
     layout: str = "NCHW"  # of activations inside the model: NCHW or NCHW[b]c (see lower.py)
-
-    @property
-    def records_dir(self) -> Path:
-        return SCHEDULES_DIR / self.name
 
     @property
     def is_host(self) -> bool:
@@ -164,9 +162,28 @@ def fastest_host_target_name() -> str:
     """
     name = host_target_name()
     blocked = f"{name}-nchw8c"
-    if (TARGETS_DIR / f"{blocked}.toml").is_file() and _has_records(SCHEDULES_DIR / blocked):
+    if (TARGETS_DIR / f"{blocked}.toml").is_file() and _has_records(_schedules(blocked)):
         return blocked
     return name
+
+
+def records_dir(target: TargetSpec | str, given: str | os.PathLike | None = None) -> Path:
+    """The tuning records folder to use for ``target``: ``given`` (``--tuning-records``) when set,
+    else the target's own, ``schedules/<target name>/`` (``MNV2_TVM_SCHEDULES`` moves the root).
+
+    ``target`` is a :class:`TargetSpec` or anything :func:`load` takes; a name is loaded only
+    when ``given`` is None (the folder is named after the target file's stem).
+    """
+    if given is not None:
+        return Path(given)
+    if isinstance(target, str):
+        target = load(target)
+    return _schedules(target.name)
+
+
+def _schedules(name: str) -> Path:
+    """The records folder shipped for the target file ``targets/<name>.toml``."""
+    return SCHEDULES_DIR / name
 
 
 def _has_records(folder: Path) -> bool:

@@ -50,6 +50,7 @@ def make_engines(cfg, spec, work: Path, threads: list[int], skip_untuned: bool, 
     import onnxruntime as ort
     import torch
 
+    from mnv2_tvm import targets
     from mnv2_tvm.bundle import Runner
     from mnv2_tvm.compile import compile_bundle
     from mnv2_tvm.lower import export_onnx
@@ -73,7 +74,7 @@ def make_engines(cfg, spec, work: Path, threads: list[int], skip_untuned: bool, 
             return lambda: main(dev_x)
         return make
 
-    load("tvm_tuned", tvm_engine(spec.records_dir, work / "tuned"))
+    load("tvm_tuned", tvm_engine(targets.records_dir(spec), work / "tuned"))
     if alt is not None:
         load("tvm_alt", tvm_engine(alt[1], work / "alt", alt[0]))
     if not skip_untuned:
@@ -237,7 +238,7 @@ def main() -> int:
     alt = None
     if args.alt_target:
         alt_spec = targets.load(args.alt_target)
-        alt = (alt_spec, args.alt_records or alt_spec.records_dir)
+        alt = (alt_spec, targets.records_dir(alt_spec, args.alt_records))
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,7 +249,7 @@ def main() -> int:
             all_engines, memory, tuning = make_engines(cfg, spec, Path(tmp) / cfg.label, args.threads,
                                                        args.skip_untuned, alt)
             if tuning["tuned_tasks"] == 0:
-                print(f"[{cfg.label}] warning: no records in {spec.records_dir} apply: 'tuned' is untuned",
+                print(f"[{cfg.label}] warning: no records in {targets.records_dir(spec)} apply: 'tuned' is untuned",
                       file=sys.stderr)
             model_rows = []
             for threads in args.threads:

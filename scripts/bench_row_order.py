@@ -58,7 +58,7 @@ def main() -> int:
     vms = {}
     for tol in args.tolerance:
         row_order.ROW_ORDER_TOLERANCE = tol
-        ex, rep = compile_with_records(mod, spec.tvm_target(), spec.records_dir)
+        ex, rep = compile_with_records(mod, spec.tvm_target(), targets.records_dir(spec))
         vms[f"within {tol:g}x ({len(rep.rows_outermost)} kernels)"] = relax.VirtualMachine(ex, tvm.cpu())
     if args.pairs:
         for name, vm in vms.items():

@@ -113,7 +113,7 @@ def main() -> int:
 
     spec = targets.load(args.target)
     cfg = ModelConfig(args.model, width=args.width, **({"resolution": args.resolution} if args.resolution else {}))
-    records = args.records or spec.records_dir
+    records = targets.records_dir(spec, args.records)
     layers = count(cfg).layers
     x = example_input(cfg)
     args.out.mkdir(parents=True, exist_ok=True)

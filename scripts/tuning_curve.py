@@ -68,12 +68,12 @@ def main() -> int:
     tasks = extract_tasks(to_relax(build(cfg, calibrate=False), cfg, layout=spec.layout), spec.tvm_target())
     weights = {str(tvm_ffi.structural_hash(t.mod)): t.weight for t in tasks}
     index = {}
-    for i, line in enumerate((args.records / "database_workload.json").read_text().splitlines()):
+    for i, line in enumerate((args.records / targets.WORKLOAD_FILE).read_text().splitlines()):
         shash = json.loads(line)[0]
         if shash in weights:
             index[i] = shash
     order: list[tuple[str, float]] = []  # (task, mean seconds) in measurement order
-    for line in (args.records / "database_tuning_record.json").read_text().splitlines():
+    for line in (args.records / targets.RECORD_FILE).read_text().splitlines():
         try:
             idx, rec = json.loads(line)
         except ValueError:

@@ -84,7 +84,7 @@ def _shipped_here() -> list[str]:
     for name in targets.available():
         spec = targets.load(name)
         mcpu = str(spec.tvm_target().attrs.get("mcpu", ""))
-        if (spec.records_dir / "database_tuning_record.json").is_file() and mcpu in _LEVEL_FLAGS \
+        if (targets.records_dir(spec) / targets.RECORD_FILE).is_file() and mcpu in _LEVEL_FLAGS \
                 and spec.arch == "x86_64" and _LEVEL_FLAGS[mcpu] <= targets._host_flags():
             out.append(name)
     return out
@@ -95,7 +95,7 @@ def test_shipped_schedules_compile_mobilenet_v2_with_parity(name, tmp_path):
     """The committed records (MetaSchedule's and the hand-written ones) build MobileNetV2 1.0/224
     with every task tuned, and the tuned kernels compute what PyTorch does."""
     spec = targets.load(name)
-    result = compile_bundle(ModelConfig("mobilenet_v2"), spec, tmp_path, records_dir=spec.records_dir)
+    result = compile_bundle(ModelConfig("mobilenet_v2"), spec, tmp_path, records_dir=targets.records_dir(spec))
     assert result.manifest["tuning"]["fallback"] == [], result.manifest["tuning"]["fallback"]
     x, expected = bundle.reference(tmp_path)
     assert np.abs(Runner(tmp_path).run(x) - expected).max() <= TOLERANCE

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .. import targets
 from ..errors import UserError
 from ..models import ModelConfig
 from .grid import grid_configs
@@ -89,7 +90,7 @@ def run_compare(spec: TargetSpec, out_dir: Path, *, grid: str | Path = "default"
         raise TypeError("measurer must have name, emulated and measure(bundle_dir, cfg, profile=...)")
     if isinstance(measurer, HostMeasurer) and not (spec.is_host and spec.device_kind == "cpu"):
         raise UserError(f"target {spec.name} is not this machine's CPU: measure it on the board (over RPC)")
-    records = Path(records_dir) if records_dir is not None else spec.records_dir
+    records = targets.records_dir(spec, records_dir)
     if records.exists() and not records.is_dir():
         raise UserError(f"tuning records {records} is not a folder")
     try:

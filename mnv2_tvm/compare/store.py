@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..targets import RECORD_FILE, WORKLOAD_FILE
 
 POINTS_FILE = "points.jsonl"
 VARIANTS = ("untuned", "tuned")
@@ -23,7 +24,7 @@ def records_fingerprint(records_dir: Path) -> str | None:
 
     h = hashlib.sha256()
     found = False
-    for name in ("database_workload.json", "database_tuning_record.json"):
+    for name in (WORKLOAD_FILE, RECORD_FILE):
         p = records_dir / name
         try:
             data = p.read_bytes()

@@ -1,6 +1,6 @@
 """The durable tuning database of one target: append + fsync, torn-line recovery, lock, prune, meta.
 
-Records live in one folder per target (``targets.records_dir``), in the two JSON-lines files of
+Records live in one folder per target (:func:`mnv2_tvm.targets.records_dir`), in the two JSON-lines files of
 MetaSchedule's ``JSONDatabase`` (``database_workload.json``, ``database_tuning_record.json``), so
 the stock ``ms.database.JSONDatabase`` can read them. Next to them: ``meta.json`` (TVM version and
 target), ``tune.log`` (TVM's own logging), ``row_order.json`` (:mod:`.row_order`) and ``.lock``
@@ -29,15 +29,14 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from .. import tvm_compat
-from ..targets import RECORD_FILE
+from ..targets import RECORD_FILE, WORKLOAD_FILE
 from .interrupt import Sigint
 
 tvm_compat.check()
 
-__all__ = ["RECORD_FILE", "RecordsDatabase", "RecordsError", "RecordsWarning", "open_records", "prune",
+__all__ = ["RECORD_FILE", "WORKLOAD_FILE", "RecordsDatabase", "RecordsError", "RecordsWarning", "open_records", "prune",
            "records_digest_for", "workload_digests"]
 
-WORKLOAD_FILE = "database_workload.json"
 META_FILE = "meta.json"
 LOG_FILE = "tune.log"
 LOCK_FILE = ".lock"
