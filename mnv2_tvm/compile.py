@@ -172,8 +172,10 @@ def _fcompile(spec: TargetSpec):
     if spec.ndk:
         ndk_cc = os.environ.get("TVM_NDK_CC")
         if not ndk_cc:
+            check = (f"; its OpenCL kernels compile and run here without it: mnv2-tvm check-opencl MODEL "
+                     f"--target {spec.name}") if spec.device_kind == "opencl" else ""
             raise UserError(f"target {spec.name} links with the Android NDK: install the NDK and set TVM_NDK_CC "
-                            "to its clang++ (e.g. .../bin/aarch64-linux-android28-clang++)")
+                            "to its clang++ (e.g. .../bin/aarch64-linux-android28-clang++)" + check)
         # A stale path would otherwise fail only after minutes of compiling, inside TVM's linker call.
         if shutil.which(ndk_cc) is None:
             raise UserError(f"TVM_NDK_CC={ndk_cc} is not an executable compiler; point it at the NDK's clang++ "

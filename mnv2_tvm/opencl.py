@@ -335,7 +335,7 @@ def _launches(op: Op, func: Any, device: dict[str, Any]) -> None:
             for s in stmt.seq:
                 walk(s)
         elif isinstance(stmt, tirx.DeclBuffer):
-            env.append((stmt.buffer, resolve(stmt.data) if stmt.data is not None else lookup(stmt.buffer)))
+            env.append((stmt.buffer, resolve(stmt.data)))
             walk(getattr(stmt, "body", None))
         elif isinstance(stmt, tirx.AllocBuffer):
             buf = stmt.buffer
@@ -432,6 +432,7 @@ class KernelResult:
     error: float  # the op's outputs' error, relative to their scale (inf: wrong or not run)
     ok: bool
     note: str = ""
+    scale: float = float("nan")  # the largest magnitude of the op's reference outputs
 
 
 @dataclass
@@ -449,6 +450,7 @@ class CheckResult:
 
     @property
     def n_kernels(self) -> int:
+        """Kernel launches checked (each kernel is launched once in these models)."""
         return len(self.rows)
 
     @property
@@ -488,7 +490,7 @@ class CheckResult:
                 "worst_error": self.worst.error if self.worst else None, "seconds": round(self.seconds, 1),
                 "unlaunched": self.unlaunched,
                 "rows": [{"op": r.op, "kernel": r.kernel, "global": list(r.global_size), "local": list(r.local_size),
-                          "error": r.error, "ok": r.ok, "note": r.note} for r in self.rows]}
+                          "error": r.error, "scale": r.scale, "ok": r.ok, "note": r.note} for r in self.rows]}
 
 
 def check(program: Program, device: Device | None = None, *, tolerance: float = TOLERANCE, seed: int = 0,
@@ -506,20 +508,21 @@ def check(program: Program, device: Device | None = None, *, tolerance: float = 
     for i, op in enumerate(program.ops):
         if progress and sys.stderr.isatty():
             print(f"\r[{i + 1}/{len(program.ops)}] {op.name[:60]:60s}", end="", file=sys.stderr, flush=True)
-        error, note = float("inf"), op.problem or ""
+        error, scale, note = float("inf"), float("nan"), op.problem or ""
         if not op.problem:
             try:
                 inputs = _inputs(op, seed)
                 expected = _run_reference(reference, op, inputs)
                 got = _run_device(device, op, inputs, kernels, built)
                 error = max((_error(e, g) for e, g in zip(expected, got)), default=0.0)
+                scale = max((float(np.max(np.abs(e[np.isfinite(e)]), initial=0)) for e in expected), default=0.0)
             except _DeviceError as e:
                 note = str(e)
-        for launch in op.launches or [Launch("-", (), (), ())]:
+        for launch in op.launches or [Launch("(none)", (), (), ())]:
             limit = _over_limits(launch, limits, built.get(launch.kernel), device)
             ok = error <= tolerance and not note and not limit
             rows.append(KernelResult(op.name, launch.kernel, launch.global_size, launch.local_size, error, ok,
-                                     note or limit or ("" if ok else "outputs differ")))
+                                     note or limit or ("" if ok else "outputs differ"), scale))
     if progress and sys.stderr.isatty():
         print("\r" + " " * 70 + "\r", end="", file=sys.stderr, flush=True)
     if label is None:
