@@ -20,7 +20,7 @@ from .store import POINTS_FILE, VARIANTS, PointStore, passes_of, point_key
 
 if TYPE_CHECKING:
     from ..targets import TargetSpec
-    from ..measure import Measurer
+    from .measure import Measurer
 
 FORMAT = "mnv2-tvm-compare/1"
 #: A tuned point whose untuned (fallback) kernels take at least this share of its profiled time
