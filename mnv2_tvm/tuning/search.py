@@ -56,6 +56,8 @@ def allocate_trials(total: int, importance: list[float], min_per_task: int = MIN
 
 @derived_object
 class BatchCallback(ms.measure_callback.PyMeasureCallback):
+    """Hands every measured batch to ``fn`` (the session's counters, progress line and Ctrl-C check)."""
+
     def __init__(self, fn: Callable[[list, list], None]) -> None:
         super().__init__()
         self.fn = fn
