@@ -37,8 +37,14 @@ qemu-x86_64 against real timings on the host).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +58,11 @@ NUMBER_KEYS = (
     "sync_cycles",
 )
 TEXT_KEYS = ("model", "qemu_cpu")
+#: Optional: the core's scheduling model in LLVM (``llvm-mca -mcpu``), which costs each executed
+#: block, and the out-of-order window: how many micro-ops of independent work the core holds while
+#: a dependency chain waits (0 for an in-order core); consecutive loops overlap their chains in it.
+OPTIONAL_TEXT_KEYS = ("mca_cpu",)
+OPTIONAL_NUMBER_KEYS = ("ooo_window",)
 BOOL_KEYS = ("l2_shared",)
 #: An optional third level: all of these or none.
 L3_NUMBER_KEYS = ("l3_kib", "l3_ways", "l3_latency")
@@ -99,6 +110,9 @@ class CoreModel:
     sync_cycles: float
     sources: dict[str, str]
     path: Path
+    mca_cpu: str | None = None
+    ooo_window: float = 0.0
+    _blocks: "BlockCosts | None" = field(default=None, compare=False, repr=False)
 
     @property
     def dram_latency_cycles(self) -> float:
@@ -113,15 +127,30 @@ class CoreModel:
 
     # ------------------------------------------------------------------ cycles
 
-    def thread_cycles(self, c: dict[str, int], active_threads: int = 1) -> dict[str, float]:
-        """Cycles of one thread's counts in one region, with the terms that make them up."""
+    @property
+    def blocks(self) -> "BlockCosts | None":
+        """The per-block scheduling model (llvm-mca for ``mca_cpu``), or None without one."""
+        if self.mca_cpu is None:
+            return None
+        if self._blocks is None:
+            object.__setattr__(self, "_blocks", BlockCosts(self.arch, self.mca_cpu))
+        return self._blocks
+
+    def thread_cycles(self, c: dict[str, int], active_threads: int = 1,
+                      block_cycles: float | None = None) -> dict[str, float]:
+        """Cycles of one thread's counts in one region, with the terms that make them up.
+
+        ``block_cycles``: the scheduling model's cycles for the blocks this thread executed in
+        the region (executions × cycles per execution); it replaces the throughput bounds as
+        the core's time when given.
+        """
         insns = sum(c[k] for k in CLASSES)
         t_issue = insns / self.issue_width
         t_vec = c["v64"] * 64 / self.vector_bits_per_cycle
         t_ld = c["ld_ops"] / self.loads_per_cycle
         t_st = c["st_ops"] / self.stores_per_cycle
         t_mem = (c["ld_ops"] + c["st_ops"]) / self.memory_ops_per_cycle
-        t_core = max(t_issue, t_vec, t_ld, t_st, t_mem)
+        t_core = max(t_issue, t_vec, t_ld, t_st, t_mem) if block_cycles is None else block_cycles
         latencies = [lv.latency for lv in self.levels] + [self.dram_latency_cycles]
         stall = 0.0
         for i in range(len(self.levels)):
@@ -137,7 +166,7 @@ class CoreModel:
         bytes_per_cycle = self.dram_bandwidth_gbs / self.clock_ghz / max(active_threads, 1)
         t_dram = dram_bytes / bytes_per_cycle
         cycles = max(t_core + stall, t_dram)
-        return {"cycles": cycles, "issue": t_issue, "vector": t_vec, "loads": t_ld, "stores": t_st,
+        return {"cycles": cycles, "core": t_core, "issue": t_issue, "vector": t_vec, "loads": t_ld, "stores": t_st,
                 "memory_ops": t_mem, "stall": stall, "dram": t_dram}
 
     def ms(self, cycles: float) -> float:
@@ -185,10 +214,14 @@ def load_core_model(target: str | Path) -> CoreModel:
     bools = BOOL_KEYS + (L3_BOOL_KEYS if has_l3 else ())
     missing = [k for k in (*TEXT_KEYS, *numbers, *bools) if k not in core]
     missing += [f"sources.{k}" for k in numbers if k in core and not str(sources.get(k, "")).strip()]
-    bad = [k for k in TEXT_KEYS if k in core and not isinstance(core[k], str)]
+    bad = [k for k in (*TEXT_KEYS, *OPTIONAL_TEXT_KEYS) if k in core and not isinstance(core[k], str)]
     bad += [k for k in numbers if k in core and (isinstance(core[k], bool) or not isinstance(core[k], (int, float))
                                                   or core[k] < 0)]
     bad += [k for k in bools if k in core and not isinstance(core[k], bool)]
+    bad += [k for k in OPTIONAL_NUMBER_KEYS if k in core and (isinstance(core[k], bool)
+                                                             or not isinstance(core[k], (int, float)) or core[k] < 0)]
+    missing += [f"sources.{k}" for k in (*OPTIONAL_TEXT_KEYS, *OPTIONAL_NUMBER_KEYS)
+                if k in core and not str(sources.get(k, "")).strip()]
     if missing or bad:
         parts = []
         if missing:
@@ -218,4 +251,156 @@ def load_core_model(target: str | Path) -> CoreModel:
         dram_bandwidth_gbs=float(core["dram_bandwidth_gbs"]), miss_overlap=float(core["miss_overlap"]),
         sequential_miss_cost=float(core["sequential_miss_cost"]), sync_cycles=float(core["sync_cycles"]),
         sources={str(k): str(v) for k, v in sources.items()}, path=path,
+        mca_cpu=str(core["mca_cpu"]) if core.get("mca_cpu") else None,
+        ooo_window=float(core.get("ooo_window", 0)),
     )
+
+
+# ---------------------------------------------------------------------- blocks
+
+
+MCA_TRIPLES = {"x86_64": "x86_64-unknown-linux-gnu", "aarch64": "aarch64-unknown-linux-gnu"}
+#: Back-to-back executions llvm-mca simulates per block: the steady state of a loop body.
+MCA_ITERATIONS = 100
+MCA_CANDIDATES = ("llvm-mca", "llvm-mca-15", "llvm-mca-14")
+_ERROR_LINE = re.compile(r"^<stdin>:(\d+):\d+: error", re.M)
+
+
+def find_llvm_mca() -> str:
+    for name in MCA_CANDIDATES:
+        path = shutil.which(name)
+        if path:
+            return path
+    from .setup import SETUP_COMMAND
+
+    raise UserError(f"llvm-mca (Debian package llvm) is missing; the core model costs blocks with it: run "
+                    f"`{SETUP_COMMAND}`")
+
+
+class BlockCosts:
+    """Cycles per execution of a translation block on a core, from LLVM's scheduling model.
+
+    ``llvm-mca`` runs each block as if it executed back to back (``MCA_ITERATIONS`` times):
+    dispatch width, execution ports, register dependency chains (within and across executions,
+    as in a loop whose body the block is) and the load-to-use latency of L1 hits. A block's
+    cost is its total cycles over the iterations. Results are cached on disk by block text,
+    per triple, CPU and llvm-mca version, so a block is simulated once per machine.
+    Lines llvm-mca cannot parse are dropped from their block (counted in ``dropped``).
+    """
+
+    def __init__(self, arch: str, cpu: str) -> None:
+        if arch not in MCA_TRIPLES:
+            raise UserError(f"no llvm-mca triple for {arch!r}")
+        self.triple = MCA_TRIPLES[arch]
+        self.cpu = cpu
+        self.exe = find_llvm_mca()
+        version = subprocess.run([self.exe, "--version"], capture_output=True, text=True).stdout
+        m = re.search(r"version (\S+)", version)
+        self.version = m.group(1) if m else "unknown"
+        from .setup import cache_dir
+
+        self.path = cache_dir() / "mca" / f"{self.triple}-{cpu}-{self.version}-v2.json"
+        try:
+            self._cache: dict[str, list[float]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self._cache = {}
+        self.dropped = 0
+
+    @staticmethod
+    def key(text: str) -> str:
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def cycles(self, texts: list[str]) -> dict[str, tuple[float, float, float]]:
+        """Per block text: (cycles per execution back to back, the block's resource-bound
+        reciprocal throughput, micro-ops per execution)."""
+        todo = sorted({t for t in texts if self.key(t) not in self._cache})
+        if todo:
+            for i in range(0, len(todo), 500):
+                self._simulate(todo[i:i + 500])
+            self._save()
+        return {t: tuple(self._cache[self.key(t)]) for t in texts}
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            on_disk = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            on_disk = {}
+        on_disk.update(self._cache)
+        tmp.write_text(json.dumps(on_disk))
+        os.replace(tmp, self.path)
+        self._cache = on_disk
+
+    def _simulate(self, texts: list[str]) -> None:
+        blocks = [[ln for ln in t.splitlines() if ln.strip()] for t in texts]
+        for _ in range(8):
+            src, owner = [], []  # owner: (block, line) of each source line, None for markers
+            for b, lines in enumerate(blocks):
+                src.append(f"# LLVM-MCA-BEGIN b{b}")
+                owner.append(None)
+                for i, ln in enumerate(lines):
+                    src.append(ln)
+                    owner.append((b, i))
+                src.append("# LLVM-MCA-END")
+                owner.append(None)
+            res = subprocess.run([self.exe, f"-mtriple={self.triple}", f"-mcpu={self.cpu}",
+                                  f"-iterations={MCA_ITERATIONS}", "-json", "-"], input="\n".join(src) + "\n",
+                                 capture_output=True, text=True)
+            bad = [int(n) - 1 for n in _ERROR_LINE.findall(res.stderr)]
+            if res.returncode == 0 and res.stdout.strip():
+                regions = json.loads(res.stdout).get("CodeRegions", [])
+                by_name = {r.get("Name"): r for r in regions}
+                for b, text in enumerate(texts):
+                    v = (by_name.get(f"b{b}") or {}).get("SummaryView") or {}
+                    iters = v.get("Iterations") or MCA_ITERATIONS
+                    self._cache[self.key(text)] = [v.get("TotalCycles", 0) / iters, float(v.get("BlockRThroughput", 0)),
+                                                   v.get("TotaluOps", 0) / iters]
+                return
+            drop = {owner[i] for i in bad if 0 <= i < len(owner) and owner[i] is not None}
+            if not drop:
+                raise UserError(f"llvm-mca failed ({self.triple}, {self.cpu}): {res.stderr.strip()[:300]}")
+            self.dropped += len(drop)
+            blocks = [[ln for i, ln in enumerate(lines) if (b, i) not in drop] for b, lines in enumerate(blocks)]
+        raise UserError(f"llvm-mca kept failing on the blocks of one record ({self.triple}, {self.cpu})")
+
+
+def block_cycles(core: CoreModel, latency: float, throughput: float, uops: float, executions: int,
+                 entries: int) -> float:
+    """Cycles of ``executions`` of one block, entered ``entries`` times (a loop of
+    T = executions / entries iterations per entry).
+
+    Back to back, a block costs ``latency`` cycles per execution: its resource bound or, when
+    longer, its loop-carried dependency chain. An out-of-order core runs the chains of
+    consecutive independent loop instances side by side, as many as its window holds: with a
+    window of W micro-ops and T × uops per instance, 1 + W / (T × uops) instances in flight
+    (Little's law), so an iteration costs latency / (1 + W / (T × uops)), and never less than
+    the resource bound (``throughput``). Short loops thus cost their throughput, long ones their
+    chain. An in-order core (``ooo_window`` 0) overlaps nothing.
+    """
+    if executions <= 0:
+        return 0.0
+    if core.ooo_window <= 0 or uops <= 0 or latency <= throughput:
+        return executions * max(latency, throughput)
+    trip = executions / max(entries, 1)
+    in_flight = 1.0 + core.ooo_window / (trip * uops)
+    return executions * max(throughput, latency / in_flight)
+
+
+def record_block_cycles(record: dict[str, Any], core: CoreModel) -> dict[tuple[int, int], float] | None:
+    """Per (vcpu, region), the scheduling model's cycles for the blocks that thread executed
+    there; None when the core has no scheduling model or the record no blocks."""
+    blocks = core.blocks
+    tbs = record.get("tbs")
+    if blocks is None or not tbs:
+        return None
+    cyc = blocks.cycles(list(tbs.values()))
+    per_id = {int(k): cyc[v] for k, v in tbs.items()}
+    out: dict[tuple[int, int], float] = {}
+    for t in record["threads"]:
+        for region, tb, count, *rest in t.get("blocks", []):
+            key = (int(t["vcpu"]), int(region))
+            lat, thr, uops = per_id.get(int(tb), (0.0, 0.0, 0.0))
+            entries = int(rest[0]) if rest else int(count)
+            out[key] = out.get(key, 0.0) + block_cycles(core, lat, thr, uops, int(count), entries)
+    return out

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from ..errors import UserError
 from . import setup as emu_setup
-from .core_model import CLASSES, FIELDS, CoreModel, load_core_model
+from .core_model import CLASSES, FIELDS, CoreModel, load_core_model, record_block_cycles
 
 GUEST_SCRIPT = Path(__file__).with_name("guest.py")
 BOARD_SITE = "/opt/tvm-site"
@@ -115,11 +115,14 @@ def cost_from_record(record: dict[str, Any], core: CoreModel, threads: int) -> E
                 totals[k] += v
         per_thread.append(ThreadCost(vcpu=int(t["vcpu"]), counts=totals, cycles=0.0, regions=regions))
     by_vcpu = {tc.vcpu: tc for tc in per_thread}
+    blocks = record_block_cycles(record, core)
     cycles = 0.0
     terms: dict[str, float] = {}
     for r in sorted(per_region):
         workers = per_region[r]
-        results = {v: core.thread_cycles(c, active_threads=len(workers)) for v, c in workers.items()}
+        results = {v: core.thread_cycles(c, active_threads=len(workers),
+                                         block_cycles=None if blocks is None else blocks.get((v, r), 0.0))
+                   for v, c in workers.items()}
         for v, res in results.items():
             by_vcpu[v].cycles += res["cycles"]
         slowest = max(results.values(), key=lambda res: res["cycles"])

@@ -25,6 +25,11 @@
  *   TVMBackendParallelLaunch, every call to it (inside a window) starts a new region; each
  *   thread's work goes to the region current when it runs. The runtime's barrier at the end of
  *   a launch makes this sound. Region 0 is the serial code before the first launch.
+ * - Per thread and region, every instrumented translation block's executions are counted too
+ *   (and its entries: executions that follow another block, so executions / entries is a
+ *   loop's trip count), and the record carries each executed block's disassembly ("blocks":
+ *   [region, id, executions, entries]; "tbs"): the host costs a block with a scheduling model
+ *   of the core (llvm-mca: ports, widths, dependency chains).
  * - Results are appended, one JSON object per line, to the file named by the out= argument
  *   when a counting window closes (API v1 cannot write guest memory).
  *
@@ -115,12 +120,19 @@ typedef struct {
     uint64_t *pm_keys, *pm_vals;
     size_t pm_cap, pm_n;
     uint64_t next_frame, last_vpn, last_pfn;
+    /* block executions in the current window: (region << 32 | block id) -> count, and how many
+     * of them came from another block (entries: a loop's body is entered once per loop) */
+    uint64_t *bc_keys, *bc_vals, *bc_ents;
+    size_t bc_cap, bc_n;
+    uint64_t last_tb;
     Cache c[MAXLEVELS];
 } VCPU;
 
 typedef struct {
     uint64_t v[NTB];
     int kind;
+    uint32_t id;   /* g_tb_id_base + index in g_tbinfos */
+    GString *text; /* the instrumented instructions' disassembly, one per line */
 } TBInfo;
 
 static qemu_plugin_id_t g_id;
@@ -150,6 +162,7 @@ static int g_nranges, g_npending;
 static uint64_t g_launch, g_pending_launch;
 static GPtrArray *g_tbinfos;
 static uint64_t g_tbs_instrumented;
+static uint32_t g_tb_id_base; /* ids stay unique across resets of g_tbinfos */
 
 /* Window state: written by the thread making the syscall, read by all. */
 static atomic_bool g_open;
@@ -340,6 +353,56 @@ static uint64_t pm_frame(VCPU *v, uint64_t vpn)
     return v->last_pfn;
 }
 
+/* ------------------------------------------------------------------ block counts */
+
+static void bc_clear(VCPU *v)
+{
+    if (v->bc_keys) {
+        memset(v->bc_keys, 0xff, sizeof(uint64_t) * v->bc_cap);
+    }
+    v->bc_n = 0;
+    v->last_tb = INVALID;
+}
+
+static void bc_add(VCPU *v, uint64_t key, bool entry)
+{
+    if (2 * (v->bc_n + 1) > v->bc_cap) {
+        size_t old_cap = v->bc_cap, cap = old_cap ? old_cap * 2 : 1024;
+        uint64_t *ok = v->bc_keys, *ov = v->bc_vals, *oe = v->bc_ents;
+        v->bc_keys = g_new(uint64_t, cap);
+        v->bc_vals = g_new(uint64_t, cap);
+        v->bc_ents = g_new(uint64_t, cap);
+        memset(v->bc_keys, 0xff, sizeof(uint64_t) * cap);
+        v->bc_cap = cap;
+        for (size_t i = 0; i < old_cap; i++) {
+            if (ok[i] != INVALID) {
+                size_t h = pm_hash(ok[i], cap);
+                while (v->bc_keys[h] != INVALID) {
+                    h = (h + 1) & (cap - 1);
+                }
+                v->bc_keys[h] = ok[i];
+                v->bc_vals[h] = ov[i];
+                v->bc_ents[h] = oe[i];
+            }
+        }
+        g_free(ok);
+        g_free(ov);
+        g_free(oe);
+    }
+    size_t h = pm_hash(key, v->bc_cap);
+    while (v->bc_keys[h] != INVALID && v->bc_keys[h] != key) {
+        h = (h + 1) & (v->bc_cap - 1);
+    }
+    if (v->bc_keys[h] == INVALID) {
+        v->bc_keys[h] = key;
+        v->bc_vals[h] = 0;
+        v->bc_ents[h] = 0;
+        v->bc_n++;
+    }
+    v->bc_vals[h]++;
+    v->bc_ents[h] += entry;
+}
+
 /* ------------------------------------------------------------------ per-vCPU state */
 
 static VCPU *vcpu_get(unsigned int idx)
@@ -384,6 +447,7 @@ static inline void vcpu_sync(VCPU *v)
         v->epoch_seen = e;
     }
     v->used = 0;
+    bc_clear(v);
     v->gate = false;
     v->window_seen = w;
 }
@@ -436,6 +500,9 @@ static void on_tb_exec(unsigned int vcpu_index, void *udata)
     for (int i = 0; i < NTB; i++) {
         st[i] += t->v[i];
     }
+    uint64_t region = atomic_load_explicit(&g_region, memory_order_relaxed);
+    bc_add(v, (region << 32) | t->id, v->last_tb != t->id);
+    v->last_tb = t->id;
 }
 
 static void on_mem(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
@@ -824,6 +891,7 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         }
         if (!info) {
             info = g_new0(TBInfo, 1);
+            info->text = g_string_new(NULL);
             tb_kind = kind;
         } else if (kind != tb_kind && tb_kind == K_FULL) {
             tb_kind = kind; /* a TB that runs into the PLT behaves as PLT */
@@ -833,6 +901,8 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         uint64_t before[NTB];
         memcpy(before, info->v, sizeof(before));
         classify(d ? d : "", info->v);
+        g_string_append(info->text, d ? d : "");
+        g_string_append_c(info->text, '\n');
         int c = 0;
         for (c = 0; c < NCLS && info->v[c] == before[c]; c++) {
         }
@@ -865,6 +935,7 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     if (info) {
         qemu_plugin_register_vcpu_tb_exec_cb(tb, on_tb_exec, QEMU_PLUGIN_CB_NO_REGS, info);
         pthread_mutex_lock(&g_lock);
+        info->id = g_tb_id_base + g_tbinfos->len;
         g_ptr_array_add(g_tbinfos, info);
         g_tbs_instrumented++;
         pthread_mutex_unlock(&g_lock);
@@ -925,18 +996,81 @@ static void emit_record(uint64_t tag)
             }
             fputc(']', g_out);
         }
+        fprintf(g_out, "], \"blocks\": [");
+        bool first_block = true;
+        for (size_t h = 0; h < v->bc_cap; h++) {
+            if (v->bc_keys[h] == INVALID) {
+                continue;
+            }
+            fprintf(g_out, "%s[%" PRIu64 ", %" PRIu64 ", %" PRIu64 ", %" PRIu64 "]", first_block ? "" : ", ",
+                    v->bc_keys[h] >> 32, v->bc_keys[h] & 0xffffffffu, v->bc_vals[h], v->bc_ents[h]);
+            first_block = false;
+        }
         fprintf(g_out, "]}");
     }
-    fprintf(g_out, "]}\n");
+    /* The disassembly of every block executed in this window (by any thread). */
+    fprintf(g_out, "], \"tbs\": {");
+    bool first_tb = true;
+    pthread_mutex_lock(&g_lock);
+    guint ntb = g_tbinfos->len;
+    bool *used = g_new0(bool, ntb ? ntb : 1);
+    for (unsigned vi = 0; vi < MAXVCPUS; vi++) {
+        VCPU *v = atomic_load(&g_vcpus[vi]);
+        if (!v || v->window_seen != w || !v->bc_keys) {
+            continue;
+        }
+        for (size_t h = 0; h < v->bc_cap; h++) {
+            if (v->bc_keys[h] != INVALID) {
+                uint64_t id = v->bc_keys[h] & 0xffffffffu;
+                if (id >= g_tb_id_base && id - g_tb_id_base < ntb) {
+                    used[id - g_tb_id_base] = true;
+                }
+            }
+        }
+    }
+    for (guint i = 0; i < ntb; i++) {
+        TBInfo *t = g_ptr_array_index(g_tbinfos, i);
+        if (!used[i]) {
+            continue;
+        }
+        fprintf(g_out, "%s\"%u\": \"", first_tb ? "" : ", ", t->id);
+        first_tb = false;
+        for (const char *c = t->text->str; *c; c++) {
+            if (*c == '"' || *c == '\\') {
+                fputc('\\', g_out);
+                fputc(*c, g_out);
+            } else if (*c == '\n') {
+                fputs("\\n", g_out);
+            } else if ((unsigned char)*c < 0x20) {
+                fputc(' ', g_out);
+            } else {
+                fputc(*c, g_out);
+            }
+        }
+        fputc('"', g_out);
+    }
+    g_free(used);
+    pthread_mutex_unlock(&g_lock);
+    fprintf(g_out, "}}\n");
     fflush(g_out);
 }
 
 static void register_callbacks(qemu_plugin_id_t id);
 
+static void tbinfo_free(gpointer p)
+{
+    TBInfo *t = p;
+    if (t->text) {
+        g_string_free(t->text, TRUE);
+    }
+    g_free(t);
+}
+
 static void on_reset_done(qemu_plugin_id_t id)
 {
     /* All translations are gone: the per-TB data of the old ones is unreachable. */
     pthread_mutex_lock(&g_lock);
+    g_tb_id_base += g_tbinfos->len;
     g_ptr_array_set_size(g_tbinfos, 0);
     g_ptr_array_set_size(g_insninfos, 0);
     g_tbs_instrumented = 0;
@@ -1118,7 +1252,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     g_id = id;
     g_target = g_strdup(info->target_name ? info->target_name : "");
     g_x86 = strcmp(g_target, "x86_64") == 0 || strcmp(g_target, "i386") == 0;
-    g_tbinfos = g_ptr_array_new_with_free_func(g_free);
+    g_tbinfos = g_ptr_array_new_with_free_func(tbinfo_free);
     g_insninfos = g_ptr_array_new_with_free_func(g_free);
     register_callbacks(id);
     return 0;
