@@ -539,11 +539,11 @@ def time_natively(items: list[Item], args: argparse.Namespace, cache: Cache, wor
 # --------------------------------------------------------------------------- scoring
 
 
-def score(items: list[Item], args: argparse.Namespace, cache: Cache) -> None:
+def score(items: list[Item], args: argparse.Namespace, cache: Cache, core: Any = None) -> None:
     from mnv2_tvm.emulate import cost_from_record, load_core_model
     from mnv2_tvm.emulate import setup as emu_setup
 
-    core = load_core_model(args.target)
+    core = core or load_core_model(args.target)
     plugin = emu_setup.ensure_plugin().name
     for it in items:
         it.digest = it.digest or sha256(it.lib)
@@ -558,6 +558,36 @@ def score(items: list[Item], args: argparse.Namespace, cache: Cache) -> None:
             it.error = em["error"]
         else:
             it.cost = cost_from_record(em["record"], core, args.threads)
+
+
+#: The model with some of its mechanisms taken out (``--ablation``): what each one contributes.
+ABLATIONS = [
+    ("throughput bounds only, base clock 2.6 GHz (the first model)", {"mca_cpu": None, "clock_ghz": 2.6}),
+    ("throughput bounds only", {"mca_cpu": None}),
+    ("LLVM scheduling model per block, no out-of-order overlap", {"ooo_window": 0.0}),
+    ("the model (scheduling model per block, overlap in a window)", {}),
+]
+
+
+def ablation(items: list[Item], args: argparse.Namespace, cache: Cache) -> list[dict[str, Any]]:
+    import dataclasses
+
+    from mnv2_tvm.emulate import load_core_model
+
+    base = load_core_model(args.target)
+    rows = []
+    for title, changes in ABLATIONS:
+        core = dataclasses.replace(base, **changes)
+        score(items, args, cache, core)
+        s = summarise(items, args, [])
+        e2e = [abs(e["error"]) for e in s["e2e"]]
+        rows.append({"model": title, "spearman": {t["role"]: t["spearman"] for t in s["tasks"]},
+                     "e2e_max_abs_error": max(e2e) if e2e else None,
+                     "e2e_median_abs_error": statistics.median(e2e) if e2e else None})
+        log(f"ablation: {title}: " + " ".join(f"{k} {v:+.2f}" for k, v in rows[-1]["spearman"].items())
+            + (f"; end to end |error| median {rows[-1]['e2e_median_abs_error']:.1%}, max {rows[-1]['e2e_max_abs_error']:.1%}"
+               if e2e else ""))
+    return rows
 
 
 def summarise(items: list[Item], args: argparse.Namespace, clocks: list[float]) -> dict[str, Any]:
@@ -697,7 +727,7 @@ def host_cpu() -> str:
             f"{os.cpu_count()} cores")
 
 
-def publish(s: dict[str, Any], args: argparse.Namespace, command: str, wall_s: float) -> Path:
+def publish(s: dict[str, Any], args: argparse.Namespace, command: list[str], wall_s: float) -> Path:
     from mnv2_tvm.emulate import load_core_model
 
     core = load_core_model(args.target)
@@ -730,6 +760,16 @@ def publish(s: dict[str, Any], args: argparse.Namespace, command: str, wall_s: f
                       f"{e['modelled_ms']:.2f}", f"{e['error']:+.1%}", f"{e['measured_median_ms']:.2f}",
                       f"{e['error_vs_median']:+.1%}"]
                      for e in sorted(s["e2e"], key=lambda e: (e["variant"] != "untuned", e["width"], e["resolution"]))]})
+    if s.get("ablation"):
+        roles = [t["role"] for t in s["tasks"]]
+        tables.append({
+            "caption": "What each mechanism of the model contributes: the same measurements scored with mechanisms "
+                       "taken out (Spearman ρ per task; end-to-end |error| over the quick grid)",
+            "columns": ["model", *roles, "e2e |error| median", "e2e |error| max"],
+            "rows": [[a["model"], *(f"{a['spearman'].get(r, float('nan')):.2f}" for r in roles),
+                      f"{a['e2e_median_abs_error']:.1%}" if a["e2e_median_abs_error"] is not None else "",
+                      f"{a['e2e_max_abs_error']:.1%}" if a["e2e_max_abs_error"] is not None else ""]
+                     for a in s["ablation"]]})
     if s["kernels"]:
         tables.append({"caption": "Test kernels", "columns": ["kernel", "measured ms", "modelled ms", "ratio"],
                        "rows": [[k["name"], f"{k['measured_ms']:.4f}", f"{k['modelled_ms']:.4f}", f"{k['ratio']:.2f}"]
@@ -745,7 +785,7 @@ def publish(s: dict[str, Any], args: argparse.Namespace, command: str, wall_s: f
         "meta": {
             "date": time.strftime("%Y-%m-%d"),
             "cpu_model": host_cpu(),
-            "command": command,
+            "command": command if len(command) > 1 else command[0],
             "conditions": (f"{args.threads} thread on both sides; native: TVM time_evaluator, the {args.statistic} of "
                            f"{args.rounds} interleaved rounds (each ≥ {args.min_repeat_ms} ms of calls; ≥ "
                            f"{args.min_repeat_ms_e2e} ms per bundle); emulated: qemu-x86_64 -cpu {core.qemu_cpu} with the mnv2cost plugin, "
@@ -788,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompile", action="store_true", help="compile the bundles again")
     p.add_argument("--retime", action="store_true", help="time natively again even what is cached")
     p.add_argument("--rescore", action="store_true", help="measure nothing: score what is cached with the current model")
+    p.add_argument("--ablation", action="store_true", help="also score the model with mechanisms taken out")
     p.add_argument("--no-publish", action="store_true", help="do not write docs/results/")
     p.add_argument("--json", type=Path, help="also write the summary here")
     args = p.parse_args(argv)
@@ -820,10 +861,14 @@ def main(argv: list[str] | None = None) -> int:
             clocks = time_natively(items, args, cache, work)
             if clocks:
                 cache.native["_clock"] = clocks
-                cache.save()
+            cache.native["_run"] = {"command": command, "wall_s": time.monotonic() - t_start,
+                                    "date": time.strftime("%Y-%m-%d")}
+            cache.save()
         clocks = clocks or cache.native.get("_clock", [])
+        abl = ablation(items, args, cache) if args.ablation else []
         score(items, args, cache)
         s = summarise(items, args, clocks)
+        s["ablation"] = abl
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -832,7 +877,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(s, indent=1) + "\n")
     if not args.no_publish:
-        path = publish(s, args, command, wall)
+        run = cache.native.get("_run") or {}
+        if args.rescore and run.get("command"):
+            command_list = [run["command"], command]
+            wall = run.get("wall_s", wall)
+        else:
+            command_list = [command]
+        path = publish(s, args, command_list, wall)
         log(f"wrote {path.relative_to(REPO)} and its plot; run `python3 scripts/results.py` to render it")
     log(f"done in {wall / 60:.1f} min")
     return 0

@@ -119,6 +119,72 @@ def test_latency_is_the_slowest_thread_per_region_plus_sync():
     assert single.cycles == pytest.approx((300 + 3000 + 3000) / issue)
 
 
+FMA_LOOP = """vbroadcastss (%rsi), %ymm11
+vfmadd231ps 0x20(%rsi), %ymm11, %ymm9
+vfmadd231ps 0x40(%rsi), %ymm11, %ymm10
+vbroadcastss 4(%rsi), %ymm11
+vfmadd231ps 0x60(%rsi), %ymm11, %ymm10
+vfmadd231ps 0x80(%rsi), %ymm11, %ymm9
+vbroadcastss 8(%rsi), %ymm11
+vfmadd231ps 0xa0(%rsi), %ymm11, %ymm9
+vfmadd231ps 0xc0(%rsi), %ymm11, %ymm10
+addq $1, %rdx
+subq $1, %rcx
+jne 0x1000
+"""
+
+
+def test_loops_overlap_their_chains_in_the_out_of_order_window():
+    import dataclasses
+
+    from mnv2_tvm.emulate.core_model import block_cycles
+
+    core = load_core_model("x86-64-avx2")
+    assert core.mca_cpu and core.ooo_window > 0
+    lat, thr, uops = 12.0, 6.0, 12.0  # two 3-FMA chains per iteration, resource bound 6
+    long = block_cycles(core, lat, thr, uops, executions=100_000, entries=10)      # 10,000 iterations a loop
+    short = block_cycles(core, lat, thr, uops, executions=100_000, entries=50_000)  # 2 iterations a loop
+    assert long == pytest.approx(100_000 * lat, rel=0.01)
+    assert short == pytest.approx(100_000 * thr)
+    mid = block_cycles(core, lat, thr, uops, executions=100_000, entries=5_000)    # 20: 1 + 160/240 in flight
+    assert mid == pytest.approx(100_000 * lat / (1 + core.ooo_window / (20 * uops)))
+    in_order = dataclasses.replace(core, ooo_window=0.0)
+    assert block_cycles(in_order, lat, thr, uops, executions=100_000, entries=50_000) == 100_000 * lat
+
+
+def test_optional_core_keys_need_a_source(tmp_path):
+    text = (REPO / "targets" / "x86-64-avx2.toml").read_text()
+    bad = tmp_path / "x86.toml"
+    bad.write_text(text.replace('\nooo_window = "', '\nooo_window_was = "'))
+    with pytest.raises(UserError, match="core.sources.ooo_window"):
+        load_core_model(bad)
+    bad.write_text(text.replace("ooo_window = 160", "ooo_window = -1"))
+    with pytest.raises(UserError, match="malformed core.ooo_window"):
+        load_core_model(bad)
+
+
+def test_blocks_are_costed_by_the_scheduling_model():
+    from mnv2_tvm.emulate.core_model import find_llvm_mca
+
+    try:
+        find_llvm_mca()
+    except UserError:
+        pytest.skip("llvm-mca is not installed (scripts/setup_emulator.sh installs it)")
+    core = load_core_model("x86-64-avx2")
+    zero = dict.fromkeys(FIELDS, 0)
+    row = [0, *(dict(zero, vec=3, fma=6, int=3)[f] for f in FIELDS)]
+    record = {"regions": 1, "tbs": {"7": FMA_LOOP},
+              "threads": [{"vcpu": 1, "regions": [row], "blocks": [[0, 7, 40_000, 10]]}]}
+    cost = cost_from_record(record, core, threads=1)
+    # Long loops: the two FMA chains (3 x 4 cycles an iteration on Zen 3/4) bound it.
+    assert 11.5 * 40_000 <= cost.cycles <= 12.5 * 40_000
+    short = dict(record, threads=[{"vcpu": 1, "regions": [row], "blocks": [[0, 7, 40_000, 40_000]]}])
+    assert cost_from_record(short, core, threads=1).cycles < 0.6 * cost.cycles  # overlapped: resource bound
+    # Ids are translation order: the fingerprint goes by block text.
+    renumbered = dict(record, tbs={"9": FMA_LOOP}, threads=[dict(record["threads"][0], blocks=[[0, 9, 40_000, 10]])])
+    assert cost_from_record(renumbered, core, threads=1).fingerprint() == cost.fingerprint()
+
+
 def test_32bit_arm_target_is_refused_with_a_reason():
     with pytest.raises(UserError, match="aarch64 and x86-64 guests only"):
         EmulatedCore("rpi3b")

@@ -85,8 +85,13 @@ class EmulatedCost:
 
     def fingerprint(self) -> str:
         """A digest of every count the plugin reported: equal fingerprints = bit-identical costs."""
-        payload = json.dumps({"threads": self.raw.get("threads"), "regions": self.raw.get("regions")},
-                             sort_keys=True)
+        # Block ids follow translation order, which the host's scheduling of threads may change:
+        # blocks are identified by their text here.
+        tbs = self.raw.get("tbs") or {}
+        threads = [{"vcpu": t.get("vcpu"), "regions": t.get("regions"),
+                    "blocks": sorted([b[0], tbs.get(str(b[1]), str(b[1])), *b[2:]] for b in t.get("blocks", []))}
+                   for t in self.raw.get("threads") or []]
+        payload = json.dumps({"threads": threads, "regions": self.raw.get("regions")}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def summary(self) -> str:
