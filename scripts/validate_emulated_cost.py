@@ -401,7 +401,7 @@ def emulate(items: list[Item], args: argparse.Namespace, cache: Cache) -> None:
     for it in items:
         it.digest = sha256(it.lib)
         key = f"{it.digest}:{plugin}:{args.threads}"
-        if key not in cache.emulated:
+        if key not in cache.emulated or "error" in cache.emulated[key]:  # failures are tried again
             todo.append((it, key))
     if not todo:
         return

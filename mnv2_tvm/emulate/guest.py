@@ -298,7 +298,11 @@ class Guest:
         dtype = np.dtype(spec.get("dtype", "float32"))
         n = int(np.prod(shape, dtype=np.int64)) if shape else 1
         nbytes = max(n * dtype.itemsize, 1)
-        buf = mmap.mmap(-1, (nbytes + PAGE - 1) // PAGE * PAGE)
+        # One readable page more than the data: some generated kernels read a vector past the
+        # end of an argument (MetaSchedule candidates of the classifier and the depthwise convs
+        # do), harmless on a real heap where the next page is mapped, a SIGSEGV here if the
+        # next page happens to be unmapped. Never touched otherwise, so no cost.
+        buf = mmap.mmap(-1, (nbytes + PAGE - 1) // PAGE * PAGE + PAGE)
         a = np.frombuffer(buf, dtype=dtype, count=n).reshape(shape)
         i = np.arange(n, dtype=np.int64).reshape(shape)
         h = (i * 2654435761 + 97 * (index + 1)) % 1009
