@@ -145,6 +145,7 @@ class BenchResult:
     settings: dict[str, Any]
     emulated: bool | None
     profile: list[dict[str, Any]] | None = None
+    final: dict[str, Any] = field(default_factory=dict)  # final outputs' agreement and post-processing time
     notes: list[str] = field(default_factory=list)
     samples_ms: list[float] = field(default_factory=list)  # one mean per repeat, in run order
 
@@ -162,6 +163,9 @@ class BenchResult:
         lines = [
             f"{self.label} ({self.target}) on {who}",
             f"parity vs PyTorch: max abs error {self.max_abs_error:.2e} (tolerance {self.tolerance:g}) OK",
+            *([f"final outputs vs PyTorch's: "
+               + ", ".join(f"{k} {v}" for k, v in self.final["final_agreement"].items() if k != "ok")
+               + f" OK; post-processing {self.final['postprocess_ms']:.1f} ms on this host"] if self.final else []),
             f"{'mean':>9} {'median':>9} {'p90':>9} {'std':>9} {'min':>9}   ms, {t.repeats} repeats x "
             f"{self.settings['number']} runs",
             f"{t.mean_ms:9.3f} {t.median_ms:9.3f} {t.p90_ms:9.3f} {t.std_ms:9.3f} {t.min_ms:9.3f}",
@@ -249,6 +253,10 @@ def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, 
     if not err <= settings.tolerance:
         raise UserError(f"parity failed on {where}: max abs error {err:.3g} > {settings.tolerance:g} against PyTorch; "
                         "the library computes something else on this board (compiler flags, CPU features?)")
+    final = bundle.final_report(manifest, out, expected)
+    if not final["final_agreement"]["ok"]:
+        raise UserError(f"final outputs from {where} differ from PyTorch's ({final['final_agreement']}) although the raw "
+                        "tensors agree: a detection, class or pixel sits at a decision boundary; inspect with `mnv2-tvm run`")
     with session_errors(where, hint):
         f = vm.time_evaluator("main", dev, number=settings.number, repeat=settings.repeat,
                               min_repeat_ms=settings.min_repeat_ms)
@@ -270,6 +278,7 @@ def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, 
         madds=int(manifest.get("madds", 0)), params=int(manifest.get("params", 0)),
         gflops=gflops(int(manifest.get("madds", 0)), timing.median_ms / 1e3), peak_gflops=peak_gflops,
         settings=asdict(settings), emulated=emulated, notes=notes, samples_ms=[float(t) * 1e3 for t in samples],
+        final={k: v for k, v in final.items() if k != "final"},
     )
     if settings.profile:
         result.profile = profile_kernels(bundle_dir, manifest, remote, settings, dev)

@@ -1066,7 +1066,7 @@ def run_bundle_ssh(conn: BoardConnection, bundle_dir: Path, x: Any | None = None
                         f"compile it for this board's target")
     check_runtime(info, conn.target)
     remote = conn.board_path("bundles", f"{manifest['library_sha256'][:16]}-{os.getpid()}")
-    files = [bundle.MANIFEST, manifest["library"], bundle.RUNNER, bundle.REFERENCE]
+    files = [bundle.MANIFEST, manifest["library"], bundle.RUNNER, bundle.POSTPROCESS, bundle.REFERENCE]
     q = shlex.quote
     conn.check(f"mkdir -p {q(remote)}", "creating the bundle folder")
     try:

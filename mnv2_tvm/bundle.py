@@ -1,10 +1,15 @@
 """A compiled bundle: library + manifest + reference input/output, and how to run it.
 
 This file must run on a board that has only NumPy and the TVM *runtime*: no torch, no
-compiler imports, nothing from the rest of the package. ``compile`` copies it into every
-bundle as ``runner.py``, so over SSH a board runs::
+compiler imports, nothing from the rest of the package but ``postprocess.py``. ``compile``
+copies both into every bundle (as ``runner.py`` and ``postprocess.py``), so over SSH a board
+runs::
 
     python3 runner.py BUNDLE_DIR --input in.npy --output out.npy [--check] [--time]
+
+and prints, as one JSON line, the model's final outputs (top-5, detections after NMS, or the
+mask's class shares), the post-processing time apart from the network's, and with ``--check``
+how both the raw tensor and the final outputs agree with PyTorch's.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REFERENCE = "reference.npz"
 RUNNER = "runner.py"
+POSTPROCESS = "postprocess.py"
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
 REQUIRED_FIELDS = ("format_version", "model", "config", "library", "library_sha256", "input", "outputs",
                    "target", "arch", "tvm_version")
@@ -105,6 +111,15 @@ def verify_library(bundle_dir: Path, manifest: dict[str, Any], expect_arch: str 
     return lib
 
 
+def _postprocess() -> Any:
+    """The post-processing module: the package's inside the package, the copy beside runner.py in a bundle."""
+    try:
+        from . import postprocess
+    except ImportError:  # runner.py run as a script: its folder is on sys.path
+        import postprocess  # type: ignore[no-redef]
+    return postprocess
+
+
 class Runner:
     """Loads a bundle into the Relax VM on one device and runs it."""
 
@@ -135,12 +150,33 @@ class Runner:
         out = self.vm["main"](tvm.runtime.tensor(self.check_input(x), self.device))
         return out.numpy()
 
+    def final(self, raw: Any) -> dict[str, Any]:
+        """The model's final outputs (top-5, detections in input pixels, or the class mask)."""
+        return final_outputs(self.manifest, raw)
+
     def time(self, x: Any, number: int = 10, repeat: int = 5, min_repeat_ms: int = 0) -> list[float]:
         """Per-run seconds for each repeat, as TVM's time_evaluator measures them."""
         import tvm
 
         f = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
         return list(f(tvm.runtime.tensor(self.check_input(x), self.device)).results)
+
+
+def final_outputs(manifest: dict[str, Any], raw: Any) -> dict[str, Any]:
+    return _postprocess().final_outputs(manifest["model"], raw, manifest["config"]["resolution"])
+
+
+def final_report(manifest: dict[str, Any], raw: Any, ref_raw: Any | None = None) -> dict[str, Any]:
+    """Final outputs as JSON, the time post-processing took here, and their agreement with ``ref_raw``'s."""
+    pp = _postprocess()
+    t0 = time.perf_counter()
+    final = final_outputs(manifest, raw)
+    report: dict[str, Any] = {"postprocess_ms": (time.perf_counter() - t0) * 1e3,
+                              "final": pp.summary(manifest["model"], final)}
+    if ref_raw is not None:
+        ref = final_outputs(manifest, ref_raw)
+        report["final_agreement"] = pp.agreement(manifest["model"], final, ref, ref_raw)
+    return report
 
 
 def reference(bundle_dir: Path) -> tuple[Any, Any]:
@@ -177,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             buf = _npy_bytes(out)
             write_atomic(args.output, buf)
+        result.update(final_report(runner.manifest, out, ref_out if args.check else None))
         if args.check:
             result["max_abs_error"] = float(np.abs(out - ref_out).max())
         if args.time:

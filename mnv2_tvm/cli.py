@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .compare import DEFAULT_PASSES
 from .errors import UserError
@@ -92,7 +92,9 @@ def cmd_compile(args: argparse.Namespace) -> None:
           f"[{m['madds'] / 1e6:,.0f}M MAdds, {m['params'] / 1e6:.2f}M params, {tuned}/{total} tasks tuned; "
           f"lower {s['lower']:.1f} s, build {s['build']:.1f} s, link {s['link']:.1f} s]")
     if spec.device_kind == "opencl":
-        print("note: OpenCL kernels are embedded in the library; no OpenCL device here can run them")
+        print("note: OpenCL kernels are embedded in the library; no OpenCL device here can run them "
+              f"as a model: `mnv2-tvm check-opencl {result.bundle_dir}` runs each kernel on a local "
+              "OpenCL device (PoCL) against the CPU")
     if args.target == targets.HOST_ALIAS and (fastest := targets.fastest_host_target_name()) != spec.name:
         print(f"note: the fastest build with shipped schedules on this host is `--target {fastest}` "
               f"(`mnv2-tvm targets`)")
@@ -177,6 +179,37 @@ def cmd_compare(args: argparse.Namespace) -> None:
     emulated = " [EMULATED board: timings meaningless]" if result.report.get("emulated") else ""
     print(f"report {state}{emulated}: {result.out_dir}/summary.md ({result.measured} points measured, "
           f"{result.reused} reused); plots: " + ", ".join(str(p) for n, p in result.files.items() if n.endswith(".png")))
+
+
+def cmd_check_opencl(args: argparse.Namespace) -> int:
+    """Exit status 0 when every kernel matches the CPU, 1 when one does not."""
+    from . import opencl, targets
+
+    if args.tolerance <= 0:
+        raise UserError(f"--tolerance must be positive, not {args.tolerance}")
+    device = opencl.open_device()  # before minutes of compiling
+    if Path(args.model).is_dir():
+        print(f"rebuilding the OpenCL kernels of bundle {args.model} ...", file=sys.stderr, flush=True)
+        program, spec = opencl.bundle_program(args.model)
+    else:
+        if not args.target:
+            raise UserError("give the OpenCL target to compile for: --target rk3399-mali, adreno640, ...")
+        cfg = _config(args)
+        spec = targets.load(args.target)
+        records = targets.records_dir(spec, args.tuning_records)
+        print(f"compiling {cfg.label} for {spec.name} (no link: no cross compiler or NDK needed) ...",
+              file=sys.stderr, flush=True)
+        program = opencl.build_program(cfg, spec, frontend=args.frontend, records_dir=records,
+                                       weights=args.weights, seed=args.seed)
+    print(f"running {program.n_kernels} OpenCL kernels on {device.name} ...", file=sys.stderr, flush=True)
+    result = opencl.check(program, device, tolerance=args.tolerance, seed=args.seed, progress=True, label=spec.name)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        if result.failed or not args.summary:
+            print(result.table(failed_only=args.summary))
+        print(result.summary())
+    return 0 if result.ok else 1
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -344,11 +377,26 @@ def cmd_board(args: argparse.Namespace) -> None:
         elif args.action == "run":
             import numpy as np
 
-            x = np.load(args.input) if args.input else None
+            x = _load_npy(args.input) if args.input else None
             out, result = board.run_bundle_ssh(conn, args.bundle, x, check=x is None)
             if args.output:
                 np.save(args.output, out)
             print(json.dumps(result))
+
+
+def _load_npy(path: Path) -> Any:
+    """An input array from a .npy file, or one line saying why it cannot be one."""
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"--input {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"--input {path} is a folder, not a .npy file") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"--input {path} is not a readable .npy array ({e.__class__.__name__}); "
+                        "save one with numpy.save") from None
 
 
 def _board_tunnel(args: argparse.Namespace, target: board.SshTarget, opts: board.SshOptions) -> None:
@@ -451,6 +499,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "S seconds (default 0: as `bench`)")
     p.set_defaults(func=cmd_compare)
 
+    from .opencl import TOLERANCE
+
+    p = sub.add_parser("check-opencl", help="run every OpenCL kernel of a model (or an OpenCL bundle) on a local "
+                                            "OpenCL device (PoCL) and compare it with the CPU")
+    _add_model_args(p)
+    p.add_argument("--target", help="an OpenCL target: rk3399-mali, adreno640, ... (needed for a MODEL; a BUNDLE "
+                                    "folder given as MODEL names its own)")
+    p.add_argument("--frontend", default="torch", choices=("torch", "onnx"))
+    p.add_argument("--tuning-records", "--records", type=Path, dest="tuning_records",
+                   help="records folder (default: schedules/<target>/)")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help=f"largest error allowed, relative to the output's largest magnitude (default {TOLERANCE:g})")
+    p.add_argument("--summary", action="store_true", help="print only mismatches and the summary line")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check_opencl)
+
     p = sub.add_parser("run", help="run a bundle on this machine")
     p.add_argument("bundle", type=Path)
     p.add_argument("--input", type=Path, help="an image (default: the bundle's fixed random input)")
@@ -520,14 +584,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
 
     try:
-        args.func(args)
+        status = args.func(args)
     except (UserError, BundleError) as e:
         print(f"mnv2-tvm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mnv2-tvm: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

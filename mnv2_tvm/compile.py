@@ -258,6 +258,7 @@ def compile_bundle(cfg: ModelConfig, spec: TargetSpec, out_dir: Path, *, fronten
     buf = _npz_bytes(input=x, output=expected)
     bundle.write_atomic(out_dir / bundle.REFERENCE, buf)
     shutil.copyfile(bundle.__file__, out_dir / bundle.RUNNER)
+    shutil.copyfile(Path(bundle.__file__).with_name(bundle.POSTPROCESS), out_dir / bundle.POSTPROCESS)
     manifest = {
         "format_version": bundle.FORMAT_VERSION,
         "model": cfg.model,

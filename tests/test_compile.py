@@ -145,8 +145,13 @@ def test_runner_script_runs_alone_with_the_runtime(host_bundles, tmp_path):
                            "--output", str(tmp_path / "out.npy"), "--check"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["max_abs_error"] <= TOLERANCE
+    result = json.loads(proc.stdout)
+    assert result["max_abs_error"] <= TOLERANCE
     assert np.abs(np.load(tmp_path / "out.npy") - expected).max() <= TOLERANCE
+    # The detections themselves, after NMS, from the copy of postprocess.py in the bundle.
+    dets = result["final"]["detections"]
+    assert dets and result["final_agreement"]["ok"] and result["postprocess_ms"] > 0
+    assert all(0 <= v <= SMALL["ssdlite"]["resolution"] for d in dets for v in d["box"])
 
 
 def test_wrong_input_shape_is_refused(host_bundles):

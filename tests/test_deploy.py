@@ -115,12 +115,22 @@ def test_ssdlite_and_deeplab_match_pytorch_on_the_board(vboard: Board, rpi_bundl
 
 def test_ssh_only_runner_path(vboard: Board, rpi_bundles: dict[str, Path], tmp_path: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:
-    """No RPC at all: SFTP the bundle, `python3 runner.py BUNDLE --input in.npy --output out.npy`, fetch."""
+    """No RPC at all: SFTP the bundle, `python3 runner.py BUNDLE --input in.npy --output out.npy`, fetch.
+    The board returns final outputs: detections after NMS, DeepLab's mask (OS 16 and 8), top-5."""
+    with B.BoardConnection(target_of(vboard), opts_of(vboard)) as conn:
+        finals = {name: B.run_bundle_ssh(conn, rpi_bundles[name], check=True)[1]
+                  for name in ("ssdlite", "deeplabv3", "deeplabv3-os8")}
+    for name, result in finals.items():
+        assert result["arch"] == "aarch64" and result["final_agreement"]["ok"], (name, result)
+    dets = finals["ssdlite"]["final"]["detections"]
+    assert dets and all(0 <= v <= SMALL["ssdlite"]["resolution"] for d in dets for v in d["box"])
+    assert finals["deeplabv3-os8"]["final"]["mask_shape"] == [SMALL["deeplabv3"]["resolution"]] * 2
     path = rpi_bundles["mobilenet_v2"]
     x, expected = bundle.reference(path)
     with B.BoardConnection(target_of(vboard), opts_of(vboard)) as conn:
         out, result = B.run_bundle_ssh(conn, path, x, check=True)
     assert result["arch"] == "aarch64" and result["max_abs_error"] <= 1e-4
+    assert len(result["final"]["top"]) == 5 and result["final_agreement"]["ok"]
     assert np.abs(out - expected).max() <= 1e-4
     np.save(tmp_path / "in.npy", x)
     assert main(["board", "run", str(path), *ssh_args(vboard), "--input", str(tmp_path / "in.npy"),
