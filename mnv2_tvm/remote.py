@@ -52,7 +52,7 @@ class RemoteSession:
         self.session = None
 
     def call(self, fn: Callable[[], T], what: str, timeout: float, hint: str) -> T:
-        """``fn()`` (remote calls on this session), given up after ``timeout`` s without an answer.
+        """``fn()`` (remote calls on this RPC connection), given up after ``timeout`` s without an answer.
 
         On giving up the session's socket is shut down: the abandoned call then fails at once
         instead of holding the session, and the remote objects freed on the way out (each a

@@ -7,8 +7,11 @@ import importlib.util
 import resource
 from pathlib import Path
 
+import pytest
 from conftest import SMALL
 from mnv2_tvm import targets
+
+pytestmark = pytest.mark.slow  # the virtual board, tuning or a benchmark: minutes, not seconds
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_host.py"
 

@@ -23,6 +23,8 @@ from mnv2_tvm import remote
 from mnv2_tvm.cli import main
 from mnv2_tvm.errors import UserError
 
+pytestmark = pytest.mark.slow  # the virtual board, tuning or a benchmark: minutes, not seconds
+
 
 @pytest.fixture(scope="module")
 def vboard(virtual_board: BoardFactory) -> Iterator[Board]:

@@ -1,5 +1,6 @@
 """tune → compile with records → run, through the CLI on a real (tiny) MobileNetV2 config."""
 
+import pytest
 import json
 import os
 import subprocess
@@ -9,6 +10,8 @@ import numpy as np
 
 from mnv2_tvm import bundle, targets
 from mnv2_tvm.bundle import Runner
+
+pytestmark = pytest.mark.slow  # the virtual board, tuning or a benchmark: minutes, not seconds
 
 CLI = [sys.executable, "-m", "mnv2_tvm.cli"]
 MODEL = ["mobilenet_v2", "--width", "0.35", "--resolution", "96"]

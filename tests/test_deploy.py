@@ -25,6 +25,8 @@ from mnv2_tvm.bench import BenchSettings, Where, bench_bundle, run_bench
 from mnv2_tvm.cli import main
 from mnv2_tvm.errors import UserError
 
+pytestmark = pytest.mark.slow  # the virtual board, tuning or a benchmark: minutes, not seconds
+
 EM_AARCH64 = 183
 FAST = BenchSettings(number=1, repeat=2)  # numbers under qemu mean nothing: just exercise the path
 

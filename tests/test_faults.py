@@ -38,7 +38,7 @@ from mnv2_tvm.tuning.records import atomic_write
 from mnv2_tvm.tuning.row_order import ROW_ORDER_FILE
 
 # Runs by default; `-m faults` selects this suite alone.
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

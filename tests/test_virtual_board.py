@@ -25,6 +25,8 @@ import pytest
 # (virtual_board_setup, virtual_board) from board_fixture.
 from board_fixture import SCRIPT, Board, BoardFactory
 
+pytestmark = pytest.mark.slow  # the virtual board, tuning or a benchmark: minutes, not seconds
+
 AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 EM_AARCH64 = 183
 SHAPE = (4, 8)

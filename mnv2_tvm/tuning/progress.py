@@ -74,7 +74,7 @@ class TaskReport:
     name: str
     weight: int
     flops: float
-    trials: int  # measured in this session
+    trials: int  # measured in this run
     trials_total: int  # records in the database for this workload (all sessions, all models)
     best_us: float | None  # best valid measured mean, µs
     build_errors: int = 0
@@ -130,7 +130,7 @@ class TuneReport:
         est = self.estimated_e2e_us
         est_s = f"{est:.1f} µs" if est is not None else f"n/a ({self.tasks_without_measurement} unmeasured)"
         rows.append(
-            f"{self.trials_run} trials this session (trials/total above; in db for this model "
+            f"{self.trials_run} trials this run (trials/total above; in db for this model "
             f"{self.trials_in_db_before} -> {self.trials_in_db_after}; {self.tasks_covered_before}/{len(self.tasks)} "
             f"tasks had records before); estimated end-to-end {est_s}; "
             f"{self.wall_time_s:.0f} s" + (" [interrupted]" if self.interrupted else "")

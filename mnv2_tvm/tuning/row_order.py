@@ -34,10 +34,9 @@ from .tasks import Task, workload_key
 #: than ``ROW_ORDER_TOLERANCE`` × the first. Written by ``tune`` after its search.
 ROW_ORDER_FILE = "row_order.json"
 #: Timed alone a reordered kernel may be this much slower and still gain in place: alone it
-#: cannot show what the order is for (each thread finding the rows it reads in its own cache).
-#: MobileNetV2 on 2 threads, reordering the kernels within 1.1× / 1.25× / any: 0.98 / 0.92 / 0.91×
-#: ORT; SSDLite within 1.1× / any: 1.00 / 0.89× (README, session 13). Beyond 2× it is the code
-#: around the loop that got slower, not the loop.
+#: cannot show what the order is for (each thread finding the rows it reads in its own cache);
+#: the measurements behind the bound are in docs/results.md (row order). Beyond 2× it is the
+#: code around the loop that got slower, not the loop.
 ROW_ORDER_TOLERANCE = 2.0
 
 _log = logging.getLogger(__name__)
