@@ -139,9 +139,8 @@ def test_profiled_kernels_map_one_to_one_onto_the_conv_and_linear_layers(host_bu
     assert {k.madds for k in kernels if "conv2d" in k.name} <= {l.madds for l in layers}
     # Global pooling, no MAdds (TVM may number the kernel's name: mean, mean1, ...).
     assert [r.layer.rstrip("0123456789") for r in lmap.rows if r.kind == "other"] == ["mean"]
-    # Instrumented kernel times add up to about the whole run (the rest is VM bookkeeping).
-    latency_ms = sorted(runner.time(x, number=1, repeat=5))[2] * 1e3
-    assert 0.5 * latency_ms < sum(k.ms for k in kernels) < 1.5 * latency_ms
+    # How the kernel times add up against the whole run is a measurement (bench --profile), not a test:
+    # on a shared machine the two timings are taken at different moments.
 
 
 def test_mapping_follows_shapes_and_madds_not_the_order_of_parallel_branches():
