@@ -115,11 +115,38 @@ def cmd_tune(args: argparse.Namespace) -> None:
     tracker = parse_hostport(args.rpc_tracker, "--rpc-tracker") if args.rpc_tracker else None
     _warn_exposed(tracker, "RPC tracker (and the boards behind it)")
     if tracker is None and not spec.is_host:
-        raise UserError(f"target {spec.name} is not this machine: measure on the board with "
-                        f"--rpc-tracker HOST:PORT --rpc-key {spec.rpc_key}")
+        _tune_emulated(args, spec)
+        return
     records = targets.records_dir(spec, args.tuning_records)
     tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
                tracker=tracker, rpc_key=args.rpc_key or spec.rpc_key, seed=args.seed, transfer=args.transfer)
+
+
+def _tune_emulated(args: argparse.Namespace, spec: Any) -> None:
+    """tune for a board without one: candidates costed on the target's emulated core ([core])."""
+    from . import targets
+    from .emulate import load_core_model
+    from .tuning import tune_model
+    from .tuning.emulated import backend_for
+
+    try:
+        load_core_model(spec.path)
+    except UserError as e:
+        raise UserError(f"{e}; or measure on the board with --ssh USER@HOST or --rpc-tracker HOST:PORT "
+                        f"--rpc-key {spec.rpc_key}") from None
+    backend = backend_for(spec)  # one line naming the set-up command when qemu, plugin or userland is missing
+    records = targets.records_dir(spec, args.tuning_records, emulated=True)
+    _sigterm_as_interrupt()
+    print(f"no board given: tuning {spec.name} on its emulated core ({backend.description}); "
+          f"records in {records}", file=sys.stderr)
+    try:
+        report = tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
+                            seed=args.seed, transfer=args.transfer, runner=backend)
+    finally:
+        backend.close()
+    failed = sum(getattr(t, "run_errors", 0) for t in getattr(report, "tasks", []))
+    if failed and failed == getattr(report, "trials_run", -1):
+        raise UserError(f"every emulated measurement failed; see tune.log in {records}")
 
 
 def cmd_prune(args: argparse.Namespace) -> None:

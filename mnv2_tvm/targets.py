@@ -167,9 +167,15 @@ def fastest_host_target_name() -> str:
     return name
 
 
-def records_dir(target: TargetSpec | str, given: str | os.PathLike | None = None) -> Path:
+#: Sub-folder of a target's records folder that holds records measured on its emulated core
+#: (``mnv2_tvm.tuning.emulated``); compile takes them for workloads the board's records lack.
+EMULATED_SUBDIR = "emulated"
+
+
+def records_dir(target: TargetSpec | str, given: str | os.PathLike | None = None, *, emulated: bool = False) -> Path:
     """The tuning records folder to use for ``target``: ``given`` (``--tuning-records``) when set,
-    else the target's own, ``schedules/<target name>/`` (``MNV2_TVM_SCHEDULES`` moves the root).
+    else the target's own, ``schedules/<target name>/`` (``MNV2_TVM_SCHEDULES`` moves the root),
+    or with ``emulated`` its sub-folder of records measured on the emulated core.
 
     ``target`` is a :class:`TargetSpec` or anything :func:`load` takes; a name is loaded only
     when ``given`` is None (the folder is named after the target file's stem).
@@ -178,7 +184,8 @@ def records_dir(target: TargetSpec | str, given: str | os.PathLike | None = None
         return Path(given)
     if isinstance(target, str):
         target = load(target)
-    return _schedules(target.name)
+    folder = _schedules(target.name)
+    return folder / EMULATED_SUBDIR if emulated else folder
 
 
 def _schedules(name: str) -> Path:

@@ -155,8 +155,9 @@ def fmt_duration(sec: float | None) -> str:
 class Progress:
     """One live line on stderr (TTY), or a line per batch at most every 10 s otherwise."""
 
-    def __init__(self, stream: io.TextIOBase | None, total: int, t0: float) -> None:
+    def __init__(self, stream: io.TextIOBase | None, total: int, t0: float, where: str | None = None) -> None:
         self.stream = stream
+        self.where = where  # where candidates are measured, when not on the hardware (e.g. "emulated Cortex-A72")
         self.total = total
         self.t0 = t0
         self.done = 0
@@ -186,7 +187,8 @@ class Progress:
             est += f" (+{self.unmeasured} untimed)"
         return (
             f"[tune] {self.done}/{self.total} trials {pct:3.0f}% | {fmt_duration(now - self.t0)} elapsed"
-            f" | ETA {fmt_duration(eta)} | est {est} | {self.task[:28]}"
+            f" | ETA {fmt_duration(eta)} | est {est}" + (f" {self.where}" if self.where else "")
+            + f" | {self.task[:28]}"
         )
 
     def _write(self, final: bool = False) -> None:

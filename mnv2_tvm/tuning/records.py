@@ -125,14 +125,38 @@ def read_meta(records_dir: Path) -> dict | None:
     return meta
 
 
-def _new_meta(target: tvm.target.Target) -> dict:
+#: How a folder's records were measured (meta ``measurement``): on the hardware itself (a board,
+#: or this machine for a host target), or ``emulated:<core model>`` (:mod:`.emulated`). A folder
+#: holds one kind; a meta without the key predates it and was measured on hardware.
+BOARD_MEASUREMENT = "board"
+
+
+def measurement_of(meta: dict | None) -> str:
+    return str((meta or {}).get("measurement", BOARD_MEASUREMENT))
+
+
+def _new_meta(target: tvm.target.Target, measurement: str = BOARD_MEASUREMENT) -> dict:
     return {
         "format": RECORDS_FORMAT,
         "tvm_version": tvm.__version__,
         "target": target_config(target),
         "target_str": str(target),
+        "measurement": measurement,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def check_measurement(meta: dict | None, measurement: str, records_dir: Path) -> None:
+    """Refuse to add ``measurement``-kind records to a folder holding the other kind."""
+    theirs = measurement_of(meta)
+    if meta is None or theirs == measurement:
+        return
+    if measurement == BOARD_MEASUREMENT:
+        raise RecordsError(f"{records_dir} holds records measured on an emulated core ({theirs}); a board's "
+                           "records go to another folder (emulated ones live in <target records>/emulated/, "
+                           "where compile takes a board's record over them)")
+    raise RecordsError(f"{records_dir} holds records measured by {theirs}, not {measurement}: emulated and real "
+                       "measurements are not mixed; use another --tuning-records folder")
 
 
 def check_meta(meta: dict, target: tvm.target.Target | None, records_dir: Path) -> None:
@@ -540,13 +564,15 @@ def has_files(records_dir: Path) -> bool:
 
 
 def open_records(
-    records_dir: str | os.PathLike, target: tvm.target.Target | None, *, writable: bool
+    records_dir: str | os.PathLike, target: tvm.target.Target | None, *, writable: bool,
+    measurement: str | None = None,
 ) -> _Records:
     """Open (and, if writable, create and lock) a records dir after checking its ``meta.json``.
 
     Raises :class:`RecordsError` for another target or TVM version, an unwritable dir, or a dir
     another tuning process holds; nothing is written before the checks pass. A dir without
     ``meta.json`` (e.g. a stock MetaSchedule work dir) is adopted if its records are for ``target``.
+    ``measurement`` (a writer's kind, see :data:`BOARD_MEASUREMENT`) must match the folder's.
     """
     records_dir = Path(records_dir)
     target = as_target(target) if target is not None else None
@@ -562,7 +588,12 @@ def open_records(
     meta = read_meta(records_dir)
     if meta is not None:
         check_meta(meta, target, records_dir)
+        if measurement is not None:
+            check_measurement(meta, measurement, records_dir)
     elif has_files(records_dir):
+        if measurement not in (None, BOARD_MEASUREMENT):
+            raise RecordsError(f"{records_dir} has records without {META_FILE} (measured on hardware?): "
+                               f"{measurement} records go to another folder")
         if target is None:
             raise RecordsError(f"{records_dir} has records but no {META_FILE}")
         probe = RecordsDatabase(str(records_dir), writable=False)
@@ -587,7 +618,8 @@ def open_records(
         if meta is None:
             if target is None:
                 raise RecordsError(f"{records_dir} has no {META_FILE}")
-            atomic_write(records_dir / META_FILE, json.dumps(_new_meta(target), indent=2).encode())
+            atomic_write(records_dir / META_FILE,
+                         json.dumps(_new_meta(target, measurement or BOARD_MEASUREMENT), indent=2).encode())
         db = RecordsDatabase(str(records_dir), writable=True)
     except OSError as e:
         os.close(lock_fd)

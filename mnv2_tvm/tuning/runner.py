@@ -125,6 +125,9 @@ def stop_runner(run: Any) -> None:
     pool = getattr(run, "pool", None)
     if pool is not None:
         tvm_compat.kill_popen_pool(pool)
+    close = getattr(run, "close", None)  # the emulated runner's measuring thread
+    if callable(close):
+        close()
 
 
 # --------------------------------------------------------------------------- boards over RPC

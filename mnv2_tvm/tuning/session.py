@@ -17,7 +17,7 @@ from .. import tvm_compat
 from .builder import PersistentBuilder
 from .interrupt import Sigint
 from .progress import PeakMemory, Progress, TaskReport, TuneReport, tvm_logs_to
-from .records import LOG_FILE, RecordsError, as_target, open_records, trace_key
+from .records import BOARD_MEASUREMENT, LOG_FILE, RecordsError, as_target, open_records, trace_key
 from .row_order import row_order_pending, time_row_order
 from .runner import MeasureBackend, RunnerSpec, stop_runner
 from .search import MIN_TRIALS_PER_TASK, BatchCallback, allocate_trials, tune_task
@@ -265,7 +265,9 @@ def tune(
     runner = runner or RunnerSpec()
     target = with_num_cores(as_target(target), runner.on_this_machine)
     records_dir = Path(records_dir)
-    opened = open_records(records_dir, target, writable=True)  # warnings go to the console
+    measurement = getattr(runner, "measurement", None)  # None: measured on hardware ("board")
+    opened = open_records(records_dir, target, writable=True,  # warnings go to the console
+                          measurement=measurement or BOARD_MEASUREMENT)
     try:
         with tvm_logs_to(records_dir / LOG_FILE, progress) as console, Sigint() as sigint:
             sess = Session(opened.db, extract_tasks(mod, target, params), trials, target, records_dir, t0)
@@ -287,7 +289,11 @@ def tune(
                 # Records are shared by exact workload: other configs and models cover some tasks.
                 console.write(f"[tune] {sess.covered_before} of {len(sess.tasks)} tasks already have records in "
                               f"{records_dir} ({sum(sess.existing)} trials, from this or other models)\n")
-            sess.bar = Progress(console, total, t0) if progress else None
+            where = getattr(runner, "description", None)
+            if console is not None and where:
+                console.write(f"[tune] measuring on the {where} core model: modelled cost, not measured; records "
+                              f"labelled {measurement} in {records_dir}\n")
+            sess.bar = Progress(console, total, t0, where=where) if progress else None
             memory = PeakMemory()
             try:
                 with memory:
@@ -319,18 +325,19 @@ def tune(
 
 def tune_model(cfg: ModelConfig, spec: TargetSpec, records_dir: Path, trials: int, *, frontend: str = "torch",
                weights: Path | None = None, tracker: tuple[str, int] | None = None, rpc_key: str | None = None,
-               seed: int = 0, progress: bool = True, transfer: bool = False) -> TuneReport:
+               seed: int = 0, progress: bool = True, transfer: bool = False,
+               runner: MeasureBackend | None = None) -> TuneReport:
     """Build a model config, lower it and tune it for a target spec (the CLI's ``tune``).
 
     ``tracker`` measures on the boards registered under ``rpc_key`` at that RPC tracker;
-    without it candidates run on this machine.
+    ``runner`` measures another way (e.g. :class:`.emulated.EmulatedBackend`); without either,
+    candidates run on this machine.
     """
     from ..errors import UserError
     from ..lower import to_relax
     from ..models import build
 
     mod = to_relax(build(cfg, seed=seed, weights=weights), cfg, frontend, spec.layout)
-    runner = None
     if tracker:
         runner = RunnerSpec.rpc(tracker[0], tracker[1], rpc_key or spec.rpc_key,
                                 cross_compiler=spec.cross_compiler)
