@@ -501,3 +501,95 @@ def print_result(result: BenchResult, as_json: bool) -> None:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(result.table())
+
+
+# --------------------------------------------------------------------------- no board: the emulated core
+
+
+def bench_modelled(bundle_dir: Path, settings: BenchSettings) -> dict[str, Any]:
+    """Without a board: one inference of the bundle costed on its target's emulated core
+    (``[core]`` of the TOML) at the target's core count; with ``settings.profile`` also each kernel
+    alone (``at`` positions as :func:`kernel_calls`). Modelled figures, not measurements."""
+    from . import bundle, targets
+    from .emulate import EmulatedCore, load_core_model
+
+    manifest = bundle.load_manifest(bundle_dir)
+    bundle.verify_library(bundle_dir, manifest)
+    spec = targets.load(manifest["target"])
+    try:
+        load_core_model(spec.path)
+    except UserError as e:
+        raise UserError(f"{e}; or run on the board with --ssh USER@HOST, --rpc HOST:PORT or --rpc-tracker "
+                        "HOST:PORT") from None
+    tuning = manifest.get("tuning", {})
+    out: dict[str, Any] = {"modelled": True, "label": manifest.get("label", manifest.get("model")),
+                           "bundle": str(bundle_dir), "target": spec.name, "threads": spec.cores,
+                           "madds": manifest.get("madds"), "tuned": len(tuning.get("tuned", [])),
+                           "kernels": len(tuning.get("tuned", [])) + len(tuning.get("fallback", [])),
+                           "emulated_records": tuning.get("emulated_records", 0)}
+    with EmulatedCore(spec.path, threads=spec.cores) as core:
+        cost = core.measure_bundle(bundle_dir)
+        if not cost.ok:
+            raise UserError(f"the model failed under emulation: {cost.error}")
+        out.update(core=cost.core, ms=cost.ms, cycles=cost.cycles, instructions=cost.instructions,
+                   classes=cost.classes, cache=cost.cache, regions=cost.regions, wall_s=cost.wall_s,
+                   fingerprint=cost.fingerprint())
+        if settings.profile:
+            out["profile"] = _profile_modelled(manifest, spec, core)
+    return out
+
+
+def _profile_modelled(manifest: dict[str, Any], spec: Any, core: Any) -> list[dict[str, Any]]:
+    from .compile import _fcompile, compile_kernels
+    from .lower import to_relax
+    from .models import ModelConfig, build
+
+    cfg = ModelConfig.from_dict(manifest["config"])
+    weights = Path(manifest["weights"]) if manifest.get("weights") else None
+    print("profile: rebuilding the kernels alone for the emulated core ...", file=sys.stderr)
+    mod = to_relax(build(cfg, seed=int(manifest.get("seed", 0)), weights=weights), cfg, manifest.get("frontend", "torch"),
+                   manifest.get("layout", "NCHW"))
+    tuning = manifest.get("tuning", {})
+    records = Path(tuning["records_dir"]) if tuning.get("records_dir") and not tuning.get("untuned") else None
+    executable, _, fused = compile_kernels(mod, spec.tvm_target(), records)
+    libs = list(executable.mod.imports)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mnv2-profile-") as tmp:
+        path = Path(tmp) / "kernels.so"
+        fcompile = _fcompile(spec)
+        libs[0].export_library(str(path), fcompile=fcompile) if fcompile else libs[0].export_library(str(path))
+        for k in kernel_calls(fused):
+            cost = core.measure(path, k["name"], k["args"])
+            if not cost.ok:
+                print(f"profile: {k['name']} failed under emulation: {cost.error}", file=sys.stderr)
+                continue
+            rows.append({"name": k["name"], "calls": k["calls"], "ms_per_call": cost.ms,
+                         "total_ms": cost.ms * k["calls"], "cycles_per_call": cost.cycles,
+                         "instructions_per_call": cost.instructions, "at": k["at"]})
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows
+
+
+def print_modelled(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    r = result
+    l1 = r["cache"][0] if r.get("cache") else {}
+    lines = [
+        f"MODELLED (emulated {r['core']} x{r['threads']}), not measured: {r['label']} ({r['target']})",
+        f"{r['ms']:.3f} ms modelled | {r['cycles']:,.0f} cycles | {r['instructions']:,} instructions | "
+        f"{r['classes'].get('fma', 0):,} vector FMA | L1D {l1.get('miss', 0):,} misses of {l1.get('acc', 0):,} | "
+        f"{r['regions'] - 1} parallel regions",
+        f"{r['tuned']}/{r['kernels']} kernels tuned" + (f" ({r['emulated_records']} from emulated records)"
+                                                         if r.get("emulated_records") else "")
+        + f"; {r['wall_s']:.0f} s under emulation",
+    ]
+    if r.get("profile"):
+        total = sum(k["total_ms"] for k in r["profile"])
+        lines.append(f"per kernel (each modelled alone; sum {total:.3f} ms vs {r['ms']:.3f} ms end to end):")
+        lines.append(f"  {'kernel':<44} {'calls':>5} {'ms/call':>9} {'ms':>9} {'cycles/call':>13} {'share':>6}")
+        for k in r["profile"]:
+            lines.append(f"  {k['name'][:44]:<44} {k['calls']:>5} {k['ms_per_call']:9.4f} {k['total_ms']:9.4f} "
+                         f"{k['cycles_per_call']:13,.0f} {100 * k['total_ms'] / total if total else 0:5.1f}%")
+    print("\n".join(lines))

@@ -89,8 +89,9 @@ def cmd_compile(args: argparse.Namespace) -> None:
     tuned = len(m["tuning"]["tuned"])
     total = tuned + len(m["tuning"]["fallback"])
     print(f"{cfg.label} for {spec.name} ({m['arch']}): {result.bundle_dir}/  "
-          f"[{m['madds'] / 1e6:,.0f}M MAdds, {m['params'] / 1e6:.2f}M params, {tuned}/{total} tasks tuned; "
-          f"lower {s['lower']:.1f} s, build {s['build']:.1f} s, link {s['link']:.1f} s]")
+          f"[{m['madds'] / 1e6:,.0f}M MAdds, {m['params'] / 1e6:.2f}M params, {tuned}/{total} tasks tuned"
+          + (f" ({m['tuning']['emulated_records']} by emulated-core records)" if m["tuning"].get("emulated_records") else "")
+          + f"; lower {s['lower']:.1f} s, build {s['build']:.1f} s, link {s['link']:.1f} s]")
     if spec.device_kind == "opencl":
         print("note: OpenCL kernels are embedded in the library; no OpenCL device here can run them "
               f"as a model: `mnv2-tvm check-opencl {result.bundle_dir}` runs each kernel on a local "
@@ -353,12 +354,41 @@ def cmd_bench(args: argparse.Namespace) -> None:
                   key=args.rpc_key, ssh=target, ssh_opts=opts, wait_s=args.wait)
     _warn_exposed(where.rpc, "RPC server")
     _warn_exposed(where.tracker, "RPC tracker (and the boards behind it)")
+    if not (where.rpc or where.tracker or where.ssh):
+        return _bench_modelled(args, settings)
     where.check()  # before minutes of compiling
     _sigterm_as_interrupt()
     bundle_dir = resolve_bundle(args.model, args.target, lambda: _config(args), out_dir=args.output,
                                 frontend=args.frontend, weights=args.weights, seed=args.seed,
                                 tuning_records=args.tuning_records)
     print_result(bench_bundle(bundle_dir, where, settings), args.json)
+
+
+def _bench_modelled(args: argparse.Namespace, settings: Any) -> None:
+    """bench without a board: the model costed on the target's emulated core, marked as modelled."""
+    from . import bundle as bundle_mod
+    from . import targets
+    from .bench import bench_modelled, print_modelled, resolve_bundle
+    from .emulate import EmulatedCore, load_core_model
+
+    name = args.target
+    if name is None and Path(args.model).is_dir():
+        name = bundle_mod.load_manifest(Path(args.model))["target"]
+    if name is None:
+        raise UserError(f"bench {args.model} compiles the model first: say for which board with --target (e.g. rpi4b)")
+    spec = targets.load(name)
+    try:
+        load_core_model(spec.path)
+    except UserError as e:
+        raise UserError(f"{e}; or run on the board with --ssh USER@HOST, --rpc HOST:PORT or --rpc-tracker "
+                        "HOST:PORT") from None
+    EmulatedCore(spec.path, threads=spec.cores).close()  # set-up checked before minutes of compiling
+    print(f"no board given: modelling {spec.name} on its emulated core", file=sys.stderr)
+    _sigterm_as_interrupt()
+    bundle_dir = resolve_bundle(args.model, args.target, lambda: _config(args), out_dir=args.output,
+                                frontend=args.frontend, weights=args.weights, seed=args.seed,
+                                tuning_records=args.tuning_records)
+    print_modelled(bench_modelled(bundle_dir, settings), args.json)
 
 
 def cmd_board(args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import bundle
 from .errors import UserError
 from .models import ModelConfig
-from .targets import TargetSpec
+from .targets import EMULATED_SUBDIR, TargetSpec
 
 if TYPE_CHECKING:
     import tvm
@@ -48,6 +48,8 @@ class ApplyReport:
     workloads: list[str] = field(default_factory=list)
     # Kernels whose parallel loop runs over output rows outermost (tuning.row_order.ROW_ORDER_FILE)
     rows_outermost: list[str] = field(default_factory=list)
+    # Kernels whose record came from the emulated core's records (``<records>/emulated/``), not a board's
+    emulated_records: int = 0
 
 
 def kernels_module(mod: tvm.IRModule, target: tvm.target.Target, db: Any | None = None) -> tvm.IRModule:
@@ -129,13 +131,17 @@ def compile_kernels(
     import tvm
 
     from .kernels import loop_order
-    from .tuning.records import as_target, check_meta, has_files, open_records, read_meta
+    from .tuning.records import (BOARD_MEASUREMENT, as_target, check_meta, has_files, measurement_of, open_records,
+                                 read_meta)
     from .tuning.row_order import rows_outermost_kernels
     from .tuning.tasks import fuse, prepare
 
     target = as_target(target)
     prepared = prepare(mod, params)
     rdir = Path(records_dir) if records_dir is not None else None
+    emu_dir = rdir / EMULATED_SUBDIR if rdir is not None else None
+    if emu_dir is not None and emu_dir.is_dir() and has_files(emu_dir):
+        return _compile_preferring(prepared, target, rdir, emu_dir)
     if rdir is None or not rdir.is_dir() or not has_files(rdir):
         if rdir is not None and rdir.is_dir():
             meta = read_meta(rdir)
@@ -159,10 +165,48 @@ def compile_kernels(
         kernels, reordered = loop_order.rows_outermost(
             kernels, [gv.name_hint for gv in kernels.functions if gv.name_hint.removesuffix("_prepacked") in reorder])
         report = ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned, workloads=sorted(db.queried),
-                             rows_outermost=sorted(n.removesuffix("_prepacked") for n in reordered))
+                             rows_outermost=sorted(n.removesuffix("_prepacked") for n in reordered),
+                             emulated_records=len(tuned) if measurement_of(read_meta(rdir)) != BOARD_MEASUREMENT else 0)
         return _build(kernels, target), report, kernels
     finally:
         opened.close()
+
+
+def _compile_preferring(prepared: tvm.IRModule, target: tvm.target.Target, rdir: Path,
+                        emu_dir: Path) -> tuple[relax.VMExecutable, ApplyReport, tvm.IRModule]:
+    """:func:`compile_kernels` for a records folder with an ``emulated/`` sub-folder: per kernel, a
+    board's record (the folder's own) when it has one, else the emulated core's."""
+    import tvm
+
+    from .kernels import loop_order
+    from .tuning.records import PreferringDatabase, has_files, open_records
+    from .tuning.row_order import rows_outermost_kernels
+    from .tuning.tasks import fuse
+
+    opened = [open_records(d, target, writable=False) for d in (rdir, emu_dir) if d.is_dir() and has_files(d)]
+    dirs = [d for d in (rdir, emu_dir) if d.is_dir() and has_files(d)]
+    try:
+        db = PreferringDatabase([o.db for o in opened])
+        fused = fuse(prepared, target)
+        kernels = _applied(fused, target, db)
+        prims = {gv.name_hint.removesuffix("_prepacked"): f
+                 for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+        tuned = sorted(n for n, f in prims.items() if f.attrs and f.attrs.get("tirx.is_scheduled", False))
+        fallback = sorted(n for n in prims if n not in set(tuned))
+        reorder: set[str] = set()
+        for o, d in zip(opened, dirs):
+            reorder |= rows_outermost_kernels(fused, o.db, d)
+        kernels, reordered = loop_order.rows_outermost(
+            kernels, [gv.name_hint for gv in kernels.functions
+                      if gv.name_hint.removesuffix("_prepacked") in reorder & set(tuned)])
+        emulated_from = sum(1 for i in db.sources.values() if dirs[i] == emu_dir)
+        report = ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned, workloads=sorted(db.queried),
+                             rows_outermost=sorted(n.removesuffix("_prepacked") for n in reordered),
+                             emulated_records=emulated_from)
+        return _build(kernels, target), report, kernels
+    finally:
+        for o in opened:
+            o.close()
 
 
 def _fcompile(spec: TargetSpec):

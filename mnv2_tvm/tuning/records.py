@@ -677,3 +677,58 @@ def _compact_workloads(path: Path) -> None:
     new = b"".join(compact(ln) + b"\n" for _, ln in lines) + tail
     if new != raw:
         atomic_write(path, new)
+
+
+# --------------------------------------------------------------------------- board over emulated
+
+
+@derived_object
+class PreferringDatabase(ms.database.PyDatabase):
+    """Read-only view of several records databases: per workload, the first that holds a valid
+    record answers (compile: a board's records over the emulated core's, :data:`BOARD_MEASUREMENT`).
+
+    ``sources`` maps each workload's structural hash (as ``queried``) to the index of the database
+    that answered for it.
+    """
+
+    def __init__(self, dbs: list[RecordsDatabase]) -> None:
+        super().__init__()
+        self.dbs = list(dbs)
+        self.digest = hashlib.sha256("\0".join(d.digest for d in self.dbs).encode()).hexdigest()
+        self.sources: dict[str, int] = {}
+
+    @property
+    def queried(self) -> set[str]:
+        return set().union(*(d.queried for d in self.dbs))
+
+    def _answering(self, mod: tvm.IRModule) -> RecordsDatabase | None:
+        for i, d in enumerate(self.dbs):
+            if d.workload_stats(mod)[1] is not None:
+                self.sources[str(tvm_ffi.structural_hash(mod))] = i
+                return d
+        return None
+
+    def has_workload(self, mod: tvm.IRModule) -> bool:
+        found = [d.has_workload(mod) for d in self.dbs]  # each notes the query
+        return any(found)
+
+    def commit_workload(self, mod: tvm.IRModule) -> ms.database.Workload:
+        d = self._answering(mod) or self.dbs[0]
+        return d.commit_workload(mod)
+
+    def commit_tuning_record(self, record: ms.database.TuningRecord) -> None:
+        raise RecordsError("a preferring view of records databases is read-only")
+
+    def get_top_k(self, workload: ms.database.Workload, top_k: int) -> list[ms.database.TuningRecord]:
+        d = self._answering(workload.mod)
+        return [] if d is None else d.get_top_k(d.commit_workload(workload.mod), top_k)
+
+    def get_all_tuning_records(self) -> list[ms.database.TuningRecord]:
+        return [r for d in self.dbs for r in d.get_all_tuning_records()]
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.dbs)
+
+    def records_of(self, mod: tvm.IRModule) -> list[ms.database.TuningRecord]:
+        d = self._answering(mod)
+        return [] if d is None else d.records_of(mod)

@@ -1,0 +1,183 @@
+"""Tuning and benchmarking for a board without one: the emulated core (mnv2_tvm.tuning.emulated).
+
+Tests marked slow start a 4-thread aarch64 guest under qemu (the target's core count): one tune of
+the three-task tiny module (shared by the tests after it), and one modelled bench.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mnv2_tvm import targets
+from mnv2_tvm.cli import main
+from mnv2_tvm.tuning import records as R
+from mnv2_tvm.tuning import search
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_tune import SMALL_SEARCH, tiny_module  # noqa: E402
+
+
+def _target_without_core(tmp_path: Path) -> Path:
+    text = (REPO / "targets" / "rpi4b.toml").read_text()
+    head = text.split("\n[core]")[0].rstrip().rsplit("\n#", 2)[0]
+    path = tmp_path / "nocore.toml"
+    path.write_text(head + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------- no qemu
+
+
+@pytest.mark.parametrize("verb", ["tune", "bench"])
+def test_target_without_core_model_is_one_line_and_exit_2(verb, tmp_path, capsys):
+    toml = _target_without_core(tmp_path)
+    argv = [verb, "mobilenet_v2", "--width", "0.35", "--resolution", "96", "--target", str(toml)]
+    argv += ["--trials", "8", "--tuning-records", str(tmp_path / "rec")] if verb == "tune" else []
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "no core model" in err[0] and "core.clock_ghz" in err[0] and "core.l2_latency" in err[0]
+    assert not (tmp_path / "rec").exists()
+
+
+def test_emulated_and_board_records_are_never_mixed(tmp_path):
+    target = targets.load("rpi4b").tvm_target()
+    folder = tmp_path / "rec"
+    R.open_records(folder, target, writable=True, measurement="emulated:Cortex-A72").close()
+    assert R.measurement_of(R.read_meta(folder)) == "emulated:Cortex-A72"
+    with pytest.raises(R.RecordsError) as e:
+        R.open_records(folder, target, writable=True).close()  # a board's run (or a host's)
+    assert "\n" not in str(e.value) and "emulated core" in str(e.value)
+    board = tmp_path / "board"
+    R.open_records(board, target, writable=True).close()
+    assert R.measurement_of(R.read_meta(board)) == R.BOARD_MEASUREMENT
+    with pytest.raises(R.RecordsError, match="not mixed"):
+        R.open_records(board, target, writable=True, measurement="emulated:Cortex-A72").close()
+    R.open_records(board, target, writable=False).close()  # reading either kind is fine
+    assert targets.records_dir("rpi4b", emulated=True) == targets.records_dir("rpi4b") / targets.EMULATED_SUBDIR
+
+
+# ---------------------------------------------------------------------- under qemu
+
+
+@pytest.fixture(scope="module")
+def backend(virtual_board_setup):
+    subprocess.run(["bash", str(REPO / "scripts" / "setup_emulator.sh")], check=True)
+    from mnv2_tvm.tuning.emulated import backend_for
+
+    b = backend_for(targets.load("rpi4b"))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def emulated_tune(backend, tmp_path_factory):
+    """8 trials of the tiny module for rpi4b on its emulated core (records shared by the tests)."""
+    from mnv2_tvm.tuning import tune
+
+    mod, params, _, _ = tiny_module()
+    folder = tmp_path_factory.mktemp("emu") / "rpi4b" / targets.EMULATED_SUBDIR
+    target = targets.load("rpi4b").tvm_target()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(search, "SEARCH_KWARGS", SMALL_SEARCH)
+        import io
+        import contextlib
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            report = tune(mod, target, folder, 8, params=params, runner=backend, seed=1)
+    return folder, report, (mod, params, target), err.getvalue()
+
+
+@pytest.mark.slow
+def test_tuning_without_a_board_is_labelled_emulated(emulated_tune):
+    folder, report, _, _ = emulated_tune
+    meta = json.loads((folder / R.META_FILE).read_text())
+    assert meta["measurement"] == "emulated:Cortex-A72"
+    assert report.trials_run >= 8 and report.estimated_e2e_us is not None
+    db = R.RecordsDatabase(folder, writable=False)
+    valid = [r for r in db.get_all_tuning_records() if r.run_secs and float(r.run_secs[0]) < 1e9]
+    assert len(valid) >= 3  # every task has a modelled cost
+    assert all(0 < float(r.run_secs[0]) < 1.0 for r in valid)
+
+
+@pytest.mark.slow
+def test_progress_says_emulated(emulated_tune, capfd):
+    _, _, _, console = emulated_tune
+    text = console + capfd.readouterr().err
+    log = (emulated_tune[0] / R.LOG_FILE).read_text()
+    assert "emulated Cortex-A72" in text or "emulated Cortex-A72" in log
+
+
+@pytest.mark.slow
+def test_second_identical_run_measures_nothing(emulated_tune, backend):
+    from mnv2_tvm.tuning import tune
+
+    folder, _, (mod, params, target), _ = emulated_tune
+    before = (folder / R.RECORD_FILE).read_bytes()
+    report = tune(mod, target, folder, 8, params=params, runner=backend, seed=1, progress=False)
+    assert report.trials_run == 0 and report.already_done
+    assert (folder / R.RECORD_FILE).read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_records_cost_is_reproduced_bit_for_bit(emulated_tune, backend):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from mnv2_tvm import tvm_compat
+    from mnv2_tvm.tuning.builder import _builder_worker_build
+    from mnv2_tvm.tuning.emulated import measure_artifact
+
+    folder, _, (_, _, target), _ = emulated_tune
+    tvm_compat.import_tensor_intrinsics(True)
+    db = R.RecordsDatabase(folder, writable=False)
+    rec = min((r for r in db.get_all_tuning_records() if r.run_secs and float(r.run_secs[0]) < 1e9),
+              key=lambda r: -float(r.run_secs[0]))  # the costliest: the most work
+    sch = tvm.s_tir.Schedule(rec.workload.mod, debug_mask=0)
+    rec.trace.apply_to_schedule(sch, remove_postproc=False)
+    artifact = _builder_worker_build(sch.mod, target, "tar")
+    args = [([int(d) for d in j[2]], str(j[1])) for j in (a.as_json() for a in rec.args_info)]
+    first, err1 = measure_artifact(backend.core, backend.cross_compiler, artifact, args)
+    again, err2 = measure_artifact(backend.core, backend.cross_compiler, artifact, args)
+    assert err1 is None and err2 is None, (err1, err2)
+    assert first == again
+    assert float(rec.run_secs[0]) == pytest.approx(first[0], rel=1e-6)
+    # Through MetaSchedule's runner interface too.
+    ri = ms.runner.RunnerInput(artifact, "cpu", rec.args_info)
+    run = backend.make_runner()
+    try:
+        (res,) = [f.result() for f in run.run([ri])]
+    finally:
+        run.close()
+    assert res.error_msg is None and float(res.run_secs[0]) == pytest.approx(first[0], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_crashing_candidate_is_one_failed_measurement(backend, tmp_path):
+    from mnv2_tvm.tuning.emulated import measure_artifact
+
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not an ELF file")
+    secs, err = measure_artifact(backend.core, backend.cross_compiler, str(junk), [([4], "float32")])
+    assert secs is None and err.startswith("EmulatedRunner:")
+    crashed = backend.core.crash_for_test()
+    assert not crashed.ok
+    assert backend.core._proc is not None and backend.core._proc.poll() is None  # the guest lives on
+
+
+@pytest.mark.slow
+def test_bench_without_a_board_prints_modelled_figures(backend, tmp_path, capsys):
+    # resolution 32: the compile is the slow part; an empty records folder: untuned.
+    argv = ["bench", "mobilenet_v2", "--width", "0.35", "--resolution", "32", "--target", "rpi4b",
+            "--tuning-records", str(tmp_path / "none"), "-o", str(tmp_path / "bundle")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "MODELLED (emulated Cortex-A72 x4), not measured" in out
+    assert " ms modelled" in out and " cycles" in out and " instructions" in out
