@@ -3,8 +3,9 @@
 #   apt: qemu-user (the *dynamic* qemu, which loads TCG plugins; it coexists with the virtual
 #        board's qemu-user-static + binfmt-support: different binary names, no binfmt
 #        registration because qemu-user-binfmt, a Recommends, is not installed), gcc,
-#        pkg-config and libglib2.0-dev (the plugin API header includes glib.h), llvm (llvm-mca:
-#        the core model costs each executed block with LLVM's scheduling model of the core).
+#        pkg-config and libglib2.0-dev (the plugin API header includes glib.h), llvm-19 (llvm-mca:
+#        the core model costs each executed block with LLVM's scheduling model of the core; 19
+#        has Zen 4's).
 #   header: include/qemu/qemu-plugin.h of the installed qemu's own Debian source package
 #        (a private apt sources file with a deb-src line; the system's apt state is untouched).
 #   plugin: our mnv2_tvm/emulate/plugin/mnv2cost.c, built into the cache (rebuilt when the
@@ -18,7 +19,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 say() { echo "setup_emulator: $*"; }
 
-APT_PACKAGES=(qemu-user gcc pkg-config libglib2.0-dev llvm)
+APT_PACKAGES=(qemu-user gcc pkg-config libglib2.0-dev llvm-19)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed ] || missing+=("$p")

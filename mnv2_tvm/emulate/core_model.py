@@ -262,8 +262,17 @@ def load_core_model(target: str | Path) -> CoreModel:
 MCA_TRIPLES = {"x86_64": "x86_64-unknown-linux-gnu", "aarch64": "aarch64-unknown-linux-gnu"}
 #: Back-to-back executions llvm-mca simulates per block: the steady state of a loop body.
 MCA_ITERATIONS = 100
-MCA_CANDIDATES = ("llvm-mca", "llvm-mca-15", "llvm-mca-14")
+#: LLVM 19 (Debian 12's llvm-19) first: it has a Zen 4 model, and LLVM 14's Zen 3 model charges a
+#: 256-bit FMA two cycles of a pipe (half Zen's throughput).
+MCA_CANDIDATES = ("llvm-mca-19", "llvm-mca-18", "llvm-mca-17", "llvm-mca-16", "llvm-mca")
 _ERROR_LINE = re.compile(r"^<stdin>:(\d+):\d+: error", re.M)
+#: An x86 string instruction with a rep prefix: QEMU runs (and the plugin counts) one element per
+#: execution of its block.
+_REP_STRING = re.compile(r"^rep\w* +(?:stos|movs|lods|scas|cmps)([bwlq])\b")
+_ELEMENT_BYTES = {"b": 1, "w": 2, "l": 4, "q": 8}
+#: Bytes a fast string instruction (ERMS/FSRM: memset, memcpy of libc) moves per cycle: one
+#: 256-bit store a cycle.
+STRING_BYTES_PER_CYCLE = 32.0
 
 
 def find_llvm_mca() -> str:
@@ -273,7 +282,7 @@ def find_llvm_mca() -> str:
             return path
     from .setup import SETUP_COMMAND
 
-    raise UserError(f"llvm-mca (Debian package llvm) is missing; the core model costs blocks with it: run "
+    raise UserError(f"llvm-mca (Debian package llvm-19) is missing; the core model costs blocks with it: run "
                     f"`{SETUP_COMMAND}`")
 
 
@@ -297,6 +306,12 @@ class BlockCosts:
         version = subprocess.run([self.exe, "--version"], capture_output=True, text=True).stdout
         m = re.search(r"version (\S+)", version)
         self.version = m.group(1) if m else "unknown"
+        known = subprocess.run([self.exe, f"-mtriple={self.triple}", "-mcpu=help"], capture_output=True, text=True)
+        if not re.search(rf"^\s+{re.escape(cpu)}\s", known.stdout + known.stderr, re.M):
+            from .setup import SETUP_COMMAND
+
+            raise UserError(f"{self.exe} (LLVM {self.version}) has no scheduling model for {cpu!r}; run "
+                            f"`{SETUP_COMMAND}` (it installs llvm-19)")
         from .setup import cache_dir
 
         self.path = cache_dir() / "mca" / f"{self.triple}-{cpu}-{self.version}-v2.json"
@@ -310,15 +325,31 @@ class BlockCosts:
     def key(text: str) -> str:
         return hashlib.sha1(text.encode()).hexdigest()
 
+    @staticmethod
+    def string_op(text: str) -> float | None:
+        """Cycles of one element of a rep-prefixed x86 string instruction (a block of its own
+        in QEMU, executed once per element), or None for any other block. llvm-mca costs the
+        whole instruction (~100 cycles) for every element; the core streams it at
+        ``STRING_BYTES_PER_CYCLE``."""
+        m = _REP_STRING.match(text.strip())
+        if m is None or "\n" in text.strip():
+            return None
+        return _ELEMENT_BYTES[m.group(1)] / STRING_BYTES_PER_CYCLE
+
     def cycles(self, texts: list[str]) -> dict[str, tuple[float, float, float]]:
         """Per block text: (cycles per execution back to back, the block's resource-bound
         reciprocal throughput, micro-ops per execution)."""
+        strings = {t: self.string_op(t) for t in texts}
+        strings = {t: c for t, c in strings.items() if c is not None}
+        texts = [t for t in texts if t not in strings]
         todo = sorted({t for t in texts if self.key(t) not in self._cache})
         if todo:
             for i in range(0, len(todo), 500):
                 self._simulate(todo[i:i + 500])
             self._save()
-        return {t: tuple(self._cache[self.key(t)]) for t in texts}
+        out = {t: tuple(self._cache[self.key(t)]) for t in texts}
+        out.update({t: (c, c, 0.0) for t, c in strings.items()})
+        return out
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
