@@ -11,9 +11,10 @@ The model, per thread and per parallel region (counts ``c`` from the plugin)::
                    ld_ops / loads_per_cycle,
                    st_ops / stores_per_cycle,
                    (ld_ops + st_ops) / memory_ops_per_cycle )   # address generation
-    stall   = (1 - miss_overlap) * sum over levels i of
+    stall   = sum over levels i of (1 - overlap_i) *
                   [random load misses_i + sequential_miss_cost * sequential load misses_i]
                   * (latency_{i+1} - latency_i)                  # latency_{last+1} = DRAM latency
+              overlap_1 = l2_hit_overlap (optional), the others miss_overlap
     t_dram  = (misses_last + writebacks_last) * line / (DRAM bytes per cycle / active threads)
     cycles  = max(t_core + stall, t_dram)
 
@@ -62,7 +63,7 @@ TEXT_KEYS = ("model", "qemu_cpu")
 #: block, and the out-of-order window: how many micro-ops of independent work the core holds while
 #: a dependency chain waits (0 for an in-order core); consecutive loops overlap their chains in it.
 OPTIONAL_TEXT_KEYS = ("mca_cpu",)
-OPTIONAL_NUMBER_KEYS = ("ooo_window",)
+OPTIONAL_NUMBER_KEYS = ("ooo_window", "l2_hit_overlap")
 BOOL_KEYS = ("l2_shared",)
 #: An optional third level: all of these or none.
 L3_NUMBER_KEYS = ("l3_kib", "l3_ways", "l3_latency")
@@ -112,6 +113,7 @@ class CoreModel:
     path: Path
     mca_cpu: str | None = None
     ooo_window: float = 0.0
+    l2_hit_overlap: float | None = None  # miss_overlap for the L1→L2 step when None
     _blocks: "BlockCosts | None" = field(default=None, compare=False, repr=False)
 
     @property
@@ -159,8 +161,9 @@ class CoreModel:
             load_miss = miss - stmiss
             seq_load = seq * load_miss / miss if miss else 0.0
             weight = (load_miss - seq_load) + self.sequential_miss_cost * seq_load
-            stall += weight * (latencies[i + 1] - latencies[i])
-        stall *= 1.0 - self.miss_overlap
+            # An L1 miss that hits L2 is short enough for the out-of-order window to hide more of it.
+            overlap = self.l2_hit_overlap if i == 0 and self.l2_hit_overlap is not None else self.miss_overlap
+            stall += weight * (latencies[i + 1] - latencies[i]) * (1.0 - overlap)
         last = len(self.levels)
         dram_bytes = (c[f"l{last}_miss"] + c[f"l{last}_wb"]) * self.line_bytes
         bytes_per_cycle = self.dram_bandwidth_gbs / self.clock_ghz / max(active_threads, 1)
@@ -233,8 +236,8 @@ def load_core_model(target: str | Path) -> CoreModel:
               "memory_ops_per_cycle", "line_bytes", "l1d_kib", "l1d_ways", "l2_kib", "l2_ways", "dram_bandwidth_gbs"):
         if core[k] <= 0:
             raise UserError(f"{path}: core.{k} must be positive")
-    for k in ("miss_overlap", "sequential_miss_cost"):
-        if not 0 <= core[k] <= 1:
+    for k in ("miss_overlap", "sequential_miss_cost", "l2_hit_overlap"):
+        if k in core and not 0 <= core[k] <= 1:
             raise UserError(f"{path}: core.{k} must be between 0 and 1")
     levels = [CacheLevel("L1D", int(core["l1d_kib"]), int(core["l1d_ways"]), float(core["l1d_latency"]), False),
               CacheLevel("L2", int(core["l2_kib"]), int(core["l2_ways"]), float(core["l2_latency"]),
@@ -253,6 +256,7 @@ def load_core_model(target: str | Path) -> CoreModel:
         sources={str(k): str(v) for k, v in sources.items()}, path=path,
         mca_cpu=str(core["mca_cpu"]) if core.get("mca_cpu") else None,
         ooo_window=float(core.get("ooo_window", 0)),
+        l2_hit_overlap=float(core["l2_hit_overlap"]) if "l2_hit_overlap" in core else None,
     )
 
 
