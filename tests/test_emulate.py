@@ -173,15 +173,28 @@ def test_blocks_are_costed_by_the_scheduling_model():
     core = load_core_model("x86-64-avx2")
     zero = dict.fromkeys(FIELDS, 0)
     row = [0, *(dict(zero, vec=3, fma=6, int=3)[f] for f in FIELDS)]
-    record = {"regions": 1, "tbs": {"7": FMA_LOOP},
-              "threads": [{"vcpu": 1, "regions": [row], "blocks": [[0, 7, 40_000, 10]]}]}
-    cost = cost_from_record(record, core, threads=1)
-    # Long loops: the two FMA chains (3 x 4 cycles an iteration on Zen 3/4) bound it.
+    def record(n_loops: int, tbs: dict | None = None, ids: tuple[int, int] = (7, 3)) -> dict:
+        loop, outside = ids
+        return {"regions": 1, "tbs": tbs or {str(loop): [0x2000, FMA_LOOP], str(outside): [0x1000, "movq %rax, %rcx\n"]},
+                "threads": [{"vcpu": 1, "regions": [row],
+                             "blocks": [[0, loop, 40_000], [0, outside, n_loops]],
+                             "edges": [[0, outside, loop, n_loops], [0, loop, loop, 40_000 - n_loops],
+                                       [0, loop, outside, n_loops - 1]]}]}
+
+    cost = cost_from_record(record(10), core, threads=1)  # 10 loops of 4,000 iterations
+    # Long loops: the two FMA chains (3 x 4 cycles an iteration on Zen 4) bound it.
     assert 11.5 * 40_000 <= cost.cycles <= 12.5 * 40_000
-    short = dict(record, threads=[{"vcpu": 1, "regions": [row], "blocks": [[0, 7, 40_000, 40_000]]}])
-    assert cost_from_record(short, core, threads=1).cycles < 0.6 * cost.cycles  # overlapped: resource bound
+    short = cost_from_record(record(20_000), core, threads=1)  # 20,000 loops of 2 iterations: overlapped
+    assert short.cycles < 0.6 * cost.cycles
+    # A loop body split over two blocks (QEMU ends a block at every branch) is one loop.
+    head, tail = FMA_LOOP.rsplit("addq", 1)
+    split = {"regions": 1, "tbs": {"5": [0x2000, head + "jne 0x3000\n"], "6": [0x2040, "addq" + tail],
+                                   "3": [0x1000, "movq %rax, %rcx\n"]},
+             "threads": [{"vcpu": 1, "regions": [row], "blocks": [[0, 5, 40_000], [0, 6, 40_000], [0, 3, 10]],
+                          "edges": [[0, 3, 5, 10], [0, 5, 6, 40_000], [0, 6, 5, 39_990], [0, 6, 3, 9]]}]}
+    assert cost_from_record(split, core, threads=1).cycles > 0.9 * cost.cycles
     # Ids are translation order: the fingerprint goes by block text.
-    renumbered = dict(record, tbs={"9": FMA_LOOP}, threads=[dict(record["threads"][0], blocks=[[0, 9, 40_000, 10]])])
+    renumbered = record(10, {"9": [0x2000, FMA_LOOP], "4": [0x1000, "movq %rax, %rcx\n"]}, ids=(9, 4))
     assert cost_from_record(renumbered, core, threads=1).fingerprint() == cost.fingerprint()
 
 

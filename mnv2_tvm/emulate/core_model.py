@@ -422,20 +422,78 @@ def block_cycles(core: CoreModel, latency: float, throughput: float, uops: float
     return executions * max(throughput, latency / in_flight)
 
 
+_JUMP = re.compile(r"^(j\w*|b|b\.\w+|cbn?z|tbn?z|br)\b")
+
+
+def _block_text(entry: Any) -> tuple[int | None, str]:
+    """(pc, text) of a record's "tbs" entry ([pc, text]; older records: text only)."""
+    if isinstance(entry, list):
+        return int(entry[0]), str(entry[1])
+    return None, str(entry)
+
+
+def _ends_in_jump(text: str) -> bool:
+    """Whether a block ends with a jump (not a call or a return): only a jump can close a loop."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return bool(lines) and bool(_JUMP.match(lines[-1].strip().lower()))
+
+
+def loop_trips(blocks: dict[int, int], edges: list[tuple[int, int, int]], pcs: dict[int, int | None],
+               texts: dict[int, str]) -> dict[int, float]:
+    """Per block, the trip count of the innermost loop it belongs to (1 outside loops).
+
+    A jump from a block to one at the same or a lower address is a loop's back edge; the target
+    heads the loop, whose body spans the addresses from the head to the farthest block that jumps
+    back to it. A loop runs executions(head) / entries(head) iterations per entry, entries being
+    the head's executions not reached through a back edge. Every block in the body (a loop body
+    can span several blocks: QEMU ends a block at every branch) gets its innermost loop's count.
+    """
+    back: dict[int, int] = {}
+    span: dict[int, int] = {}
+    for prev, cur, count in edges:
+        pp, pc = pcs.get(prev), pcs.get(cur)
+        if pp is None or pc is None or pp < pc or not _ends_in_jump(texts.get(prev, "")):
+            continue
+        back[cur] = back.get(cur, 0) + count
+        span[cur] = max(span.get(cur, pc), pp)
+    loops = []
+    for head, n_back in back.items():
+        execs = blocks.get(head, 0)
+        entries = max(execs - n_back, 1)
+        loops.append((pcs[head], span[head], execs / entries))
+    loops.sort(key=lambda lp: lp[1] - lp[0])  # innermost (shortest) first
+    trips: dict[int, float] = {}
+    for b in blocks:
+        pc = pcs.get(b)
+        trips[b] = next((t for lo, hi, t in loops if pc is not None and lo <= pc <= hi), 1.0)
+    return trips
+
+
 def record_block_cycles(record: dict[str, Any], core: CoreModel) -> dict[tuple[int, int], float] | None:
     """Per (vcpu, region), the scheduling model's cycles for the blocks that thread executed
     there; None when the core has no scheduling model or the record no blocks."""
-    blocks = core.blocks
+    costs = core.blocks
     tbs = record.get("tbs")
-    if blocks is None or not tbs:
+    if costs is None or not tbs:
         return None
-    cyc = blocks.cycles(list(tbs.values()))
-    per_id = {int(k): cyc[v] for k, v in tbs.items()}
+    parsed = {int(k): _block_text(v) for k, v in tbs.items()}
+    texts = {k: t for k, (_, t) in parsed.items()}
+    pcs = {k: pc for k, (pc, _) in parsed.items()}
+    cyc = costs.cycles(list(set(texts.values())))
     out: dict[tuple[int, int], float] = {}
     for t in record["threads"]:
-        for region, tb, count, *rest in t.get("blocks", []):
-            key = (int(t["vcpu"]), int(region))
-            lat, thr, uops = per_id.get(int(tb), (0.0, 0.0, 0.0))
-            entries = int(rest[0]) if rest else int(count)
-            out[key] = out.get(key, 0.0) + block_cycles(core, lat, thr, uops, int(count), entries)
+        vcpu = int(t["vcpu"])
+        per_region: dict[int, dict[int, int]] = {}
+        for region, tb, count, *_ in t.get("blocks", []):
+            per_region.setdefault(int(region), {})[int(tb)] = int(count)
+        edges_by_region: dict[int, list[tuple[int, int, int]]] = {}
+        for region, prev, cur, count in t.get("edges", []):
+            edges_by_region.setdefault(int(region), []).append((int(prev), int(cur), int(count)))
+        for region, blocks in per_region.items():
+            trips = loop_trips(blocks, edges_by_region.get(region, []), pcs, texts)
+            total = 0.0
+            for tb, count in blocks.items():
+                lat, thr, uops = cyc.get(texts.get(tb, ""), (0.0, 0.0, 0.0))
+                total += block_cycles(core, lat, thr, uops, count, max(1, round(count / trips[tb])))
+            out[(vcpu, region)] = total
     return out

@@ -87,9 +87,14 @@ class EmulatedCost:
         """A digest of every count the plugin reported: equal fingerprints = bit-identical costs."""
         # Block ids follow translation order, which the host's scheduling of threads may change:
         # blocks are identified by their text here.
-        tbs = self.raw.get("tbs") or {}
+        tbs = {k: v[-1] if isinstance(v, list) else v for k, v in (self.raw.get("tbs") or {}).items()}
+
+        def name(i: Any) -> str:
+            return tbs.get(str(i), str(i))
+
         threads = [{"vcpu": t.get("vcpu"), "regions": t.get("regions"),
-                    "blocks": sorted([b[0], tbs.get(str(b[1]), str(b[1])), *b[2:]] for b in t.get("blocks", []))}
+                    "blocks": sorted([b[0], name(b[1]), *b[2:]] for b in t.get("blocks", [])),
+                    "edges": sorted([e[0], name(e[1]), name(e[2]), e[3]] for e in t.get("edges", []))}
                    for t in self.raw.get("threads") or []]
         payload = json.dumps({"threads": threads, "regions": self.raw.get("regions")}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

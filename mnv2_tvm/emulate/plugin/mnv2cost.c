@@ -25,11 +25,12 @@
  *   TVMBackendParallelLaunch, every call to it (inside a window) starts a new region; each
  *   thread's work goes to the region current when it runs. The runtime's barrier at the end of
  *   a launch makes this sound. Region 0 is the serial code before the first launch.
- * - Per thread and region, every instrumented translation block's executions are counted too
- *   (and its entries: executions that follow another block, so executions / entries is a
- *   loop's trip count), and the record carries each executed block's disassembly ("blocks":
- *   [region, id, executions, entries]; "tbs"): the host costs a block with a scheduling model
- *   of the core (llvm-mca: ports, widths, dependency chains).
+ * - Per thread and region, every instrumented translation block's executions are counted too,
+ *   and the edges between consecutive instrumented blocks ("blocks": [region, id, executions];
+ *   "edges": [region, previous id, id, count], previous id NO_BLOCK at a window's start); the
+ *   record carries each executed block's address and disassembly ("tbs": id -> [pc, text]).
+ *   The host costs a block with a scheduling model of the core (llvm-mca: ports, widths,
+ *   dependency chains) and finds loops and their trip counts from the backward edges.
  * - Results are appended, one JSON object per line, to the file named by the out= argument
  *   when a counting window closes (API v1 cannot write guest memory).
  *
@@ -111,6 +112,11 @@ typedef struct {
 } Cache;
 
 typedef struct {
+    uint64_t *keys, *vals;
+    size_t cap, n;
+} Map;
+
+typedef struct {
     uint64_t window_seen, epoch_seen;
     bool gate;
     uint64_t *stats; /* regions * NSTAT */
@@ -120,10 +126,9 @@ typedef struct {
     uint64_t *pm_keys, *pm_vals;
     size_t pm_cap, pm_n;
     uint64_t next_frame, last_vpn, last_pfn;
-    /* block executions in the current window: (region << 32 | block id) -> count, and how many
-     * of them came from another block (entries: a loop's body is entered once per loop) */
-    uint64_t *bc_keys, *bc_vals, *bc_ents;
-    size_t bc_cap, bc_n;
+    /* in the current window: block executions, (region << 32 | block id) -> count, and edges,
+     * (region << 48 | previous id << 24 | id) -> count */
+    Map blocks, edges;
     uint64_t last_tb;
     Cache c[MAXLEVELS];
 } VCPU;
@@ -132,6 +137,7 @@ typedef struct {
     uint64_t v[NTB];
     int kind;
     uint32_t id;   /* g_tb_id_base + index in g_tbinfos */
+    uint64_t pc;   /* of its first instrumented instruction */
     GString *text; /* the instrumented instructions' disassembly, one per line */
 } TBInfo;
 
@@ -355,52 +361,55 @@ static uint64_t pm_frame(VCPU *v, uint64_t vpn)
 
 /* ------------------------------------------------------------------ block counts */
 
-static void bc_clear(VCPU *v)
+#define NO_BLOCK 0xffffffu /* the previous block of a window's first: none */
+
+static void map_clear(Map *m)
 {
-    if (v->bc_keys) {
-        memset(v->bc_keys, 0xff, sizeof(uint64_t) * v->bc_cap);
+    if (m->keys) {
+        memset(m->keys, 0xff, sizeof(uint64_t) * m->cap);
     }
-    v->bc_n = 0;
-    v->last_tb = INVALID;
+    m->n = 0;
 }
 
-static void bc_add(VCPU *v, uint64_t key, bool entry)
+static void map_add(Map *m, uint64_t key)
 {
-    if (2 * (v->bc_n + 1) > v->bc_cap) {
-        size_t old_cap = v->bc_cap, cap = old_cap ? old_cap * 2 : 1024;
-        uint64_t *ok = v->bc_keys, *ov = v->bc_vals, *oe = v->bc_ents;
-        v->bc_keys = g_new(uint64_t, cap);
-        v->bc_vals = g_new(uint64_t, cap);
-        v->bc_ents = g_new(uint64_t, cap);
-        memset(v->bc_keys, 0xff, sizeof(uint64_t) * cap);
-        v->bc_cap = cap;
+    if (2 * (m->n + 1) > m->cap) {
+        size_t old_cap = m->cap, cap = old_cap ? old_cap * 2 : 1024;
+        uint64_t *ok = m->keys, *ov = m->vals;
+        m->keys = g_new(uint64_t, cap);
+        m->vals = g_new(uint64_t, cap);
+        memset(m->keys, 0xff, sizeof(uint64_t) * cap);
+        m->cap = cap;
         for (size_t i = 0; i < old_cap; i++) {
             if (ok[i] != INVALID) {
                 size_t h = pm_hash(ok[i], cap);
-                while (v->bc_keys[h] != INVALID) {
+                while (m->keys[h] != INVALID) {
                     h = (h + 1) & (cap - 1);
                 }
-                v->bc_keys[h] = ok[i];
-                v->bc_vals[h] = ov[i];
-                v->bc_ents[h] = oe[i];
+                m->keys[h] = ok[i];
+                m->vals[h] = ov[i];
             }
         }
         g_free(ok);
         g_free(ov);
-        g_free(oe);
     }
-    size_t h = pm_hash(key, v->bc_cap);
-    while (v->bc_keys[h] != INVALID && v->bc_keys[h] != key) {
-        h = (h + 1) & (v->bc_cap - 1);
+    size_t h = pm_hash(key, m->cap);
+    while (m->keys[h] != INVALID && m->keys[h] != key) {
+        h = (h + 1) & (m->cap - 1);
     }
-    if (v->bc_keys[h] == INVALID) {
-        v->bc_keys[h] = key;
-        v->bc_vals[h] = 0;
-        v->bc_ents[h] = 0;
-        v->bc_n++;
+    if (m->keys[h] == INVALID) {
+        m->keys[h] = key;
+        m->vals[h] = 0;
+        m->n++;
     }
-    v->bc_vals[h]++;
-    v->bc_ents[h] += entry;
+    m->vals[h]++;
+}
+
+static void bc_clear(VCPU *v)
+{
+    map_clear(&v->blocks);
+    map_clear(&v->edges);
+    v->last_tb = NO_BLOCK;
 }
 
 /* ------------------------------------------------------------------ per-vCPU state */
@@ -501,7 +510,8 @@ static void on_tb_exec(unsigned int vcpu_index, void *udata)
         st[i] += t->v[i];
     }
     uint64_t region = atomic_load_explicit(&g_region, memory_order_relaxed);
-    bc_add(v, (region << 32) | t->id, v->last_tb != t->id);
+    map_add(&v->blocks, (region << 32) | t->id);
+    map_add(&v->edges, (region << 48) | ((v->last_tb & NO_BLOCK) << 24) | (t->id & NO_BLOCK));
     v->last_tb = t->id;
 }
 
@@ -892,6 +902,7 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         if (!info) {
             info = g_new0(TBInfo, 1);
             info->text = g_string_new(NULL);
+            info->pc = a;
             tb_kind = kind;
         } else if (kind != tb_kind && tb_kind == K_FULL) {
             tb_kind = kind; /* a TB that runs into the PLT behaves as PLT */
@@ -997,14 +1008,26 @@ static void emit_record(uint64_t tag)
             fputc(']', g_out);
         }
         fprintf(g_out, "], \"blocks\": [");
-        bool first_block = true;
-        for (size_t h = 0; h < v->bc_cap; h++) {
-            if (v->bc_keys[h] == INVALID) {
+        bool first = true;
+        for (size_t h = 0; h < v->blocks.cap; h++) {
+            uint64_t k = v->blocks.keys[h];
+            if (k == INVALID) {
                 continue;
             }
-            fprintf(g_out, "%s[%" PRIu64 ", %" PRIu64 ", %" PRIu64 ", %" PRIu64 "]", first_block ? "" : ", ",
-                    v->bc_keys[h] >> 32, v->bc_keys[h] & 0xffffffffu, v->bc_vals[h], v->bc_ents[h]);
-            first_block = false;
+            fprintf(g_out, "%s[%" PRIu64 ", %" PRIu64 ", %" PRIu64 "]", first ? "" : ", ", k >> 32, k & 0xffffffffu,
+                    v->blocks.vals[h]);
+            first = false;
+        }
+        fprintf(g_out, "], \"edges\": [");
+        first = true;
+        for (size_t h = 0; h < v->edges.cap; h++) {
+            uint64_t k = v->edges.keys[h];
+            if (k == INVALID) {
+                continue;
+            }
+            fprintf(g_out, "%s[%" PRIu64 ", %" PRIu64 ", %" PRIu64 ", %" PRIu64 "]", first ? "" : ", ", k >> 48,
+                    (k >> 24) & NO_BLOCK, k & NO_BLOCK, v->edges.vals[h]);
+            first = false;
         }
         fprintf(g_out, "]}");
     }
@@ -1016,12 +1039,12 @@ static void emit_record(uint64_t tag)
     bool *used = g_new0(bool, ntb ? ntb : 1);
     for (unsigned vi = 0; vi < MAXVCPUS; vi++) {
         VCPU *v = atomic_load(&g_vcpus[vi]);
-        if (!v || v->window_seen != w || !v->bc_keys) {
+        if (!v || v->window_seen != w || !v->blocks.keys) {
             continue;
         }
-        for (size_t h = 0; h < v->bc_cap; h++) {
-            if (v->bc_keys[h] != INVALID) {
-                uint64_t id = v->bc_keys[h] & 0xffffffffu;
+        for (size_t h = 0; h < v->blocks.cap; h++) {
+            if (v->blocks.keys[h] != INVALID) {
+                uint64_t id = v->blocks.keys[h] & 0xffffffffu;
                 if (id >= g_tb_id_base && id - g_tb_id_base < ntb) {
                     used[id - g_tb_id_base] = true;
                 }
@@ -1033,7 +1056,7 @@ static void emit_record(uint64_t tag)
         if (!used[i]) {
             continue;
         }
-        fprintf(g_out, "%s\"%u\": \"", first_tb ? "" : ", ", t->id);
+        fprintf(g_out, "%s\"%u\": [%" PRIu64 ", \"", first_tb ? "" : ", ", t->id, t->pc);
         first_tb = false;
         for (const char *c = t->text->str; *c; c++) {
             if (*c == '"' || *c == '\\') {
@@ -1047,7 +1070,7 @@ static void emit_record(uint64_t tag)
                 fputc(*c, g_out);
             }
         }
-        fputc('"', g_out);
+        fputs("\"]", g_out);
     }
     g_free(used);
     pthread_mutex_unlock(&g_lock);
