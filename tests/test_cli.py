@@ -84,6 +84,7 @@ def test_host_peak_counts_the_fma_pipes_not_just_the_isa(vendor, family, model, 
     assert per_cycle == expected and why
 
 
+@pytest.mark.slow
 def test_the_fastest_host_build_is_the_blocked_variant_only_where_its_schedules_are_shipped(tmp_path, monkeypatch):
     from mnv2_tvm import targets
 
@@ -138,6 +139,7 @@ def test_export_writes_an_onnx_file_that_onnxruntime_runs(tmp_path):
     assert out.shape == (1, 1000)
 
 
+@pytest.mark.slow
 def test_run_with_an_image_and_saved_outputs(host_bundles, tmp_path):
     from PIL import Image
 

@@ -238,6 +238,7 @@ def resumed_run(tmp_path_factory):
     return {"first": first, "result": result, "measurer": measurer, "out": out, "grid": grid, "records": records}
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_keeps_its_points_and_says_it_is_incomplete(resumed_run):
     first = resumed_run["first"]
     assert [p["key"] for p in first["points"]] == ["mobilenet_v2-0.35-32|untuned"]
@@ -247,6 +248,7 @@ def test_an_interrupted_run_keeps_its_points_and_says_it_is_incomplete(resumed_r
     assert "mobilenet_v2-0.35-96 untuned: interrupted before it was measured" in first["summary"]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_measures_only_the_missing_points(resumed_run):
     result, measurer = resumed_run["result"], resumed_run["measurer"]
     assert measurer.measured[:2] == TINY_LABELS[1:]  # the first pass: only the points not measured yet
@@ -257,6 +259,7 @@ def test_a_resumed_run_measures_only_the_missing_points(resumed_run):
     assert not (resumed_run["out"] / compare.WORK_DIR).exists()  # no bundles left behind
 
 
+@pytest.mark.slow
 def test_every_point_is_timed_in_passes_spread_over_the_run_and_keeps_its_fastest(resumed_run):
     measurer = resumed_run["measurer"]
     # Pass 2 walks the grid backwards, pass 3 forwards (untuned only: the records are empty);
@@ -279,6 +282,7 @@ def test_every_point_is_timed_in_passes_spread_over_the_run_and_keeps_its_fastes
     assert "fastest of each point's timing passes" in (resumed_run["out"] / compare.SUMMARY).read_text()
 
 
+@pytest.mark.slow
 def test_the_report_has_every_file_and_holds_out_configs(resumed_run):
     result, out = resumed_run["result"], resumed_run["out"]
     for name in compare.REPORT_FILES:
@@ -310,6 +314,7 @@ def test_the_report_has_every_file_and_holds_out_configs(resumed_run):
     assert "Held out: mobilenet_v2 w=0.35 r=64." in summary and "emulated" not in summary
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_grid_measures_nothing_and_an_emulated_measurer_is_flagged(resumed_run, tmp_path):
     measurer = CountingMeasurer(emulated=True)
     result = run_compare(targets.load("host"), resumed_run["out"], grid=resumed_run["grid"],
@@ -353,6 +358,7 @@ def test_one_run_per_report_folder(tmp_path):
         os.close(held)
 
 
+@pytest.mark.slow
 def test_tuned_points_are_tied_to_the_records_they_were_measured_with(tmp_path):
     records = tmp_path / "records"
     assert records_fingerprint(records) is None  # missing folder
@@ -366,6 +372,7 @@ def test_tuned_points_are_tied_to_the_records_they_were_measured_with(tmp_path):
     assert before is not None and records_fingerprint(records) not in (None, before)
 
 
+@pytest.mark.slow
 def test_a_tuned_point_goes_stale_only_when_records_of_its_own_kernels_change(tmp_path):
     from mnv2_tvm.tuning import records_digest_for, workload_digests
 
@@ -402,6 +409,7 @@ def _other_workload() -> list:
     return [str(x) for x in ms.database.Workload(tvm.IRModule({"main": te.create_prim_func([a, b])})).as_json()]
 
 
+@pytest.mark.slow
 def test_a_tuned_grid_end_to_end_and_only_points_whose_own_records_change_are_measured_again(tmp_path):
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps([{"model": "mobilenet_v2", "width": 0.35, "resolutions": [32, 64]}]))
@@ -500,6 +508,7 @@ def compare_board(virtual_board):
     virtual_board.stop(b)
 
 
+@pytest.mark.slow
 def test_compare_on_the_virtual_board_over_ssh(compare_board, tmp_path, capsys):
     from test_deploy import ours_left_on, ssh_args
 
@@ -542,6 +551,7 @@ def test_compare_on_the_virtual_board_over_ssh(compare_board, tmp_path, capsys):
     assert json.loads((out / compare.RESULTS_JSON).read_text())["measurer"]["board"]["uname_m"] == "aarch64"
 
 
+@pytest.mark.slow
 def test_compare_over_plain_rpc_says_the_board_may_be_emulated(compare_board, tmp_path, capsys):
     """Over RPC alone a board cannot be told real or emulated: the report says so, up front."""
     from test_deploy import opts_of, target_of

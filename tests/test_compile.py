@@ -53,6 +53,7 @@ def test_armv7_bundle_is_a_hard_float_arm_elf(tmp_path):
     assert m["arch"] == "arm"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", list(SMALL))
 def test_onnx_frontend_bundle_matches_pytorch(model, tmp_path):
     cfg = ModelConfig(**SMALL[model])
@@ -62,6 +63,7 @@ def test_onnx_frontend_bundle_matches_pytorch(model, tmp_path):
     assert json.loads((tmp_path / "manifest.json").read_text())["frontend"] == "onnx"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", list(SMALL))
 def test_the_layout_the_host_does_not_use_matches_pytorch_too(model, tmp_path):
     # The host target picks one activation layout; the other one must hold parity as well
@@ -90,6 +92,7 @@ def _shipped_here() -> list[str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _shipped_here())
 def test_shipped_schedules_compile_mobilenet_v2_with_parity(name, tmp_path):
     """The committed records (MetaSchedule's and the hand-written ones) build MobileNetV2 1.0/224

@@ -250,6 +250,7 @@ def test_depthwise_tiles_divide_the_row_and_fit_the_registers():
     assert schedules._depthwise_tiles(257, 257, 16) == []
 
 
+@pytest.mark.slow
 def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_parity(blocked, tmp_path):
     mod, net, x = blocked
     records = tmp_path / "records"
@@ -304,6 +305,7 @@ def test_tuning_measures_them_first_within_budget_never_twice_and_compiles_with_
         assert {trace_key(r.trace) for r in first[name]} <= set(keys)
 
 
+@pytest.mark.slow
 def test_tuning_times_both_loop_orders_and_compile_reorders_what_stayed_as_fast(blocked, tmp_path):
     """After its search, tuning times each task's best schedule with the parallel loop as tuned
     and with output rows outermost, alone, and keeps both times (``row_order.json``); a rerun

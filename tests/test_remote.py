@@ -189,6 +189,7 @@ def test_tracker_port_that_is_not_a_tracker(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- tracker and sessions
 
 
+@pytest.mark.slow
 def test_tracker_hands_out_a_registered_server_and_bounds_the_wait(tracker: remote.LocalTracker,
                                                                     tmp_path: Path) -> None:
     key = f"host{os.getpid()}"
@@ -214,6 +215,7 @@ def test_tracker_hands_out_a_registered_server_and_bounds_the_wait(tracker: remo
         again.close()
 
 
+@pytest.mark.slow
 def test_bench_through_a_tracker_on_this_host(tracker: remote.LocalTracker, tmp_path: Path, host_bundles,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     bundle = host_bundles("mobilenet_v2")

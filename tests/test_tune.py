@@ -241,6 +241,7 @@ def test_peak_memory_counts_the_children_started_while_tuning_not_those_before()
         before.wait()
 
 
+@pytest.mark.slow
 def test_tune_writes_durable_stock_readable_records(tuned):
     records_dir, rep = tuned
     assert rep.trials_run == 8 and rep.trials_in_db_before == 0 and rep.trials_in_db_after == 8
@@ -277,6 +278,7 @@ def test_tune_writes_durable_stock_readable_records(tuned):
     assert "evolutionary_search" in log and "Trial #1" in log
 
 
+@pytest.mark.slow
 def test_rerun_same_total_measures_nothing(tuned, tiny, tmp_path):
     records_dir = copy_records(tuned[0], tmp_path / "r")
     mod, params, _, _ = tiny
@@ -291,6 +293,7 @@ def test_rerun_same_total_measures_nothing(tuned, tiny, tmp_path):
     assert after[T.WORKLOAD_FILE] == before[T.WORKLOAD_FILE]
 
 
+@pytest.mark.slow
 def test_rerun_bigger_total_runs_only_the_difference(tuned, tiny, tmp_path, capfd):
     records_dir = copy_records(tuned[0], tmp_path / "r")
     mod, params, _, _ = tiny
@@ -314,6 +317,7 @@ def records_held(records_dir: Path, mod: tvm.IRModule, params: dict) -> list[int
         opened.close()
 
 
+@pytest.mark.slow
 def test_shared_layer_reuses_records_of_another_model(tuned, tmp_path, capfd):
     records_dir = copy_records(tuned[0], tmp_path / "r")
     x = torch.randn(1, 3, 16, 16)
@@ -333,6 +337,7 @@ def test_shared_layer_reuses_records_of_another_model(tuned, tmp_path, capfd):
     assert "[tune] 1 of 2 tasks already have records" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_total_no_larger_than_the_shared_records_still_tunes_the_unshared_task(tuned, tmp_path):
     # The shared conv already holds at least the 2 trials asked for (TinyNet's tuning gave it 2 or
     # more): the unshared task must still get its minimum (here 1), not be starved by another
@@ -357,6 +362,7 @@ class ConvThenPermute(torch.nn.Module):
         return self.c(x).permute(0, 2, 3, 1).reshape(1, -1, 4)
 
 
+@pytest.mark.slow
 def test_a_task_whose_search_space_is_used_up_gives_its_share_to_the_others(tmp_path):
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     mod, params = to_relax(ConvThenPermute().eval(), x)
@@ -372,6 +378,7 @@ def test_a_task_whose_search_space_is_used_up_gives_its_share_to_the_others(tmp_
     assert "search space used up" in rep.table()
 
 
+@pytest.mark.slow
 def test_transfer_trains_the_cost_model_on_every_workload_in_the_database(tuned):
     from tvm.s_tir import meta_schedule as ms
 
@@ -409,6 +416,7 @@ def test_kernel_kind_ignores_sizes_but_not_what_is_computed(tiny):
         assert seeding._shape_distance(seeding._sblocks(task.mod), seeding._sblocks(tasks[name].mod)) > 0
 
 
+@pytest.mark.slow
 def test_transfer_seeds_a_new_resolution_with_refitted_schedules_of_the_old(tuned, tiny, tmp_path, capfd):
     records_dir = copy_records(tuned[0], tmp_path / "r")
     _, _, net, _ = tiny
@@ -431,6 +439,7 @@ def _seeds_in(err: str) -> int:
     return int(err.split(" schedules of similar workloads")[0].rsplit("] ", 1)[-1])
 
 
+@pytest.mark.slow
 def test_transfer_seeds_tuned_tasks_too_within_the_budget_and_never_twice(tuned, tiny, tmp_path, capfd):
     records_dir = copy_records(tuned[0], tmp_path / "r")
     _, _, net, _ = tiny
@@ -448,6 +457,7 @@ def test_transfer_seeds_tuned_tasks_too_within_the_budget_and_never_twice(tuned,
     assert rep.trials_in_db_after - rep.trials_in_db_before == 4
 
 
+@pytest.mark.slow
 def test_sigkill_keeps_records_and_rerun_resumes(tmp_path, tiny):
     records_dir = tmp_path / "records"
     proc, out = start_tuner(tmp_path, records_dir, 12)
@@ -474,6 +484,7 @@ def test_sigkill_keeps_records_and_rerun_resumes(tmp_path, tiny):
     assert len(stock_db(records_dir)) == 12
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_reports_interrupted(tmp_path):
     records_dir = tmp_path / "records"
     proc, out = start_tuner(tmp_path, records_dir, 16)
@@ -491,6 +502,7 @@ def test_ctrl_c_stops_cleanly_and_reports_interrupted(tmp_path):
     assert len(stock_db(records_dir)) == report["after"] == len(record_lines(records_dir))
 
 
+@pytest.mark.slow
 def test_corrupt_lines_are_skipped_with_file_and_line(tuned, tiny, tmp_path):
     records_dir = copy_records(tuned[0], tmp_path / "r")
     path = records_dir / T.RECORD_FILE
@@ -514,6 +526,7 @@ def test_corrupt_lines_are_skipped_with_file_and_line(tuned, tiny, tmp_path):
     assert [str(w.message).split(": ")[0] for w in caught] == [f"{path}:3"]
 
 
+@pytest.mark.slow
 def test_record_with_unparsable_trace_is_dropped_when_queried(tuned, tiny, tmp_path):
     # Traces are parsed only when a workload is asked for, so a line that is well-formed JSON
     # but holds a bogus trace is caught then: warned about by file and line, and the next best
@@ -541,6 +554,7 @@ def test_record_with_unparsable_trace_is_dropped_when_queried(tuned, tiny, tmp_p
     assert not report.untuned and not report.fallback
 
 
+@pytest.mark.slow
 def test_other_target_or_tvm_version_refused_and_nothing_written(tuned, tiny, tmp_path):
     records_dir = copy_records(tuned[0], tmp_path / "r")
     mod, params, _, _ = tiny
@@ -564,6 +578,7 @@ def test_other_target_or_tvm_version_refused_and_nothing_written(tuned, tiny, tm
     assert snapshot(records_dir) == before
 
 
+@pytest.mark.slow
 def test_dir_without_meta_is_adopted_only_for_its_own_target(tuned, tiny, tmp_path):
     records_dir = copy_records(tuned[0], tmp_path / "r")
     (records_dir / T.META_FILE).unlink()  # like a stock MetaSchedule work dir
@@ -576,6 +591,7 @@ def test_dir_without_meta_is_adopted_only_for_its_own_target(tuned, tiny, tmp_pa
     assert rep.already_done and json.loads((records_dir / T.META_FILE).read_text())["target"]["mcpu"] == HOST_CPU
 
 
+@pytest.mark.slow
 def test_unwritable_or_busy_records_dir(tmp_path, tiny):
     mod, params, _, _ = tiny
     blocker = tmp_path / "a_file"
@@ -599,6 +615,7 @@ def test_unwritable_or_busy_records_dir(tmp_path, tiny):
         held.close()
 
 
+@pytest.mark.slow
 def test_compile_with_records_runs_and_matches_torch(tuned, tiny, tmp_path):
     records_dir = tuned[0]
     mod, params, net, x = tiny
@@ -625,6 +642,7 @@ def test_compile_with_records_runs_and_matches_torch(tuned, tiny, tmp_path):
         np.testing.assert_allclose(out_u, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_prune_keeps_best_per_workload(tuned, tmp_path):
     records_dir = copy_records(tuned[0], tmp_path / "r")
     full = T.RecordsDatabase(str(records_dir), writable=False)
@@ -668,6 +686,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_rpc_runner_through_local_tracker_and_server(tmp_path, tiny):
     from tvm import rpc
 
@@ -708,6 +727,7 @@ def test_rpc_runner_through_local_tracker_and_server(tmp_path, tiny):
         log.close()
 
 
+@pytest.mark.slow
 def test_continuing_never_measures_a_schedule_the_database_holds(tuned, tiny, tmp_path):
     # Evolutionary search starts from the database's best schedules and would measure them again
     # unchanged; each rerun (and each round of a run) is a new search, so every one is a chance.
