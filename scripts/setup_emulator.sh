@@ -39,11 +39,14 @@ if [ ! -s "$HEADER" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$SRC_VERSION" ]; th
     say "qemu-plugin.h from Debian's qemu $SRC_VERSION source package"
     APT_DIR="$CACHE/apt"
     mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/parts" "$APT_DIR/archives/partial" "$CACHE/include"
-    cat > "$APT_DIR/sources.list" <<'EOF'
-deb-src http://deb.debian.org/debian bookworm main
-deb-src http://deb.debian.org/debian bookworm-updates main
-deb-src http://deb.debian.org/debian-security bookworm-security main
-EOF
+    # Source lines for the mirrors this machine already uses: its own apt sources, deb → deb-src.
+    : > "$APT_DIR/sources.list"
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$f" ] && sed -n 's/^deb \(.*\)/deb-src \1/p' "$f" >> "$APT_DIR/sources.list"
+    done
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] && sed 's/^Types: *deb$/Types: deb-src/' "$f" > "$APT_DIR/parts/$(basename "$f")"
+    done
     APT_OPTS=(-o "Dir::Etc::SourceList=$APT_DIR/sources.list" -o "Dir::Etc::SourceParts=$APT_DIR/parts"
               -o "Dir::State::Lists=$APT_DIR/lists" -o "Dir::Cache::Archives=$APT_DIR/archives"
               -o "APT::Sandbox::User=root" -o "Debug::NoLocking=1")
