@@ -182,3 +182,28 @@ def test_bench_without_a_board_prints_modelled_figures(backend, tmp_path, capsys
     out = capsys.readouterr().out
     assert "MODELLED (emulated Cortex-A72 x4), not measured" in out
     assert " ms modelled" in out and " cycles" in out and " instructions" in out
+
+
+@pytest.mark.slow
+def test_a_boards_record_wins_over_an_emulated_one(emulated_tune, tmp_path):
+    folder, _, (_, _, target), _ = emulated_tune
+    emu = R.RecordsDatabase(folder, writable=False)
+    rec = next(r for r in emu.get_all_tuning_records() if r.run_secs and float(r.run_secs[0]) < 1e9)
+    board_dir = tmp_path / "board"
+    R.open_records(board_dir, target, writable=True, measurement=R.BOARD_MEASUREMENT).close()
+    board = R.RecordsDatabase(board_dir, writable=True)
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    slower = ms.database.TuningRecord(rec.trace, board.commit_workload(rec.workload.mod), [1.0], rec.target,
+                                      rec.args_info)
+    board.commit_tuning_record(slower)  # slower than the emulated figure, and still preferred
+    view = R.PreferringDatabase([board, emu])
+    (top,) = view.get_top_k(view.commit_workload(rec.workload.mod), 1)
+    assert float(top.run_secs[0]) == pytest.approx(1.0)
+    others = [r for r in emu.get_all_tuning_records() if not tvm_ffi.structural_equal(r.workload.mod, rec.workload.mod)
+              and r.run_secs and float(r.run_secs[0]) < 1e9]
+    if others:  # a workload the board lacks: the emulated record answers
+        (fallback,) = view.get_top_k(view.commit_workload(others[0].workload.mod), 1)
+        assert fallback is not None
+    board.close()
