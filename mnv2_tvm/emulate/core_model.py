@@ -6,11 +6,12 @@ state it; "assumed" with a reason where they do not — those are the ones to ca
 
 The model, per thread and per parallel region (counts ``c`` from the plugin)::
 
-    t_core  = max( instructions / issue_width,                  # front end
-                   v64 * 64 / vector_bits_per_cycle,            # vector pipes (64-bit lane units)
+    t_core  = sum over blocks b of block_cycles(b)              # with a scheduling model (mca_cpu)
+            | max( instructions / issue_width,                  # without one: throughput bounds
+                   v64 * 64 / vector_bits_per_cycle,            #   vector pipes (64-bit lane units)
                    ld_ops / loads_per_cycle,
                    st_ops / stores_per_cycle,
-                   (ld_ops + st_ops) / memory_ops_per_cycle )   # address generation
+                   (ld_ops + st_ops) / memory_ops_per_cycle )   #   address generation
     stall   = sum over levels i of (1 - overlap_i) *
                   [random load misses_i + sequential_miss_cost * sequential load misses_i]
                   * (latency_{i+1} - latency_i)                  # latency_{last+1} = DRAM latency
@@ -18,12 +19,25 @@ The model, per thread and per parallel region (counts ``c`` from the plugin)::
     t_dram  = (misses_last + writebacks_last) * line / (DRAM bytes per cycle / active threads)
     cycles  = max(t_core + stall, t_dram)
 
-L1 hits cost nothing beyond t_core (the load pipe's own latency is overlapped by an out-of-order
-or dual-issue core in the loops TVM generates). Store misses cost bandwidth only (the store
+**Blocks.** With ``mca_cpu`` set, every translation block the thread executed is costed by
+LLVM's scheduling model of the core (``llvm-mca``, :class:`BlockCosts`): run back to back, a
+block takes ``latency`` cycles an execution (dispatch width, ports, and dependency chains carried
+from one execution to the next, L1 hits at the load-to-use latency) and at least its resource
+bound ``throughput``. Loops come from the control flow (:func:`loop_trips`): a jump back to a
+block heads a loop, and each block of the loop runs T iterations per entry. An out-of-order
+core runs the chains of consecutive independent loop instances side by side, 1 + W / (T × uops)
+of them in a window of W = ``ooo_window`` micro-ops (Little's law), so an iteration costs
+latency / (1 + W / (T × uops)), never less than ``throughput`` (:func:`block_cycles`): short loops
+cost their throughput, long ones their chain; an in-order core (W = 0) overlaps nothing.
+x86 string instructions with a rep prefix (libc's memset) move their bytes at one 256-bit
+store a cycle.
+
+**Memory.** L1 hits cost nothing beyond t_core. Store misses cost bandwidth only (the store
 buffer hides their latency). A miss is "sequential" (the plugin's ``seq``) when it continues a
-pattern of recent misses within one page — next/previous lines or a constant stride — the
-patterns hardware prefetchers follow, so it costs ``sequential_miss_cost`` of a random miss. ``miss_overlap`` is the fraction of the remaining
-miss latency hidden by memory-level parallelism.
+pattern of the last 16 misses within one page — next/previous lines or a constant stride — the
+patterns hardware prefetchers follow, so it costs ``sequential_miss_cost`` of a random miss.
+``miss_overlap`` (and ``l2_hit_overlap`` for an L1 miss that hits L2) is the fraction of a
+random miss's latency hidden by memory-level parallelism and the out-of-order window.
 
 A measurement's latency is, over the parallel regions of the call (region 0: the serial code
 before the first parallel launch), the sum of the slowest thread's cycles, plus
@@ -32,8 +46,9 @@ barrier). Serial code after a launch is attributed to the region it follows, on 
 thread. Shared cache levels are simulated as per-thread slices (size / threads), which keeps
 multi-threaded results deterministic and ignores sharing between threads.
 
-This is a first model, meant to be refined against x86-64 ground truth (the same pipeline under
-qemu-x86_64 against real timings on the host).
+The x86-64 cores' figures are calibrated on the development host by microbenchmarks, and the
+model is held against real timings there (``scripts/validate_emulated_cost.py``; docs/design.md,
+"The emulated core's cost model").
 """
 
 from __future__ import annotations
@@ -270,6 +285,9 @@ MCA_ITERATIONS = 100
 #: 256-bit FMA two cycles of a pipe (half Zen's throughput).
 MCA_CANDIDATES = ("llvm-mca-19", "llvm-mca-18", "llvm-mca-17", "llvm-mca-16", "llvm-mca")
 _ERROR_LINE = re.compile(r"^<stdin>:(\d+):\d+: error", re.M)
+#: aarch64 branch targets as QEMU prints them (absolute, "b.ne #0x5511..."), which the assembler
+#: cannot encode as pc offsets: made offset 0 (the target does not change a block's cost).
+_A64_TARGET = re.compile(r"^((?:b|bl|b\.\w+|cbn?z|tbn?z|adrp?)\b.*?)#-?0x[0-9a-f]+$")
 #: An x86 string instruction with a rep prefix: QEMU runs (and the plugin counts) one element per
 #: execution of its block.
 _REP_STRING = re.compile(r"^rep\w* +(?:stos|movs|lods|scas|cmps)([bwlq])\b")
@@ -329,6 +347,11 @@ class BlockCosts:
     def key(text: str) -> str:
         return hashlib.sha1(text.encode()).hexdigest()
 
+    def _sanitise(self, line: str) -> str:
+        if self.triple.startswith("aarch64"):
+            return _A64_TARGET.sub(r"\g<1>#0", line.strip())
+        return line.strip()
+
     @staticmethod
     def string_op(text: str) -> float | None:
         """Cycles of one element of a rep-prefixed x86 string instruction (a block of its own
@@ -368,7 +391,7 @@ class BlockCosts:
         self._cache = on_disk
 
     def _simulate(self, texts: list[str]) -> None:
-        blocks = [[ln for ln in t.splitlines() if ln.strip()] for t in texts]
+        blocks = [[self._sanitise(ln) for ln in t.splitlines() if ln.strip()] for t in texts]
         for _ in range(8):
             src, owner = [], []  # owner: (block, line) of each source line, None for markers
             for b, lines in enumerate(blocks):
