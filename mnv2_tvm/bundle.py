@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "files" holds the digests of the files besides the library
 MANIFEST = "manifest.json"
 REFERENCE = "reference.npz"
 RUNNER = "runner.py"
 POSTPROCESS = "postprocess.py"
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
-REQUIRED_FIELDS = ("format_version", "model", "config", "library", "library_sha256", "input", "outputs",
+REQUIRED_FIELDS = ("format_version", "model", "config", "library", "library_sha256", "files", "input", "outputs",
                    "target", "arch", "tvm_version")
 
 
@@ -93,17 +93,43 @@ def load_manifest(bundle_dir: Path) -> dict[str, Any]:
     if missing:
         raise BundleError(f"{path} lacks fields {', '.join(missing)}; recompile the bundle")
     if manifest["format_version"] != FORMAT_VERSION:
-        raise BundleError(f"{path} has format {manifest['format_version']}, this runner reads {FORMAT_VERSION}")
+        raise BundleError(f"{path} has format {manifest['format_version']}, this runner reads {FORMAT_VERSION}; "
+                          "recompile the bundle")
+    names = [manifest["library"], *manifest["files"]] if isinstance(manifest["files"], dict) else [None]
+    for name in names:
+        if not _plain_file_name(name):
+            raise BundleError(f"{path} names {name!r} as a file of the bundle: only plain file names inside the "
+                              "bundle folder are allowed; recompile the bundle")
     return manifest
 
 
+def _plain_file_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def bundle_files(bundle_dir: Path) -> dict[str, str]:
+    """The digests of the bundle's files besides the library (whose digest is ``library_sha256``)."""
+    return {name: sha256(Path(bundle_dir) / name) for name in (RUNNER, POSTPROCESS, REFERENCE)}
+
+
+def verify_files(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is there with its recorded digest: checked before anything is loaded."""
+    for name, digest in manifest["files"].items():
+        path = Path(bundle_dir) / name
+        if not path.is_file():
+            raise BundleError(f"bundle {bundle_dir} lacks {name}; recompile the bundle")
+        if sha256(path) != digest:
+            raise BundleError(f"{path} does not match the digest in {MANIFEST} (changed or truncated); recompile")
+
+
 def verify_library(bundle_dir: Path, manifest: dict[str, Any], expect_arch: str | None = None) -> Path:
-    """Check the library exists, is intact and is for ``expect_arch`` (the manifest's by default)."""
+    """Check every file of the bundle is intact and the library is for ``expect_arch`` (the manifest's by default)."""
     lib = Path(bundle_dir) / manifest["library"]
     if not lib.is_file():
         raise BundleError(f"bundle {bundle_dir} lacks its library {manifest['library']}; recompile the bundle")
     if sha256(lib) != manifest["library_sha256"]:
         raise BundleError(f"{lib} does not match the digest in {MANIFEST} (changed or truncated); recompile")
+    verify_files(bundle_dir, manifest)
     arch = elf_arch(lib)
     want = expect_arch or manifest["arch"]
     if arch != want:

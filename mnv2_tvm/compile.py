@@ -312,6 +312,7 @@ def compile_bundle(cfg: ModelConfig, spec: TargetSpec, out_dir: Path, *, fronten
         "layout": spec.layout,
         "library": LIBRARY,
         "library_sha256": bundle.sha256(lib),
+        "files": bundle.bundle_files(out_dir),
         "input": {"name": INPUT_NAME, "shape": list(cfg.input_shape), "dtype": "float32"},
         "outputs": [{"name": cfg.info.output_name, "shape": list(expected.shape), "dtype": "float32"}],
         "target": spec.name,

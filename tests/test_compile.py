@@ -172,6 +172,21 @@ def test_damaged_bundles_are_refused(host_bundles, tmp_path):
     lib.write_bytes(lib.read_bytes()[:1000])
     with pytest.raises(BundleError, match="does not match the digest"):
         Runner(broken)
+    shutil.copy(src / "model.so", lib)
+    for name in ("runner.py", "postprocess.py", "reference.npz"):  # every file is checked, not only the library
+        (broken / name).write_bytes((src / name).read_bytes() + b"\n")
+        with pytest.raises(BundleError, match=f"{name} does not match the digest"):
+            Runner(broken)
+        shutil.copy(src / name, broken / name)
+    Runner(broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    for bad in ("../model.so", "/etc/passwd", ".."):
+        (broken / "manifest.json").write_text(json.dumps({**manifest, "library": bad}))
+        with pytest.raises(BundleError, match="only plain file names"):
+            Runner(broken)
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "files": {**manifest["files"], "../x": "0"}}))
+    with pytest.raises(BundleError, match="only plain file names"):
+        Runner(broken)
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         Runner(broken)
