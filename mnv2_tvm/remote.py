@@ -202,8 +202,8 @@ def connect(host: str, port: int, *, key: str = "", session_timeout: float = 0,
     from tvm import rpc
 
     what = f"RPC server {host}:{port}"
-    hint = "start one with `python3 -m tvm.exec.rpc_server --host 0.0.0.0 --port PORT` on the board, " \
-           "or let `mnv2-tvm bench --ssh USER@BOARD` start it"
+    hint = "let `mnv2-tvm bench --ssh USER@BOARD` start one on the board's loopback, or start one with " \
+           "`mnv2-tvm board start --ssh USER@BOARD` and reach it through `mnv2-tvm board tunnel`"
     probe_tcp(host, port, what, hint, timeout)
     try:
         sess = bounded(lambda: rpc.connect(host, port, key, session_timeout=session_timeout),
@@ -234,7 +234,7 @@ class _TrackerClient:
         self.base = base
         self.addr = f"{host}:{port}"
         probe_tcp(host, port, f"RPC tracker {self.addr}",
-                  "start one with `python3 -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190`", timeout)
+                  "start one here with `python3 -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190`", timeout)
         self.sock = socket.create_connection((host, port), timeout=timeout)
         try:
             self.sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
