@@ -562,10 +562,11 @@ def score(items: list[Item], args: argparse.Namespace, cache: Cache, core: Any =
 
 #: The model with some of its mechanisms taken out (``--ablation``): what each one contributes.
 ABLATIONS = [
-    ("throughput bounds only, base clock 2.6 GHz (the first model)", {"mca_cpu": None, "clock_ghz": 2.6}),
-    ("throughput bounds only", {"mca_cpu": None}),
+    ("the first model: throughput bounds, base clock 2.6 GHz, assumed memory figures",
+     {"mca_cpu": None, "clock_ghz": 2.6, "miss_overlap": 0.7, "l2_hit_overlap": None, "dram_bandwidth_gbs": 20.0}),
+    ("throughput bounds, measured clock and memory figures", {"mca_cpu": None}),
     ("LLVM scheduling model per block, no out-of-order overlap", {"ooo_window": 0.0}),
-    ("the model (scheduling model per block, overlap in a window)", {}),
+    ("the model: scheduling model per block, loops overlapping in the window", {}),
 ]
 
 
