@@ -224,6 +224,7 @@ def cmd_check_opencl(args: argparse.Namespace) -> int:
             raise UserError("give the OpenCL target to compile for: --target rk3399-mali, adreno640, ...")
         cfg = _config(args)
         spec = targets.load(args.target)
+        opencl.require_opencl(spec)
         records = targets.records_dir(spec, args.tuning_records)
         print(f"compiling {cfg.label} for {spec.name} (no link: no cross compiler or NDK needed) ...",
               file=sys.stderr, flush=True)
@@ -377,6 +378,10 @@ def _bench_modelled(args: argparse.Namespace, settings: Any) -> None:
     if name is None:
         raise UserError(f"bench {args.model} compiles the model first: say for which board with --target (e.g. rpi4b)")
     spec = targets.load(name)
+    if spec.is_host:
+        raise UserError(f"{spec.name} is this machine: time it with `mnv2-tvm run BUNDLE --time` (or "
+                        "scripts/bench_host.py beside ONNX Runtime and PyTorch); bench measures a board "
+                        "(--ssh, --rpc or --rpc-tracker) or models one without it (--target rpi4b)")
     try:
         load_core_model(spec.path)
     except UserError as e:

@@ -681,6 +681,13 @@ def _error(expected: np.ndarray, got: np.ndarray) -> float:
 # --------------------------------------------------------------------------- a model, a bundle
 
 
+def require_opencl(spec: Any) -> None:
+    """One line, before any compiling, when ``spec`` is not an OpenCL target."""
+    if spec.device_kind != "opencl":
+        raise UserError(f"target {spec.name} runs on the {spec.device_kind}, not OpenCL: give an OpenCL "
+                        "target such as rk3399-mali or adreno640")
+
+
 def build_program(cfg: Any, spec: Any, *, frontend: str = "torch", records_dir: Any = None,
                   weights: Any = None, seed: int = 0) -> Program:
     """Lower and compile a model for an OpenCL target exactly as ``mnv2-tvm compile`` does, up
@@ -693,9 +700,7 @@ def build_program(cfg: Any, spec: Any, *, frontend: str = "torch", records_dir: 
     from .tuning.records import has_files
     from .tuning.tasks import prepare
 
-    if spec.device_kind != "opencl":
-        raise UserError(f"target {spec.name} runs on the {spec.device_kind}, not OpenCL: give an OpenCL "
-                        "target such as rk3399-mali or adreno640")
+    require_opencl(spec)
     target = spec.tvm_target()
     mod = to_relax(build_model(cfg, seed=seed, weights=weights), cfg, frontend, spec.layout)
     rdir = Path(records_dir) if records_dir is not None else None

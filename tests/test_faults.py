@@ -676,7 +676,7 @@ def sweep_dir(tmp_path_factory, host_bundles):
     (root / "junk.pth").write_bytes(b"\x80\x04 not a torch file")
     (root / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (root / "bad_grid.json").write_text("{ this is not json")
-    (root / "grid_wrong.json").write_text(json.dumps([{"model": "mobilenet_v2", "width": 0.6}]))
+    (root / "grid_wrong.json").write_text(json.dumps([{"model": "mobilenet_v2", "width": 4.5}]))
     (root / "bad.toml").write_text("name = [unterminated\n")
     rec = root / "records_bad_meta"
     rec.mkdir()
@@ -705,7 +705,7 @@ def sweep_cases(root: Path, closed: int) -> list[tuple[str, list[str]]]:
         ("madds no model", ["madds"]),
         ("madds bad width type", ["madds", "mobilenet_v2", "--width", "abc"]),
         ("madds unknown model", ["madds", "resnet"]),
-        ("madds bad width", ["madds", "mobilenet_v2", "--width", "0.6"]),
+        ("madds bad width", ["madds", "mobilenet_v2", "--width", "0"]),
         ("madds negative res", ["madds", "mobilenet_v2", "--resolution", "-32"]),
         ("madds bad classes", ["madds", "mobilenet_v2", "--num-classes", "0"]),
         # targets
@@ -742,13 +742,16 @@ def sweep_cases(root: Path, closed: int) -> list[tuple[str, list[str]]]:
         # tune
         ("tune negative trials", ["tune", *model_small, "--trials", "-5"]),
         ("tune bad tracker", ["tune", *model_small, "--trials", "4", "--rpc-tracker", "nonsense"]),
-        ("tune board target w/o tracker", ["tune", *model_small, "--trials", "4", "--target", "rpi4b"]),
+        ("tune target without a core model or board", ["tune", *model_small, "--trials", "4", "--target", "pixel2"]),
         ("tune corrupt records meta", ["tune", *model_small, "--trials", "4", "--records",
                                        str(root / "records_bad_meta")]),
         ("tune records of other target", ["tune", *model_small, "--trials", "4", "--records",
                                           str(root / "records_bad_lines")]),
         ("tune ssh and tracker", ["tune", *model_small, "--trials", "4", "--target", "rpi4b", *ssh,
                                   "--rpc-tracker", "127.0.0.1:1"]),
+        # check-opencl
+        ("check-opencl cpu target", ["check-opencl", *model_small, "--target", "x86-64-avx2"]),
+        ("check-opencl no target", ["check-opencl", *model_small]),
         # bench
         ("bench nowhere", ["bench", g]),
         ("bench bad --rpc", ["bench", g, "--rpc", "nonsense"]),
