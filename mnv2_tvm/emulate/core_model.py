@@ -288,6 +288,22 @@ _ERROR_LINE = re.compile(r"^<stdin>:(\d+):\d+: error", re.M)
 #: aarch64 branch targets as QEMU prints them (absolute, "b.ne #0x5511..."), which the assembler
 #: cannot encode as pc offsets: made offset 0 (the target does not change a block's cost).
 _A64_TARGET = re.compile(r"^((?:b|bl|b\.\w+|cbn?z|tbn?z|adrp?)\b.*?)#-?0x[0-9a-f]+$")
+_X86_TARGET = re.compile(r"^((?:j\w*|call\w*|loop\w*)\s+)0x[0-9a-f]+$")
+
+
+def canonical_text(text: str) -> str:
+    """A block's disassembly without the absolute addresses of its branch targets (they move
+    with where the library was loaded, the block's cost does not): aarch64 targets become
+    offset 0 (which the assembler can encode), x86 ones address 0."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        line = _A64_TARGET.sub(r"\g<1>#0", line)
+        line = _X86_TARGET.sub(r"\g<1>0x0", line)
+        out.append(line)
+    return "\n".join(out) + "\n" if out else ""
 #: An x86 string instruction with a rep prefix: QEMU runs (and the plugin counts) one element per
 #: execution of its block.
 _REP_STRING = re.compile(r"^rep\w* +(?:stos|movs|lods|scas|cmps)([bwlq])\b")
@@ -336,7 +352,7 @@ class BlockCosts:
                             f"`{SETUP_COMMAND}` (it installs llvm-19)")
         from .setup import cache_dir
 
-        self.path = cache_dir() / "mca" / f"{self.triple}-{cpu}-{self.version}-v2.json"
+        self.path = cache_dir() / "mca" / f"{self.triple}-{cpu}-{self.version}-v3.json"
         try:
             self._cache: dict[str, list[float]] = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -346,11 +362,6 @@ class BlockCosts:
     @staticmethod
     def key(text: str) -> str:
         return hashlib.sha1(text.encode()).hexdigest()
-
-    def _sanitise(self, line: str) -> str:
-        if self.triple.startswith("aarch64"):
-            return _A64_TARGET.sub(r"\g<1>#0", line.strip())
-        return line.strip()
 
     @staticmethod
     def string_op(text: str) -> float | None:
@@ -366,15 +377,17 @@ class BlockCosts:
     def cycles(self, texts: list[str]) -> dict[str, tuple[float, float, float]]:
         """Per block text: (cycles per execution back to back, the block's resource-bound
         reciprocal throughput, micro-ops per execution)."""
-        strings = {t: self.string_op(t) for t in texts}
+        originals = texts
+        canon = {t: canonical_text(t) for t in originals}
+        strings = {t: self.string_op(t) for t in originals}
         strings = {t: c for t, c in strings.items() if c is not None}
-        texts = [t for t in texts if t not in strings]
+        texts = [canon[t] for t in originals if t not in strings]
         todo = sorted({t for t in texts if self.key(t) not in self._cache})
         if todo:
             for i in range(0, len(todo), 500):
                 self._simulate(todo[i:i + 500])
             self._save()
-        out = {t: tuple(self._cache[self.key(t)]) for t in texts}
+        out = {t: tuple(self._cache[self.key(canon[t])]) for t in originals if t not in strings}
         out.update({t: (c, c, 0.0) for t, c in strings.items()})
         return out
 
@@ -391,7 +404,7 @@ class BlockCosts:
         self._cache = on_disk
 
     def _simulate(self, texts: list[str]) -> None:
-        blocks = [[self._sanitise(ln) for ln in t.splitlines() if ln.strip()] for t in texts]
+        blocks = [[ln for ln in t.splitlines() if ln.strip()] for t in texts]
         for _ in range(8):
             src, owner = [], []  # owner: (block, line) of each source line, None for markers
             for b, lines in enumerate(blocks):

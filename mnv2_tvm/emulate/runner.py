@@ -85,9 +85,12 @@ class EmulatedCost:
 
     def fingerprint(self) -> str:
         """A digest of every count the plugin reported: equal fingerprints = bit-identical costs."""
-        # Block ids follow translation order, which the host's scheduling of threads may change:
-        # blocks are identified by their text here.
-        tbs = {k: v[-1] if isinstance(v, list) else v for k, v in (self.raw.get("tbs") or {}).items()}
+        # Block ids follow translation order, which the host's scheduling of threads may change,
+        # and branch targets the library's load address: blocks are identified by their text
+        # without those here.
+        from .core_model import canonical_text
+
+        tbs = {k: canonical_text(v[-1] if isinstance(v, list) else v) for k, v in (self.raw.get("tbs") or {}).items()}
 
         def name(i: Any) -> str:
             return tbs.get(str(i), str(i))
