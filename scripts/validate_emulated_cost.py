@@ -705,9 +705,15 @@ def plot(s: dict[str, Any], path: Path, title: str) -> None:
 
 
 def _diagonal(ax: Any, vals: list[float], band: float | None = None) -> None:
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     lo, hi = min(vals) / 1.3, max(vals) * 1.3
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if hi / lo < 200 else (1.0,)))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
     ax.plot([lo, hi], [lo, hi], "k-", lw=0.7)
     if band:
         ax.plot([lo, hi], [lo * (1 + band), hi * (1 + band)], "k:", lw=0.7)
