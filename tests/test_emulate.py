@@ -164,13 +164,11 @@ def test_optional_core_keys_need_a_source(tmp_path):
 
 
 def test_blocks_are_costed_by_the_scheduling_model():
-    from mnv2_tvm.emulate.core_model import find_llvm_mca
-
-    try:
-        find_llvm_mca()
-    except UserError:
-        pytest.skip("llvm-mca is not installed (scripts/setup_emulator.sh installs it)")
     core = load_core_model("x86-64-avx2")
+    try:
+        assert core.blocks is not None
+    except UserError:
+        pytest.skip("no llvm-mca with a Zen 4 model (scripts/setup_emulator.sh installs llvm-19)")
     zero = dict.fromkeys(FIELDS, 0)
     row = [0, *(dict(zero, vec=3, fma=6, int=3)[f] for f in FIELDS)]
     def record(n_loops: int, tbs: dict | None = None, ids: tuple[int, int] = (7, 3)) -> dict:
