@@ -152,6 +152,17 @@ def test_loops_overlap_their_chains_in_the_out_of_order_window():
     assert block_cycles(in_order, lat, thr, uops, executions=100_000, entries=50_000) == 100_000 * lat
 
 
+def test_lines_between_cache_levels_are_bounded_by_their_bandwidth():
+    core = load_core_model("x86-64-avx2")
+    assert core.l2_bytes_per_cycle > 0 and core.l3_bytes_per_cycle > 0
+    c = dict.fromkeys(FIELDS, 0)
+    c.update(int=1000, l1_miss=100_000, l1_wb=20_000, l2_miss=1_000)  # a stream through L2
+    res = core.thread_cycles(c, block_cycles=1000.0)
+    assert res["l2_bandwidth"] == pytest.approx(120_000 * 64 / core.l2_bytes_per_cycle)
+    assert res["cycles"] == pytest.approx(max(res["core"] + res["stall"], res["l2_bandwidth"]))
+    assert res["cycles"] == res["l2_bandwidth"]
+
+
 def test_optional_core_keys_need_a_source(tmp_path):
     text = (REPO / "targets" / "x86-64-avx2.toml").read_text()
     bad = tmp_path / "x86.toml"

@@ -17,7 +17,9 @@ The model, per thread and per parallel region (counts ``c`` from the plugin)::
                   * (latency_{i+1} - latency_i)                  # latency_{last+1} = DRAM latency
               overlap_1 = l2_hit_overlap (optional), the others miss_overlap
     t_dram  = (misses_last + writebacks_last) * line / (DRAM bytes per cycle / active threads)
-    cycles  = max(t_core + stall, t_dram)
+    t_l2    = (misses_1 + writebacks_1) * line / l2_bytes_per_cycle   # optional: L2 → L1 bandwidth
+    t_l3    = (misses_2 + writebacks_2) * line / l3_bytes_per_cycle   # optional: L3 → L2 bandwidth
+    cycles  = max(t_core + stall, t_dram, t_l2, t_l3)
 
 **Blocks.** With ``mca_cpu`` set, every translation block the thread executed is costed by
 LLVM's scheduling model of the core (``llvm-mca``, :class:`BlockCosts`): run back to back, a
@@ -78,7 +80,7 @@ TEXT_KEYS = ("model", "qemu_cpu")
 #: block, and the out-of-order window: how many micro-ops of independent work the core holds while
 #: a dependency chain waits (0 for an in-order core); consecutive loops overlap their chains in it.
 OPTIONAL_TEXT_KEYS = ("mca_cpu",)
-OPTIONAL_NUMBER_KEYS = ("ooo_window", "l2_hit_overlap")
+OPTIONAL_NUMBER_KEYS = ("ooo_window", "l2_hit_overlap", "l2_bytes_per_cycle", "l3_bytes_per_cycle")
 BOOL_KEYS = ("l2_shared",)
 #: An optional third level: all of these or none.
 L3_NUMBER_KEYS = ("l3_kib", "l3_ways", "l3_latency")
@@ -129,6 +131,9 @@ class CoreModel:
     mca_cpu: str | None = None
     ooo_window: float = 0.0
     l2_hit_overlap: float | None = None  # miss_overlap for the L1→L2 step when None
+    #: Bandwidth from L2 into L1 and from L3 into L2 (bytes a cycle, lines in and out); 0: unbounded.
+    l2_bytes_per_cycle: float = 0.0
+    l3_bytes_per_cycle: float = 0.0
     _blocks: "BlockCosts | None" = field(default=None, compare=False, repr=False)
 
     @property
@@ -183,9 +188,17 @@ class CoreModel:
         dram_bytes = (c[f"l{last}_miss"] + c[f"l{last}_wb"]) * self.line_bytes
         bytes_per_cycle = self.dram_bandwidth_gbs / self.clock_ghz / max(active_threads, 1)
         t_dram = dram_bytes / bytes_per_cycle
-        cycles = max(t_core + stall, t_dram)
+        # Lines moved between the levels (fills and write-backs) at each level's bandwidth.
+        t_levels = []
+        for n, bw in ((1, self.l2_bytes_per_cycle), (2, self.l3_bytes_per_cycle)):
+            if bw > 0 and n < last:
+                t_levels.append((c[f"l{n}_miss"] + c[f"l{n}_wb"]) * self.line_bytes / bw)
+            else:
+                t_levels.append(0.0)
+        cycles = max(t_core + stall, t_dram, *t_levels)
         return {"cycles": cycles, "core": t_core, "issue": t_issue, "vector": t_vec, "loads": t_ld, "stores": t_st,
-                "memory_ops": t_mem, "stall": stall, "dram": t_dram}
+                "memory_ops": t_mem, "stall": stall, "dram": t_dram, "l2_bandwidth": t_levels[0],
+                "l3_bandwidth": t_levels[1]}
 
     def ms(self, cycles: float) -> float:
         return cycles / (self.clock_ghz * 1e6)
@@ -272,6 +285,8 @@ def load_core_model(target: str | Path) -> CoreModel:
         mca_cpu=str(core["mca_cpu"]) if core.get("mca_cpu") else None,
         ooo_window=float(core.get("ooo_window", 0)),
         l2_hit_overlap=float(core["l2_hit_overlap"]) if "l2_hit_overlap" in core else None,
+        l2_bytes_per_cycle=float(core.get("l2_bytes_per_cycle", 0)),
+        l3_bytes_per_cycle=float(core.get("l3_bytes_per_cycle", 0)),
     )
 
 
