@@ -288,7 +288,8 @@ def build_candidate(sch: Any, target: Any, path: Path) -> list[tuple[list[int], 
     rt = tvm.tirx.build(mod, target=target)
     path.parent.mkdir(parents=True, exist_ok=True)
     rt.export_library(str(path))
-    return [([int(d) for d in a.shape], str(a.dtype)) for a in ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)]
+    infos = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+    return [([int(d) for d in a.shape], str(a.dtype)) for a in infos]
 
 
 def records_folder(args: argparse.Namespace) -> Path:
@@ -370,7 +371,8 @@ def e2e_items(args: argparse.Namespace, work: Path) -> list[Item]:
                 log(f"compiled {cfg.label} {variant} ({time.monotonic() - t0:.0f} s)")
             m = json.loads(manifest.read_text())
             tuning = m.get("tuning") or {}
-            n_tuned, n_total = len(tuning.get("tuned", [])), len(tuning.get("tuned", [])) + len(tuning.get("fallback", []))
+            n_tuned = len(tuning.get("tuned", []))
+            n_total = n_tuned + len(tuning.get("fallback", []))
             items.append(Item("e2e", variant, f"{cfg.label} {variant}", out, None, None,
                               {"label": cfg.label, "width": cfg.width, "resolution": cfg.resolution,
                                "madds": m.get("madds"), "tasks_tuned": n_tuned, "tasks_total": n_total}))
@@ -608,13 +610,15 @@ def summarise(items: list[Item], args: argparse.Namespace, clocks: list[float]) 
         mod = [it.cost.ms for it in pts]
         mea = [it.native_ms for it in pts]
         other = "median" if args.statistic == "min" else "min"
-        mea_other = [statistics.median(it.native_samples) if other == "median" else min(it.native_samples) for it in pts]
+        mea_other = [statistics.median(it.native_samples) if other == "median" else min(it.native_samples)
+                     for it in pts]
         best_measured = min(pts, key=lambda it: it.native_ms)
         best_modelled = min(pts, key=lambda it: it.cost.ms)
         out["tasks"].append({
             "role": role, "title": title, "task": pts[0].info["task"], "candidates": len(pts), "built": n_all,
             "spearman": spearman(mod, mea), f"spearman_{other}": spearman(mod, mea_other),
-            "spearman_measured_min_vs_median": spearman(mea, mea_other), "pearson_log": pearson([math.log(x) for x in mod], [math.log(y) for y in mea]),
+            "spearman_measured_min_vs_median": spearman(mea, mea_other),
+            "pearson_log": pearson([math.log(x) for x in mod], [math.log(y) for y in mea]),
             "ratio_geomean": geomean([a / b for a, b in zip(mod, mea)]),
             "measured_range_ms": [min(mea), max(mea)],
             # What the model's pick costs, against the fastest measured candidate.
@@ -629,7 +633,8 @@ def summarise(items: list[Item], args: argparse.Namespace, clocks: list[float]) 
         med = statistics.median(it.native_samples)
         out["e2e"].append({**it.info, "variant": it.group, "measured_ms": it.native_ms, "modelled_ms": it.cost.ms,
                            "error": it.cost.ms / it.native_ms - 1, "measured_median_ms": med,
-                           "measured_min_ms": min(it.native_samples), "error_vs_median": it.cost.ms / med - 1, "instructions": it.cost.instructions,
+                           "measured_min_ms": min(it.native_samples), "error_vs_median": it.cost.ms / med - 1,
+                           "instructions": it.cost.instructions,
                            "terms": {k: round(v) for k, v in it.cost.terms.items()}})
     for it in (x for x in ok if x.part == "kernels"):
         out["kernels"].append({"name": it.name, "measured_ms": it.native_ms, "modelled_ms": it.cost.ms,

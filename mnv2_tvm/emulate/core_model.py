@@ -319,6 +319,8 @@ def canonical_text(text: str) -> str:
         line = _X86_TARGET.sub(r"\g<1>0x0", line)
         out.append(line)
     return "\n".join(out) + "\n" if out else ""
+
+
 #: An x86 string instruction with a rep prefix: QEMU runs (and the plugin counts) one element per
 #: execution of its block.
 _REP_STRING = re.compile(r"^rep\w* +(?:stos|movs|lods|scas|cmps)([bwlq])\b")
