@@ -566,12 +566,14 @@ def score(items: list[Item], args: argparse.Namespace, cache: Cache, core: Any =
 ABLATIONS = [
     ("the first model: throughput bounds, base clock 2.6 GHz, assumed memory figures",
      {"mca_cpu": None, "clock_ghz": 2.6, "miss_overlap": 0.7, "l2_hit_overlap": None, "dram_bandwidth_gbs": 20.0,
-      "l2_bytes_per_cycle": 0.0, "l3_bytes_per_cycle": 0.0}),
+      "l2_bytes_per_cycle": 0.0, "l3_bytes_per_cycle": 0.0, "branch_miss_cycles": 0.0}),
     ("throughput bounds, measured clock and memory figures", {"mca_cpu": None}),
     ("LLVM scheduling model per block, no out-of-order overlap", {"ooo_window": 0.0}),
     ("scheduling model, overlap, no bandwidth limit between cache levels",
      {"l2_bytes_per_cycle": 0.0, "l3_bytes_per_cycle": 0.0}),
-    ("the model: scheduling model per block, loops overlapping in the window, level bandwidths", {}),
+    ("scheduling model, overlap, level bandwidths, no branch mispredictions", {"branch_miss_cycles": 0.0}),
+    ("the model: scheduling model per block, loops overlapping in the window, level bandwidths, "
+     "mispredicted forward branches", {}),
 ]
 
 

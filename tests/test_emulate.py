@@ -163,6 +163,17 @@ def test_lines_between_cache_levels_are_bounded_by_their_bandwidth():
     assert res["cycles"] == res["l2_bandwidth"]
 
 
+def test_forward_branches_are_charged_their_minority_outcome():
+    from mnv2_tvm.emulate.core_model import branch_mispredicts
+
+    texts = {1: "vcmpltps %ymm12, %ymm15, %ymm13\ntestb $0x80, %r13b\njne 0x1100\n",  # if (x < 0)
+             2: "movl $1, %ecx\n", 3: "movl $0, %ecx\n",
+             4: "addq $1, %rax\ncmpq $0x40, %rax\njne 0x1000\n"}                  # a loop's back edge
+    pcs = {1: 0x1000, 2: 0x1010, 3: 0x1100, 4: 0x1200}
+    edges = [(1, 3, 300), (1, 2, 700), (2, 4, 700), (3, 4, 300), (4, 1, 990)]
+    assert branch_mispredicts(edges, pcs, texts) == 300  # the branch taken 300 of 1000 times; loops free
+
+
 def test_optional_core_keys_need_a_source(tmp_path):
     text = (REPO / "targets" / "x86-64-avx2.toml").read_text()
     bad = tmp_path / "x86.toml"

@@ -32,7 +32,9 @@ of them in a window of W = ``ooo_window`` micro-ops (Little's law), so an iterat
 latency / (1 + W / (T × uops)), never less than ``throughput`` (:func:`block_cycles`): short loops
 cost their throughput, long ones their chain; an in-order core (W = 0) overlaps nothing.
 x86 string instructions with a rep prefix (libc's memset) move their bytes at one 256-bit
-store a cycle.
+store a cycle. A forward conditional branch (an if, not a loop) whose outcomes the edges show
+is charged ``branch_miss_cycles`` for each of its minority outcomes (:func:`branch_mispredicts`):
+data-dependent branches follow no pattern a predictor could learn.
 
 **Memory.** L1 hits cost nothing beyond t_core. Store misses cost bandwidth only (the store
 buffer hides their latency). A miss is "sequential" (the plugin's ``seq``) when it continues a
@@ -80,7 +82,8 @@ TEXT_KEYS = ("model", "qemu_cpu")
 #: block, and the out-of-order window: how many micro-ops of independent work the core holds while
 #: a dependency chain waits (0 for an in-order core); consecutive loops overlap their chains in it.
 OPTIONAL_TEXT_KEYS = ("mca_cpu",)
-OPTIONAL_NUMBER_KEYS = ("ooo_window", "l2_hit_overlap", "l2_bytes_per_cycle", "l3_bytes_per_cycle")
+OPTIONAL_NUMBER_KEYS = ("ooo_window", "l2_hit_overlap", "l2_bytes_per_cycle", "l3_bytes_per_cycle",
+                        "branch_miss_cycles")
 BOOL_KEYS = ("l2_shared",)
 #: An optional third level: all of these or none.
 L3_NUMBER_KEYS = ("l3_kib", "l3_ways", "l3_latency")
@@ -134,6 +137,8 @@ class CoreModel:
     #: Bandwidth from L2 into L1 and from L3 into L2 (bytes a cycle, lines in and out); 0: unbounded.
     l2_bytes_per_cycle: float = 0.0
     l3_bytes_per_cycle: float = 0.0
+    #: Exposed cycles of a mispredicted branch (0: branches are not costed beyond their blocks).
+    branch_miss_cycles: float = 0.0
     _blocks: "BlockCosts | None" = field(default=None, compare=False, repr=False)
 
     @property
@@ -287,6 +292,7 @@ def load_core_model(target: str | Path) -> CoreModel:
         l2_hit_overlap=float(core["l2_hit_overlap"]) if "l2_hit_overlap" in core else None,
         l2_bytes_per_cycle=float(core.get("l2_bytes_per_cycle", 0)),
         l3_bytes_per_cycle=float(core.get("l3_bytes_per_cycle", 0)),
+        branch_miss_cycles=float(core.get("branch_miss_cycles", 0)),
     )
 
 
@@ -522,6 +528,35 @@ def loop_trips(blocks: dict[int, int], edges: list[tuple[int, int, int]], pcs: d
     return trips
 
 
+_COND_TARGET = re.compile(r"^(?:j(?!mp)\w+|b\.\w+|cbn?z\s.*,|tbn?z\s.*,)\s*#?(0x[0-9a-f]+)$")
+
+
+def branch_mispredicts(edges: list[tuple[int, int, int]], pcs: dict[int, int | None],
+                       texts: dict[int, str]) -> float:
+    """Mispredictions of the forward conditional branches (ifs, not loops) ending the blocks.
+
+    From the edges out of a block that ends in a conditional branch, its outcomes: taken (the
+    successor starts at the branch's target) and not taken. A predictor cannot do better than
+    predict the majority outcome when the minority follows no pattern (data-dependent branches:
+    a clip written as a branch per element), so the minority count is charged. Backward
+    branches close loops, whose exits a predictor learns, and are not charged.
+    """
+    outcomes: dict[int, list[int]] = {}
+    for prev, cur, count in edges:
+        lines = texts.get(prev, "").strip().splitlines()
+        if not lines or pcs.get(cur) is None or pcs.get(prev) is None:
+            continue
+        m = _COND_TARGET.match(lines[-1].strip().lower())
+        if m is None:
+            continue
+        target = int(m.group(1), 16)
+        if target <= pcs[prev]:
+            continue  # a loop's back edge
+        o = outcomes.setdefault(prev, [0, 0])
+        o[0 if pcs[cur] == target else 1] += count
+    return float(sum(min(t, n) for t, n in outcomes.values()))
+
+
 def record_block_cycles(record: dict[str, Any], core: CoreModel) -> dict[tuple[int, int], float] | None:
     """Per (vcpu, region), the scheduling model's cycles for the blocks that thread executed
     there; None when the core has no scheduling model or the record no blocks."""
@@ -548,5 +583,7 @@ def record_block_cycles(record: dict[str, Any], core: CoreModel) -> dict[tuple[i
             for tb, count in blocks.items():
                 lat, thr, uops = cyc.get(texts.get(tb, ""), (0.0, 0.0, 0.0))
                 total += block_cycles(core, lat, thr, uops, count, max(1, round(count / trips[tb])))
+            if core.branch_miss_cycles > 0:
+                total += core.branch_miss_cycles * branch_mispredicts(edges_by_region.get(region, []), pcs, texts)
             out[(vcpu, region)] = total
     return out
