@@ -21,7 +21,7 @@ from mnv2_tvm.emulate.core_model import FIELDS
 from mnv2_tvm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-BOARDS = ("rpi3b", "rpi4b", "rpi5")
+BOARDS = ("rpi3b-aarch64", "rpi4b", "rpi5")
 
 
 # ---------------------------------------------------------------------- core model (no qemu)
@@ -216,6 +216,12 @@ def test_blocks_are_costed_by_the_scheduling_model():
     # Ids are translation order: the fingerprint goes by block text.
     renumbered = record(10, {"9": [0x2000, FMA_LOOP], "4": [0x1000, "movq %rax, %rcx\n"]}, ids=(9, 4))
     assert cost_from_record(renumbered, core, threads=1).fingerprint() == cost.fingerprint()
+
+
+def test_the_32bit_pi3_target_shares_the_64bit_one_s_core():
+    armv7, aarch64 = load_core_model("rpi3b"), load_core_model("rpi3b-aarch64")
+    assert (armv7.arch, aarch64.arch) == ("arm", "aarch64")
+    assert armv7.model == aarch64.model == "Cortex-A53" and armv7.levels == aarch64.levels
 
 
 def test_32bit_arm_target_is_refused_with_a_reason():

@@ -57,6 +57,8 @@ model is held against real timings there (``scripts/validate_emulated_cost.py``;
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -238,6 +240,13 @@ def load_core_model(target: str | Path) -> CoreModel:
     path, data = _target_file(target)
     arch = data.get("arch", "")
     core = data.get("core")
+    if isinstance(core, dict) and "same_as" in core:
+        # One board, two OS targets (rpi3b armv7 / rpi3b-aarch64): its core figures live in one file.
+        other = str(core["same_as"])
+        if other == path.stem or "/" in other or other.endswith(".toml"):
+            raise UserError(f"{path}: core.same_as must name another file in targets/, not {other!r}")
+        shared = load_core_model(other)
+        return dataclasses.replace(shared, target=path.stem, arch=str(arch), path=path)
     if not isinstance(core, dict):
         needed = ", ".join((*TEXT_KEYS, *NUMBER_KEYS, *BOOL_KEYS))
         raise UserError(f"target {path.stem} has no core model: {path} lacks a [core] table with {needed} "
