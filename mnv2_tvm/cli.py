@@ -120,7 +120,27 @@ def cmd_tune(args: argparse.Namespace) -> None:
         return
     records = targets.records_dir(spec, args.tuning_records)
     tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
-               tracker=tracker, rpc_key=args.rpc_key or spec.rpc_key, seed=args.seed, transfer=args.transfer)
+               tracker=tracker, rpc_key=args.rpc_key or spec.rpc_key, seed=args.seed, transfer=args.transfer,
+               transfer_from=_transfer_sources(args, spec))
+
+
+def _transfer_sources(args: argparse.Namespace, spec: Any) -> list[Path]:
+    """The records folders of ``--transfer-from`` targets (board-measured and emulated), checked."""
+    from . import targets
+
+    folders: list[Path] = []
+    for name in args.transfer_from or ():
+        other = targets.load(name)
+        if other.arch != spec.arch:
+            raise UserError(f"--transfer-from {name}: its code is {other.arch}, {spec.name}'s is {spec.arch}; "
+                            "schedules carry over only between cores of one architecture")
+        found = [f for f in (targets.records_dir(other), targets.records_dir(other, emulated=True))
+                 if (f / targets.RECORD_FILE).is_file()]
+        if not found:
+            raise UserError(f"--transfer-from {name}: no records in {targets.records_dir(other)} "
+                            f"(tune {name} first)")
+        folders += found
+    return folders
 
 
 def _tune_emulated(args: argparse.Namespace, spec: Any) -> None:
@@ -135,6 +155,7 @@ def _tune_emulated(args: argparse.Namespace, spec: Any) -> None:
     except UserError as e:
         raise UserError(f"{e}; or measure on the board with --ssh USER@HOST or --rpc-tracker HOST:PORT "
                         f"--rpc-key {spec.rpc_key}") from None
+    sources = _transfer_sources(args, spec)
     backend = backend_for(spec)  # one line naming the set-up command when qemu, plugin or userland is missing
     records = targets.records_dir(spec, args.tuning_records, emulated=True)
     _sigterm_as_interrupt()
@@ -142,7 +163,7 @@ def _tune_emulated(args: argparse.Namespace, spec: Any) -> None:
           f"records in {records}", file=sys.stderr)
     try:
         report = tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
-                            seed=args.seed, transfer=args.transfer, runner=backend)
+                            seed=args.seed, transfer=args.transfer, runner=backend, transfer_from=sources)
     finally:
         backend.close()
     failed = sum(getattr(t, "run_errors", 0) for t in getattr(report, "tasks", []))
@@ -308,6 +329,8 @@ def _tune_over_ssh(args: argparse.Namespace) -> None:
     target, opts = _ssh(args)
     key = args.rpc_key or spec.rpc_key
     records = targets.records_dir(spec, args.tuning_records)
+    sources = _transfer_sources(args, spec)
+
     def same_arch(info: dict) -> None:
         if info["arch"] != spec.arch:
             raise UserError(f"target {spec.name} is {spec.arch} but {target} is {info['uname_m']}; "
@@ -328,7 +351,7 @@ def _tune_over_ssh(args: argparse.Namespace) -> None:
               file=sys.stderr)
         report = tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
                             tracker=(tracker.host, tracker.port), rpc_key=key, seed=args.seed,
-                            transfer=args.transfer)
+                            transfer=args.transfer, transfer_from=sources)
     failed = sum(getattr(t, "run_errors", 0) for t in getattr(report, "tasks", []))
     if failed and failed == getattr(report, "trials_run", -1):
         raise UserError(f"every measurement on {target} failed; see tune.log in {records} for the board's error")
@@ -528,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "train the cost model on it and give each task the best schedules of the "
                         "nearest layers of its kind, refitted to its shapes (new tasks first, then, "
                         "within --trials, tuned ones by time share)")
+    p.add_argument("--transfer-from", action="append", metavar="TARGET",
+                   help="also learn from another target's records (a core of the same architecture, e.g. "
+                        "rpi4b for rpi5), as --transfer does from this one's; may be repeated")
     _add_ssh_args(p)
     p.set_defaults(func=cmd_tune)
 

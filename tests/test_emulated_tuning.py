@@ -47,6 +47,19 @@ def test_target_without_core_model_is_one_line_and_exit_2(verb, tmp_path, capsys
     assert not (tmp_path / "rec").exists()
 
 
+@pytest.mark.parametrize("source, needle", [("x86-64-avx2", "one architecture"),
+                                             ("rpi5", "no records in")])
+def test_transfer_from_a_target_it_cannot_use_is_one_line_and_exit_2(source, needle, tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setattr(targets, "SCHEDULES_DIR", tmp_path / "schedules")  # rpi5: nothing tuned
+    argv = ["tune", "mobilenet_v2", "--width", "0.35", "--resolution", "96", "--target", "rpi4b", "--trials", "8",
+            "--tuning-records", str(tmp_path / "rec"), "--transfer-from", source]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and source in err[0], err
+    assert not (tmp_path / "rec").exists()
+
+
 def test_emulated_and_board_records_are_never_mixed(tmp_path):
     target = targets.load("rpi4b").tvm_target()
     folder = tmp_path / "rec"

@@ -385,7 +385,7 @@ def test_transfer_trains_the_cost_model_on_every_workload_in_the_database(tuned)
     db = T.RecordsDatabase(str(tuned[0]), writable=False)
     valid = sum(1 for r in db.get_all_tuning_records() if r.run_secs and min(float(x) for x in r.run_secs) < 1e9)
     model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=1)
-    used, workloads = seeding.warm_start(model, db, TARGET, 1)
+    used, workloads = seeding.warm_start(model, [db], TARGET, 1)
     assert used == valid > 0 and workloads == 3
     assert model.data_size == used and model.booster is not None  # trained once, at the end
     assert model.last_train_size == used and model.adaptive_training  # tuning retrains as before
@@ -455,6 +455,26 @@ def test_transfer_seeds_tuned_tasks_too_within_the_budget_and_never_twice(tuned,
     rep = T.tune(mod, TARGET, records_dir, 9, params=params, seed=6, transfer=True)
     assert rep.trials_run == 4 and _seeds_in(capfd.readouterr().err) == 1
     assert rep.trials_in_db_after - rep.trials_in_db_before == 4
+
+
+@pytest.mark.slow
+def test_transfer_from_another_core_starts_each_task_from_that_core_s_best(tuned, tiny, tmp_path, capfd):
+    """The same model for another core of the architecture: every task's first measurement is the
+    schedule that won on the source core, and the source folder is only read."""
+    source = copy_records(tuned[0], tmp_path / "source")
+    before = {f.name: f.read_bytes() for f in source.iterdir() if f.is_file()}
+    mod, params, _, _ = tiny
+    other_core = {"kind": "llvm", "mcpu": "haswell"}  # runs here; another target, so another database
+    capfd.readouterr()
+    rep = T.tune(mod, other_core, tmp_path / "new", 3, params=params, seed=6, transfer_from=[source])
+    assert rep.tasks_covered_before == 0 and rep.trials_run == 3
+    assert _seeds_in(capfd.readouterr().err) == 3
+    src = T.RecordsDatabase(str(source), writable=False)
+    new = T.RecordsDatabase(str(tmp_path / "new"), writable=False)
+    for task in T.extract_tasks(mod, TARGET, params):
+        best = min(src.records_of(task.mod), key=lambda r: min(float(x) for x in r.run_secs))
+        assert [trace_key(r.trace) for r in new.records_of(task.mod)] == [trace_key(best.trace)]
+    assert {f.name: f.read_bytes() for f in source.iterdir() if f.is_file()} == before
 
 
 @pytest.mark.slow

@@ -30,17 +30,18 @@ _log = logging.getLogger(__name__)
 WARM_RECORDS_PER_WORKLOAD = 24
 
 
-def warm_start(cost_model: Any, db: Any, target: tvm.target.Target, ncores: int) -> tuple[int, int]:
-    """Train the cost model on what the database already holds, for every workload in it.
+def warm_start(cost_model: Any, dbs: list[Any], target: tvm.target.Target, ncores: int) -> tuple[int, int]:
+    """Train the cost model on what the databases already hold, for every workload in them.
 
     MetaSchedule shares records between models only for identical workloads; a new width or
     resolution has almost none. Its cost model, though, reads features of the loop nest (tile
     sizes, vector lengths, bytes touched), which carry over between shapes of the same kind of
-    kernel on the same CPU: trained first, it ranks even a task's first candidates instead of
-    guessing. Returns (records, workloads) used.
+    kernel on the same CPU, and largely between cores of one architecture (it learns each
+    workload's times relative to that workload's best): trained first, it ranks even a task's
+    first candidates instead of guessing. Returns (records, workloads) used.
     """
     batches = []
-    for workload, records in db.sample_records(WARM_RECORDS_PER_WORKLOAD):
+    for workload, records in (pair for db in dbs for pair in db.sample_records(WARM_RECORDS_PER_WORKLOAD)):
         cands, results = [], []
         for rec in records:
             try:
@@ -190,7 +191,8 @@ def seed_from_templates(sess: Session, builder: Any, run: Any) -> int:
 
 def seed_from_similar(sess: Session, builder: Any, run: Any) -> int:
     """Give tasks the best schedules of the nearest workloads of the same kind in the database
-    (another width, resolution or model), refitted to their shapes, measured and recorded like
+    (another width, resolution or model) and in the databases transferred from (another core
+    of the same architecture, :attr:`Session.sources`), refitted to their shapes, measured and recorded like
     any trial. MetaSchedule shares records only between identical workloads; a refitted schedule
     is a far better start than a random one, and evolutionary search then begins from it (the
     database's best seed its population).
@@ -200,10 +202,12 @@ def seed_from_similar(sess: Session, builder: Any, run: Any) -> int:
     far from what a neighbour found with more (MobileNetV2 0.35/160, tuned before its neighbours
     were, ran slower than 0.35/192). A schedule the database holds for the task already is not
     measured again, so a rerun measures nothing new. Returns trials run."""
-    by_kind: dict[tuple, list[tuple[list, Any]]] = {}
-    for workload, records in sess.db.sample_records(1):
-        blocks = _sblocks(workload.mod)
-        by_kind.setdefault(_kernel_kind(blocks), []).append((blocks, records[0]))
+    by_kind: dict[tuple, list[tuple[list, Any, bool]]] = {}
+    for db in sess.sources:
+        own = db is sess.db
+        for workload, records in db.sample_records(1):
+            blocks = _sblocks(workload.mod)
+            by_kind.setdefault(_kernel_kind(blocks), []).append((blocks, records[0], own))
     importance = task_importance(sess.tasks, sess.best)
     has = [bool(sess.existing[i] or sess.measured[i]) for i in range(len(sess.tasks))]
     order = ([i for i in range(len(sess.tasks)) if not has[i]]
@@ -215,9 +219,10 @@ def seed_from_similar(sess: Session, builder: Any, run: Any) -> int:
         if has[i] and room <= 0:
             break
         blocks = _sblocks(task.mod)
-        sources = sorted(((_shape_distance(blocks, b), r) for b, r in by_kind.get(_kernel_kind(blocks), [])),
-                         key=lambda s: s[0])
-        sources = [r for d, r in sources if d > 0 or not has[i]]  # not the task's own best
+        sources = sorted(((_shape_distance(blocks, b), not own, r)
+                          for b, r, own in by_kind.get(_kernel_kind(blocks), [])), key=lambda s: s[:2])
+        # Not the task's own best; the same workload's best on another core is the nearest of all.
+        sources = [r for d, other, r in sources if d > 0 or other or not has[i]]
         if not sources:
             continue
         tried = set(sess.keys(i))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ class Session:
         self.bar: Progress | None = None
         self.interrupted = False
         self.transfer = False  # train the cost model on the database first (warm_start)
+        self.sources: list[Any] = [db]  # databases transfer learns from: this one, then other targets'
         self.exhausted: set[int] = set()  # tasks with no unmeasured schedule left to find
         self._keys: dict[int, set[str]] = {}
 
@@ -169,7 +170,7 @@ def _run_session(sess: Session, runner: MeasureBackend, num_builder_workers: int
                               f"({time.monotonic() - t:.0f} s)")
         if sess.transfer:
             t = time.monotonic()
-            n, groups = warm_start(cost_model, sess.db, sess.target, ncores)
+            n, groups = warm_start(cost_model, sess.sources, sess.target, ncores)
             if n:
                 _log.info("cost model trained on %d records of %d workloads in the database (%.1f s)",
                           n, groups, time.monotonic() - t)
@@ -245,6 +246,7 @@ def tune(
     progress: bool = True,
     seed: int | None = None,
     transfer: bool = False,
+    transfer_from: Sequence[Path] = (),
 ) -> TuneReport:
     """Tune every task of ``mod`` (MetaSchedule, XGBoost cost model) until ``records_dir`` holds
     ``trials`` measurements for them; only the remainder is run.
@@ -253,7 +255,9 @@ def tune(
     other workloads too (:func:`warm_start`), so a new config starts from what the CPU taught
     earlier runs, and tasks are first given the best schedules of the nearest workloads of their
     kind, refitted to their shapes and measured: every task without records, then tasks with
-    records while the budget lasts (:func:`seed_from_similar`).
+    records while the budget lasts (:func:`seed_from_similar`). ``transfer_from`` adds other
+    targets' records folders (read only) to learn from the same way: another core of the same
+    architecture, e.g. an A72's records for an A76 (implies ``transfer``).
 
     ``trials`` is split over the tasks (:func:`allocate_trials`); records of a task's workload
     already in the database (from any run or model) count toward that task's share, up to the
@@ -268,10 +272,14 @@ def tune(
     measurement = getattr(runner, "measurement", None)  # None: measured on hardware ("board")
     opened = open_records(records_dir, target, writable=True,  # warnings go to the console
                           measurement=measurement or BOARD_MEASUREMENT)
+    others = []
     try:
+        for folder in transfer_from:
+            others.append(open_records(folder, None, writable=False))
         with tvm_logs_to(records_dir / LOG_FILE, progress) as console, Sigint() as sigint:
             sess = Session(opened.db, extract_tasks(mod, target, params), trials, target, records_dir, t0)
-            sess.transfer = transfer
+            sess.transfer = transfer or bool(others)
+            sess.sources += [o.db for o in others]
             total = sess.remaining
             if not sess.tasks:
                 return sess.report("no tunable tasks in this module")
@@ -320,13 +328,15 @@ def tune(
                     console.write(f"[tune] {rep.message}\n")
             return rep
     finally:
+        for o in others:
+            o.close()
         opened.close()
 
 
 def tune_model(cfg: ModelConfig, spec: TargetSpec, records_dir: Path, trials: int, *, frontend: str = "torch",
                weights: Path | None = None, tracker: tuple[str, int] | None = None, rpc_key: str | None = None,
                seed: int = 0, progress: bool = True, transfer: bool = False,
-               runner: MeasureBackend | None = None) -> TuneReport:
+               runner: MeasureBackend | None = None, transfer_from: Sequence[Path] = ()) -> TuneReport:
     """Build a model config, lower it and tune it for a target spec (the CLI's ``tune``).
 
     ``tracker`` measures on the boards registered under ``rpc_key`` at that RPC tracker;
@@ -343,7 +353,7 @@ def tune_model(cfg: ModelConfig, spec: TargetSpec, records_dir: Path, trials: in
                                 cross_compiler=spec.cross_compiler)
     try:
         report = tune(mod, spec.tvm_target(), Path(records_dir), trials, runner=runner, progress=progress,
-                      transfer=transfer)
+                      transfer=transfer, transfer_from=transfer_from)
     except RecordsError as e:
         raise UserError(str(e)) from None
     if not progress:  # with progress on, tune() already printed the table
