@@ -38,11 +38,25 @@ class BundleError(Exception):
     """A bundle is missing, incomplete or does not match this machine or input."""
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename: a reader never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (the directory entry, not only the data)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write via temp file + fsync + rename: readers see the old or the new file, never half.
+
+    The package's one durable write (bundles, records, reports); here because this file also
+    runs alone on a board, with the standard library only.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -51,6 +65,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def sha256(path: Path) -> str:

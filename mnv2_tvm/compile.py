@@ -131,8 +131,8 @@ def compile_kernels(
     import tvm
 
     from .kernels import loop_order
-    from .tuning.records import (BOARD_MEASUREMENT, as_target, check_meta, has_files, measurement_of, open_records,
-                                 read_meta)
+    from .tuning.records import (BOARD_MEASUREMENT, PreferringDatabase, as_target, check_meta, has_files,
+                                 measurement_of, open_records, read_meta)
     from .tuning.row_order import rows_outermost_kernels
     from .tuning.tasks import fuse, prepare
 
@@ -140,9 +140,7 @@ def compile_kernels(
     prepared = prepare(mod, params)
     rdir = Path(records_dir) if records_dir is not None else None
     emu_dir = rdir / EMULATED_SUBDIR if rdir is not None else None
-    if emu_dir is not None and emu_dir.is_dir() and has_files(emu_dir):
-        return _compile_preferring(prepared, target, rdir, emu_dir)
-    if rdir is None or not rdir.is_dir() or not has_files(rdir):
+    if rdir is None or not any(d.is_dir() and has_files(d) for d in (rdir, emu_dir)):
         if rdir is not None and rdir.is_dir():
             meta = read_meta(rdir)
             if meta is not None:
@@ -151,44 +149,15 @@ def compile_kernels(
         names = sorted(gv.name_hint for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
         report = ApplyReport([], names, None, None if rdir is None else str(rdir), untuned=True)
         return _build(kernels, target), report, kernels
-    opened = open_records(rdir, target, writable=False)
+    # A board's records (the folder's own) and the emulated core's (its emulated/ sub-folder):
+    # per kernel, the board's record when it has one.
+    dirs = [d for d in (rdir, emu_dir) if d.is_dir() and has_files(d)]
+    opened = [open_records(d, target, writable=False) for d in dirs]
     try:
-        db = opened.db
+        db = opened[0].db if len(opened) == 1 else PreferringDatabase([o.db for o in opened])
         fused = fuse(prepared, target)
         kernels = _applied(fused, target, db)
         # Named as the tasks are (SplitLayoutRewritePreproc renames kernels that read packed weights).
-        prims = {gv.name_hint.removesuffix("_prepacked"): f
-                 for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
-        tuned = sorted(n for n, f in prims.items() if f.attrs and f.attrs.get("tirx.is_scheduled", False))
-        fallback = sorted(n for n in prims if n not in set(tuned))
-        reorder = rows_outermost_kernels(fused, db, rdir) & set(tuned)
-        kernels, reordered = loop_order.rows_outermost(
-            kernels, [gv.name_hint for gv in kernels.functions if gv.name_hint.removesuffix("_prepacked") in reorder])
-        report = ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned, workloads=sorted(db.queried),
-                             rows_outermost=sorted(n.removesuffix("_prepacked") for n in reordered),
-                             emulated_records=len(tuned) if measurement_of(read_meta(rdir)) != BOARD_MEASUREMENT else 0)
-        return _build(kernels, target), report, kernels
-    finally:
-        opened.close()
-
-
-def _compile_preferring(prepared: tvm.IRModule, target: tvm.target.Target, rdir: Path,
-                        emu_dir: Path) -> tuple[relax.VMExecutable, ApplyReport, tvm.IRModule]:
-    """:func:`compile_kernels` for a records folder with an ``emulated/`` sub-folder: per kernel, a
-    board's record (the folder's own) when it has one, else the emulated core's."""
-    import tvm
-
-    from .kernels import loop_order
-    from .tuning.records import PreferringDatabase, has_files, open_records
-    from .tuning.row_order import rows_outermost_kernels
-    from .tuning.tasks import fuse
-
-    opened = [open_records(d, target, writable=False) for d in (rdir, emu_dir) if d.is_dir() and has_files(d)]
-    dirs = [d for d in (rdir, emu_dir) if d.is_dir() and has_files(d)]
-    try:
-        db = PreferringDatabase([o.db for o in opened])
-        fused = fuse(prepared, target)
-        kernels = _applied(fused, target, db)
         prims = {gv.name_hint.removesuffix("_prepacked"): f
                  for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
         tuned = sorted(n for n, f in prims.items() if f.attrs and f.attrs.get("tirx.is_scheduled", False))
@@ -199,10 +168,13 @@ def _compile_preferring(prepared: tvm.IRModule, target: tvm.target.Target, rdir:
         kernels, reordered = loop_order.rows_outermost(
             kernels, [gv.name_hint for gv in kernels.functions
                       if gv.name_hint.removesuffix("_prepacked") in reorder & set(tuned)])
-        emulated_from = sum(1 for i in db.sources.values() if dirs[i] == emu_dir)
+        if len(opened) > 1:
+            emulated = sum(1 for i in db.sources.values() if dirs[i] == emu_dir)
+        else:
+            emulated = len(tuned) if measurement_of(read_meta(dirs[0])) != BOARD_MEASUREMENT else 0
         report = ApplyReport(tuned, fallback, db.digest, str(rdir), untuned=not tuned, workloads=sorted(db.queried),
                              rows_outermost=sorted(n.removesuffix("_prepacked") for n in reordered),
-                             emulated_records=emulated_from)
+                             emulated_records=emulated)
         return _build(kernels, target), report, kernels
     finally:
         for o in opened:

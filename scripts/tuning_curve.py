@@ -10,6 +10,10 @@ before `mnv2-tvm prune`.
 
     .venv/bin/python scripts/tuning_curve.py mobilenet_v2 --records schedules/x86-64-avx2 \
         --log schedules/x86-64-avx2/tune.log --png docs/tuning_curve_mobilenet_v2.png
+
+With `--baseline DIR` (a run of the same model from scratch, e.g. without `--transfer-from`) it
+also says how many trials the run under `--records` needed to reach the baseline's final
+estimate: the trials that transfer saved. `--json OUT` writes the curves and that figure.
 """
 
 from __future__ import annotations
@@ -45,6 +49,35 @@ def _time(stamp: str) -> float:
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
+def estimate_curve(records: Path, weights: dict[str, int]) -> tuple[list[tuple[int, float]], int]:
+    """(trials, estimated µs) after each record, in measurement order, once every task has a
+    valid one; and the number of the model's records in the folder."""
+    from mnv2_tvm import targets
+
+    index = {}
+    for i, line in enumerate((records / targets.WORKLOAD_FILE).read_text().splitlines()):
+        shash = json.loads(line)[0]
+        if shash in weights:
+            index[i] = shash
+    order: list[tuple[str, float]] = []  # (task, mean seconds) in measurement order
+    for line in (records / targets.RECORD_FILE).read_text().splitlines():
+        try:
+            idx, rec = json.loads(line)
+        except ValueError:
+            continue
+        if idx in index:
+            secs = rec[1] or [math.inf]
+            mean = sum(secs) / len(secs)
+            order.append((index[idx], mean if mean < 1e9 else math.inf))
+    best: dict[str, float] = {}
+    curve: list[tuple[int, float]] = []
+    for n, (shash, secs) in enumerate(order, 1):
+        best[shash] = min(best.get(shash, math.inf), secs)
+        if len(best) == len(weights) and all(math.isfinite(v) for v in best.values()):
+            curve.append((n, sum(weights[s] * best[s] for s in weights) * 1e6))
+    return curve, len(order)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
@@ -54,6 +87,8 @@ def main() -> int:
     p.add_argument("--target", default="host", help="a targets/ name, 'host', or a .toml path (its layout)")
     p.add_argument("--log", type=Path, help="the run's tune.log, for a wall-clock axis")
     p.add_argument("--png", type=Path)
+    p.add_argument("--baseline", type=Path, help="records of the same model tuned from scratch: trials saved")
+    p.add_argument("--json", type=Path, help="write the curve(s) and figures here")
     args = p.parse_args()
 
     import tvm_ffi
@@ -67,29 +102,9 @@ def main() -> int:
     spec = targets.load(args.target)
     tasks = extract_tasks(to_relax(build(cfg, calibrate=False), cfg, layout=spec.layout), spec.tvm_target())
     weights = {str(tvm_ffi.structural_hash(t.mod)): t.weight for t in tasks}
-    index = {}
-    for i, line in enumerate((args.records / targets.WORKLOAD_FILE).read_text().splitlines()):
-        shash = json.loads(line)[0]
-        if shash in weights:
-            index[i] = shash
-    order: list[tuple[str, float]] = []  # (task, mean seconds) in measurement order
-    for line in (args.records / targets.RECORD_FILE).read_text().splitlines():
-        try:
-            idx, rec = json.loads(line)
-        except ValueError:
-            continue
-        if idx in index:
-            secs = rec[1] or [math.inf]
-            mean = sum(secs) / len(secs)
-            order.append((index[idx], mean if mean < 1e9 else math.inf))
-    best: dict[str, float] = {}
-    curve: list[tuple[int, float]] = []  # (trials, estimated µs) once every task has a time
-    for n, (shash, secs) in enumerate(order, 1):
-        best[shash] = min(best.get(shash, math.inf), secs)
-        if len(best) == len(weights) and all(math.isfinite(v) for v in best.values()):
-            curve.append((n, sum(weights[s] * best[s] for s in weights) * 1e6))
+    curve, total = estimate_curve(args.records, weights)
     if not curve:
-        print(f"{cfg.label}: {len(order)} records, not every one of its {len(weights)} tasks has a valid one yet")
+        print(f"{cfg.label}: {total} records, not every one of its {len(weights)} tasks has a valid one yet")
         return 1
     trials_axis, secs_axis = wall_axis(args.log) if args.log else ([], [])
 
@@ -116,6 +131,27 @@ def main() -> int:
     w10 = wall(n10)
     print(f"within 10 % of the final estimate after {n10} trials ({n10 / total:.0%})"
           + (f", {w10 / 60:.1f} min into the run" if w10 is not None else ""))
+    out = {"model": cfg.label, "target": spec.name, "records": str(args.records), "trials": total,
+           "final_us": final, "within_10pct_after": n10, "curve": curve}
+    base_curve: list[tuple[int, float]] = []
+    if args.baseline:
+        base_curve, base_total = estimate_curve(args.baseline, weights)
+        if not base_curve:
+            print(f"baseline {args.baseline}: not every task has a valid record")
+            return 1
+        goal = base_curve[-1][1]
+        reach = next((n for n, est in curve if est <= goal), None)
+        out.update(baseline=str(args.baseline), baseline_trials=base_total, baseline_final_us=goal,
+                   reaches_baseline_after=reach, baseline_curve=base_curve,
+                   trials_saved=base_total - reach if reach is not None else None)
+        if reach is None:
+            print(f"never reaches the baseline's final estimate ({goal:.0f} µs after {base_total} trials); "
+                  f"ends at {final:.0f} µs")
+        else:
+            print(f"reaches the baseline's final estimate ({goal:.0f} µs after {base_total} trials) after {reach} "
+                  f"trials: {base_total - reach} trials saved ({(base_total - reach) / base_total:.0%})")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
     if args.png:
         import matplotlib
 
@@ -123,7 +159,9 @@ def main() -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        ax.plot([n for n, _ in curve], [e / 1e3 for _, e in curve])
+        ax.plot([n for n, _ in curve], [e / 1e3 for _, e in curve], label=str(args.records.name))
+        if base_curve:
+            ax.plot([n for n, _ in base_curve], [e / 1e3 for _, e in base_curve], label="from scratch")
         ax.axhline(1.1 * final / 1e3, color="grey", ls=":", label="final + 10 %")
         ax.axvline(n10, color="grey", ls="--", lw=0.8)
         ax.set_xlabel("tuning trials")

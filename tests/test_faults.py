@@ -34,7 +34,7 @@ from board_fixture import left_on
 from mnv2_tvm import remote
 from mnv2_tvm import tuning as T
 from mnv2_tvm.tuning import search
-from mnv2_tvm.tuning.records import atomic_write
+from mnv2_tvm.bundle import write_atomic as atomic_write
 from mnv2_tvm.tuning.row_order import ROW_ORDER_FILE
 
 # Runs by default; `-m faults` selects this suite alone.

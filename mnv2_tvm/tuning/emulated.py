@@ -128,23 +128,9 @@ def _runner_class() -> Any:
         return _RUNNER_CLASS
 
     from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
+    from tvm.s_tir.meta_schedule.runner import PyRunner
 
-    @derived_object
-    class EmulatedRunnerFuture(PyRunnerFuture):
-        def __init__(self, future: Any) -> None:
-            super().__init__()
-            self.future = future
-
-        def done(self) -> bool:
-            return self.future.done()
-
-        def result(self) -> Any:
-            try:
-                run_secs, error = self.future.result()
-            except Exception as e:  # noqa: BLE001 - a failed candidate (Ctrl-C still stops)
-                run_secs, error = None, f"EmulatedRunner: {type(e).__name__}: {e}"
-            return RunnerResult(run_secs, error)
+    from .runner import result_future
 
     @derived_object
     class EmulatedRunner(PyRunner):
@@ -170,8 +156,9 @@ def _runner_class() -> Any:
             futures = []
             for ri in runner_inputs:
                 args = [([int(d) for d in j[2]], str(j[1])) for j in (a.as_json() for a in ri.args_info)]
-                futures.append(EmulatedRunnerFuture(self.executor.submit(
-                    measure_artifact, self.backend.core, self.backend.cross_compiler, str(ri.artifact_path), args)))
+                futures.append(result_future(self.executor.submit(
+                    measure_artifact, self.backend.core, self.backend.cross_compiler, str(ri.artifact_path), args),
+                    "EmulatedRunner"))
             return futures
 
         def close(self) -> None:

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from .. import tvm_compat
+from ..bundle import fsync_dir, write_atomic
 from ..targets import RECORD_FILE, WORKLOAD_FILE
 from .interrupt import Sigint
 
@@ -81,31 +81,6 @@ def tvm_release(version: str) -> str:
     """``0.27.0.post1`` -> ``0.27.0``: post/dev/local suffixes don't change the record format."""
     m = re.match(r"\d+(?:\.\d+)*", version)
     return m.group(0) if m else version
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via temp file + fsync + rename: readers see the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def read_meta(records_dir: Path) -> dict | None:
@@ -537,7 +512,7 @@ class RecordsDatabase(ms.database.PyDatabase):
         if self._fd_record is not None:
             os.close(self._fd_record)
             self._fd_record = None
-        atomic_write(self.path_tuning_record, "".join(lines).encode())
+        write_atomic(self.path_tuning_record, "".join(lines).encode())
         self._fd_record = os.open(self.path_tuning_record, os.O_WRONLY | os.O_APPEND)
         self._n_records = kept
         return before, kept
@@ -618,7 +593,7 @@ def open_records(
         if meta is None:
             if target is None:
                 raise RecordsError(f"{records_dir} has no {META_FILE}")
-            atomic_write(records_dir / META_FILE,
+            write_atomic(records_dir / META_FILE,
                          json.dumps(_new_meta(target, measurement or BOARD_MEASUREMENT), indent=2).encode())
         db = RecordsDatabase(str(records_dir), writable=True)
     except OSError as e:
@@ -676,7 +651,7 @@ def _compact_workloads(path: Path) -> None:
     lines, tail, _, raw = _split_lines(path)
     new = b"".join(compact(ln) + b"\n" for _, ln in lines) + tail
     if new != raw:
-        atomic_write(path, new)
+        write_atomic(path, new)
 
 
 # --------------------------------------------------------------------------- board over emulated

@@ -11,6 +11,8 @@ way of measuring is another class with these three members, passed as ``tune(run
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import contextlib
 import os
 import threading
@@ -189,6 +191,38 @@ def bounded_rpc_runner(tracker_host: str, tracker_port: int, key: str, *, sessio
                            float(margin_s))
 
 
+_FUTURE_CLASS: Any = None
+
+
+def result_future(future: concurrent.futures.Future, who: str) -> Any:
+    """A MetaSchedule runner future over ``future``, which yields ``(run_secs, error)``: an
+    exception from it is one failed candidate (its message prefixed with ``who``), never a crashed
+    tuner; Ctrl-C still stops. Shared by every measuring backend that runs candidates in a pool."""
+    global _FUTURE_CLASS
+    if _FUTURE_CLASS is None:
+        from tvm.ir.utils import derived_object
+        from tvm.s_tir.meta_schedule.runner import PyRunnerFuture, RunnerResult
+
+        @derived_object
+        class ResultFuture(PyRunnerFuture):
+            def __init__(self, future: Any, who: str) -> None:
+                super().__init__()
+                self.future, self.who = future, who
+
+            def done(self) -> bool:
+                return self.future.done()
+
+            def result(self) -> Any:
+                try:
+                    run_secs, error = self.future.result()
+                except Exception as e:  # noqa: BLE001 - a failed candidate (Ctrl-C still stops)
+                    run_secs, error = None, f"{self.who}: {one_line(e)}"
+                return RunnerResult(run_secs, error)
+
+        _FUTURE_CLASS = ResultFuture
+    return _FUTURE_CLASS(future, who)
+
+
 _RUNNER_CLASS: Any = None
 
 
@@ -199,23 +233,7 @@ def _runner_class() -> Any:
         return _RUNNER_CLASS
 
     from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
-
-    @derived_object
-    class BoundedRunnerFuture(PyRunnerFuture):
-        def __init__(self, future: Any) -> None:
-            super().__init__()
-            self.future = future
-
-        def done(self) -> bool:
-            return self.future.done()
-
-        def result(self) -> Any:
-            try:
-                run_secs, error = self.future.result()
-            except Exception as e:  # noqa: BLE001 - a failed candidate, never a crashed tuner (Ctrl-C still stops)
-                run_secs, error = None, f"BoundedRPCRunner: {one_line(e)}"
-            return RunnerResult(run_secs, error)
+    from tvm.s_tir.meta_schedule.runner import PyRunner
 
     @derived_object
     class BoundedRPCRunner(PyRunner):
@@ -231,8 +249,9 @@ def _runner_class() -> Any:
             self.pool = _make_deadline_pool_class()(max_workers)
 
         def run(self, runner_inputs: list[Any]) -> list[Any]:
-            return [BoundedRunnerFuture(self.pool.submit_candidate(self, str(ri.artifact_path), str(ri.device_type),
-                                                                   tuple(a.as_json() for a in ri.args_info)))
+            return [result_future(self.pool.submit_candidate(self, str(ri.artifact_path), str(ri.device_type),
+                                                             tuple(a.as_json() for a in ri.args_info)),
+                                  "BoundedRPCRunner")
                     for ri in runner_inputs]
 
     _RUNNER_CLASS = BoundedRPCRunner
