@@ -479,7 +479,7 @@ def _load_npy(path: Path) -> Any:
         raise UserError(f"--input {path} does not exist") from None
     except IsADirectoryError:
         raise UserError(f"--input {path} is a folder, not a .npy file") from None
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, MemoryError) as e:  # MemoryError: a header declaring a huge shape
         raise UserError(f"--input {path} is not a readable .npy array ({e.__class__.__name__}); "
                         "save one with numpy.save") from None
 
@@ -663,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import failures
     from .bundle import BundleError
     from .targets import host_cores
 
@@ -672,13 +673,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
 
     try:
-        status = args.func(args)
+        with failures.tvm_output_held(args.command):
+            status = args.func(args)
     except (UserError, BundleError) as e:
         print(f"mnv2-tvm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mnv2-tvm: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # an internal TVM error in compile or tune: one line naming the full log
+        line = failures.report(args, e)
+        if line is None:
+            raise
+        print(f"mnv2-tvm: error: {line}", file=sys.stderr)
+        return 2
     return status if isinstance(status, int) else 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from . import postprocess
 from .bundle import Runner, reference
 from .errors import UserError
-from .models import ModelConfig, preprocess_image
+from .models import ModelConfig, preprocess_image, read_image
 
 def voc_palette() -> list[int]:
     """PASCAL VOC's colour map: the bits of the class id spread over R, G and B."""
@@ -90,8 +90,7 @@ def _save_boxes(path: Path, dets: list[dict], image: Path | None, cfg: ModelConf
 
     size = cfg.resolution
     if image is not None:
-        with Image.open(image) as src:
-            canvas = src.convert("RGB")
+        canvas = read_image(image)
     else:
         canvas = Image.new("RGB", (size, size), (40, 40, 40))
     draw = ImageDraw.Draw(canvas)

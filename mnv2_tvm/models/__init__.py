@@ -14,6 +14,7 @@ from ..errors import UserError
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from PIL import Image
 
 # Width multipliers the paper defines (Table 6a / Figure 5): the default grid. Any other
 # multiplier in (0, MAX_WIDTH] builds too, channels rounded as torchvision rounds them.
@@ -220,18 +221,42 @@ def example_input(cfg: ModelConfig, seed: int = 0) -> "np.ndarray":
     return rng.uniform(-2.0, 2.0, size=cfg.input_shape).astype("float32")
 
 
-def preprocess_image(path: Path, cfg: ModelConfig) -> "np.ndarray":
-    """Read an image, resize to the model's square input, normalise, NCHW float32."""
-    import numpy as np
+def read_image(path: Path) -> "Image.Image":
+    """An image file decoded to RGB, or one line saying why it cannot be.
+
+    Images come from users and the web: a small file may declare billions of pixels and take
+    all memory to decode. Pillow refuses more than ``Image.MAX_IMAGE_PIXELS`` pixels only with a
+    warning, and twice that with an error; both are refused here before anything is decoded.
+    """
+    import re
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((cfg.resolution, cfg.resolution), Image.BILINEAR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except IsADirectoryError:
+        raise UserError(f"image {path} is a folder, not an image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
+        size = f"{int(m.group(1)):,} pixels, over the limit of {int(m.group(2)):,}" if m else str(e).rstrip(".")
+        raise UserError(f"image {path} is refused as a possible decompression bomb ({size}); "
+                        "scale it down first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise UserError(f"image {path} cannot be read as an image ({e.__class__.__name__})") from None
+
+
+def preprocess_image(path: Path, cfg: ModelConfig) -> "np.ndarray":
+    """Read an image, resize to the model's square input, normalise, NCHW float32."""
+    import numpy as np
+    from PIL import Image
+
+    img = read_image(path).resize((cfg.resolution, cfg.resolution), Image.BILINEAR)
     x = np.asarray(img, dtype=np.float32) / 255.0
     x = (x - np.array(cfg.info.mean, np.float32)) / np.array(cfg.info.std, np.float32)
     x = np.repeat(x.transpose(2, 0, 1)[None], cfg.batch, axis=0)
