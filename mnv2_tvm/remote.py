@@ -291,7 +291,8 @@ def request(host: str, port: int, key: str, *, wait_s: float = DEFAULT_WAIT_S, s
             known = ", ".join(sorted(queue)) or "none"
             raise UserError(f"no board is registered under key {key!r} at {where} (keys there: {known}); "
                             f"start one with `mnv2-tvm board tunnel --ssh USER@BOARD --rpc-tracker {client.addr} "
-                            f"--rpc-key {key}` or `python3 -m tvm.exec.rpc_server --tracker {client.addr} --key {key}`")
+                            f"--rpc-key {key}` or, for this machine, `python3 -m tvm.exec.rpc_server --host 127.0.0.1 "
+                            f"--tracker {client.addr} --key {key}`")
         try:
             value = client.call(client.base.TrackerCode.REQUEST, key, "", 1, timeout=wait_s)
         except TimeoutError:
