@@ -5,11 +5,12 @@ The flow of ``mnv2-tvm bench``: pick the session (``--rpc``, ``--rpc-tracker``/`
 stored at compile time (parity *on the board*), then time ``main`` with TVM's ``time_evaluator``.
 
 Per-operator profile: TVM 0.27's runtime has no Relax VM profiler (``VirtualMachine.profile``
-and ``vm_profiler_load_executable`` are gone), and the kernels inside a bundle's library are not
-reachable by name over RPC (they sit in an imported module). ``--profile`` therefore rebuilds the
-kernels alone (same records, same target) as a second library, times each kernel on the board
+and ``vm_profiler_load_executable`` are gone), and the kernels inside a bundle's library cannot
+be timed one by one over RPC (they sit in a module the executable imports; see
+``bundle.verify_kernels``). ``--profile`` therefore reads the bundle's kernel table and its
+library of the same kernels alone, both written at compile time, times each kernel on the board
 with ``time_evaluator`` on inputs of the shapes the model calls it with, and multiplies by how
-often ``main`` calls it.
+often ``main`` calls it. Nothing is rebuilt: the times are of the code the bundle ships.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -224,7 +224,8 @@ def load_on_board(remote: RemoteSession, lib: Path, manifest: dict[str, Any], up
 
 def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, *,
               peak_gflops: float | None = None, emulated: bool | None = None) -> BenchResult:
-    """Upload, load, check parity and time one bundle in an open RPC session."""
+    """Upload, load, check parity and time one bundle in an open RPC session (``peak_gflops``: the
+    manifest's unless given)."""
     import numpy as np
     import tvm
     from tvm.runtime.vm import VirtualMachine
@@ -234,6 +235,10 @@ def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, 
     bundle_dir = Path(bundle_dir)
     manifest = bundle.load_manifest(bundle_dir)
     lib = bundle.verify_library(bundle_dir, manifest)
+    if settings.profile:
+        kernel_table(bundle_dir, manifest)  # a bundle without one fails before anything is uploaded
+    if peak_gflops is None:
+        peak_gflops = target_facts(manifest)[0]
     x, expected = bundle.reference(bundle_dir)
     where = f"board {remote.address}"
     hint = "run `mnv2-tvm board status --ssh USER@BOARD` to see what is left"
@@ -270,6 +275,9 @@ def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, 
     notes = []
     if emulated:
         notes.append(EMULATED_NOTE)
+    if "device" not in manifest:
+        notes.append(f"the bundle predates manifest format {bundle.FORMAT_VERSION} (no peak, RPC key or kernel "
+                     "table recorded): recompile it")
     if manifest.get("tuning", {}).get("untuned"):
         notes.append("the library is untuned: run `mnv2-tvm tune` for this target first for meaningful numbers")
     result = BenchResult(
@@ -288,37 +296,15 @@ def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, 
 # --------------------------------------------------------------------------- per-kernel profile
 
 
-def kernel_calls(mod: Any) -> list[dict[str, Any]]:
-    """The call_tir kernels ``main`` calls, how often, the argument shapes of a call (inputs,
-    then outputs), and at which positions of the call sequence (``at``), from a fused Relax module."""
-    import tvm
+def kernel_table(bundle_dir: Path, manifest: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
+    """The bundle's kernel library and table (``bundle.verify_kernels``), as a one-line error for
+    a bundle compiled without them."""
+    from . import bundle
 
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-    kernels: dict[str, dict[str, Any]] = {}
-    position = [0]
-
-    def shapes(ty: Any) -> list[tuple[list[int], str]]:
-        # TVM 0.27 types: TupleType has fields, TensorType a ShapeExpr and a dtype.
-        if hasattr(ty, "fields"):
-            return [s for f in ty.fields for s in shapes(f)]
-        return [([int(v) for v in ty.shape.values], str(ty.dtype))]
-
-    def visit(expr: Any) -> None:
-        if hasattr(expr, "blocks"):  # SeqExpr
-            for block in expr.blocks:
-                for binding in block.bindings:
-                    visit(binding.value)
-        elif getattr(expr, "op", None) is not None and expr.op.same_as(call_tir):
-            name = expr.args[0].name_hint
-            args = [a for f in expr.args[1].fields for a in shapes(f.ty)]
-            args += shapes(expr.ty_args[0])
-            k = kernels.setdefault(name, {"name": name, "calls": 0, "args": args, "at": []})
-            k["calls"] += 1
-            k["at"].append(position[0])
-            position[0] += 1
-
-    visit(mod["main"].body)
-    return list(kernels.values())
+    try:
+        return bundle.verify_kernels(bundle_dir, manifest)
+    except bundle.BundleError as e:
+        raise UserError(str(e)) from None
 
 
 def profile_kernels(bundle_dir: Path, manifest: dict[str, Any], remote: RemoteSession, settings: BenchSettings,
@@ -327,51 +313,27 @@ def profile_kernels(bundle_dir: Path, manifest: dict[str, Any], remote: RemoteSe
     import numpy as np
     import tvm
 
-    from . import targets
-    from .compile import _fcompile, compile_kernels
-    from .lower import to_relax
-    from .models import ModelConfig, build
-
-    spec = targets.load(manifest["target"])
-    cfg = ModelConfig.from_dict(manifest["config"])
-    weights = Path(manifest["weights"]) if manifest.get("weights") else None
-    print("profile: rebuilding the kernels alone for timing ...", file=sys.stderr)
-    mod = to_relax(build(cfg, seed=int(manifest.get("seed", 0)), weights=weights), cfg, manifest.get("frontend", "torch"),
-                   manifest.get("layout", "NCHW"))
-    tuning = manifest.get("tuning", {})
-    records = Path(tuning["records_dir"]) if tuning.get("records_dir") and not tuning.get("untuned") else None
-    executable, report, fused = compile_kernels(mod, spec.tvm_target(), records)
-    if records is not None and report.records_digest != tuning.get("records_digest"):
-        print("warning: the tuning records changed since the bundle was compiled; kernel times are of the new ones",
-              file=sys.stderr)
-    kernels = kernel_calls(fused)
-    libs = list(executable.mod.imports)
-    if not libs:
-        raise UserError("profile: the compiled model has no kernel library to time")
-    with tempfile.TemporaryDirectory(prefix="mnv2-profile-") as tmp:
-        path = Path(tmp) / "kernels.so"
-        fcompile = _fcompile(spec)
-        libs[0].export_library(str(path), fcompile=fcompile) if fcompile else libs[0].export_library(str(path))
-        rk = load_on_board(remote, path, manifest, f"{manifest['library_sha256'][:16]}-kernels.so",
-                           settings.step_timeout())
+    lib, table = kernel_table(bundle_dir, manifest)
+    rk = load_on_board(remote, lib, manifest, f"{manifest['kernels']['library_sha256'][:16]}-kernels.so",
+                       settings.step_timeout())
     rng = np.random.default_rng(0)
     rows = []
     with session_errors(f"board {remote.address}", "profile again without the failing kernel"):
-        for k in kernels:
-            tensors = [tvm.runtime.tensor(rng.uniform(-1, 1, size=shape).astype(dtype), dev) for shape, dtype in k["args"]]
+        for k in table:
+            tensors = [tvm.runtime.tensor(rng.uniform(-1, 1, size=shape).astype(dtype), dev)
+                       for shape, dtype in zip(k["args"], k["dtypes"])]
             try:
                 f = rk.time_evaluator(k["name"], dev, number=settings.number, repeat=min(settings.repeat, 3),
                                       min_repeat_ms=settings.min_repeat_ms,
                                       f_preproc="cache_flush_cpu_non_first_arg" if settings.cache_flush else "")
-            except Exception as e:  # noqa: BLE001 - a kernel inlined away or renamed
+            except Exception as e:  # noqa: BLE001 - a kernel the library lacks: the others still count
                 print(f"profile: skipped {k['name']}: {one_line(e)}", file=sys.stderr)
                 continue
             results = remote.call(lambda: list(f(*tensors).results), f"timing {k['name']}", settings.step_timeout(),
                                   "profile again without the failing kernel")
             per_call = statistics.median(results) * 1e3
             rows.append({"name": k["name"], "calls": k["calls"], "ms_per_call": per_call,
-                         "total_ms": per_call * k["calls"], "args": [list(s) for s, _ in k["args"]],
-                         "dtypes": [d for _, d in k["args"]], "at": k["at"]})
+                         "total_ms": per_call * k["calls"], "args": k["args"], "dtypes": k["dtypes"], "at": k["at"]})
             del tensors
     rows.sort(key=lambda r: -r["total_ms"])
     return rows
@@ -443,18 +405,17 @@ def open_remote(where: Where, settings: BenchSettings, *, key: str | None = None
 
 def bench_bundle(bundle_dir: Path, where: Where, settings: BenchSettings) -> BenchResult:
     """Run :func:`run_bench` on the board ``where`` names; with ``--ssh`` start and stop its server."""
-    from . import bundle, targets
+    from . import bundle
 
     where.check()
     manifest = bundle.load_manifest(bundle_dir)
     bundle.verify_library(bundle_dir, manifest)
-    try:
-        spec = targets.load(manifest["target"])
-        peak, key = spec.peak_gflops, spec.rpc_key
-    except UserError:  # a bundle for a target file this checkout lacks
-        peak, key = None, None
+    if settings.profile:
+        kernel_table(bundle_dir, manifest)  # before a board is opened or anything uploaded
+    peak, key = target_facts(manifest)
     if where.tracker and not (where.key or key):
-        raise UserError("--rpc-tracker needs --rpc-key KEY (the bundle's target names no default key)")
+        raise UserError("--rpc-tracker needs --rpc-key KEY (the bundle names no default key: recompile it, or "
+                        "say the key)")
 
     def same_arch(info: dict[str, Any]) -> None:
         # Refuse a bundle for another architecture before anything is uploaded or started.
@@ -464,6 +425,13 @@ def bench_bundle(bundle_dir: Path, where: Where, settings: BenchSettings) -> Ben
 
     with open_remote(where, settings, key=key, precheck=same_arch) as (sess, emulated):
         return run_bench(bundle_dir, sess, settings, peak_gflops=peak, emulated=emulated)
+
+
+def target_facts(manifest: dict[str, Any]) -> tuple[float | None, str | None]:
+    """The FMA peak (GFLOP/s) and default RPC key the bundle's manifest records (None for a
+    format-2 bundle, which predates them)."""
+    peak = (manifest.get("device") or {}).get("peak_gflops")
+    return (float(peak) if peak else None), manifest.get("rpc_key")
 
 
 def resolve_bundle(source: str, target: str | None, make_config: Any, *, out_dir: Path | None = None,
@@ -508,26 +476,30 @@ def print_result(result: BenchResult, as_json: bool) -> None:
 
 def bench_modelled(bundle_dir: Path, settings: BenchSettings) -> dict[str, Any]:
     """Without a board: one inference of the bundle costed on its target's emulated core
-    (``[core]`` of the TOML) at the target's core count; with ``settings.profile`` also each kernel
-    alone (``at`` positions as :func:`kernel_calls`). Modelled figures, not measurements."""
+    (``[core]`` of the TOML) at the core count the manifest records; with ``settings.profile``
+    also each kernel alone (:func:`profile_modelled`). Modelled figures, not measurements."""
     from . import bundle, targets
     from .emulate import EmulatedCore, load_core_model
 
     manifest = bundle.load_manifest(bundle_dir)
     bundle.verify_library(bundle_dir, manifest)
+    if settings.profile:
+        kernel_table(bundle_dir, manifest)  # before minutes of emulation
+    # The core model is the target file's (the manifest records the board's facts, not how to emulate it).
     spec = targets.load(manifest["target"])
     try:
         load_core_model(spec.path)
     except UserError as e:
         raise UserError(f"{e}; or run on the board with --ssh USER@HOST, --rpc HOST:PORT or --rpc-tracker "
                         "HOST:PORT") from None
+    threads = int((manifest.get("device") or {}).get("cores") or spec.cores)
     tuning = manifest.get("tuning", {})
     out: dict[str, Any] = {"modelled": True, "label": manifest.get("label", manifest.get("model")),
-                           "bundle": str(bundle_dir), "target": spec.name, "threads": spec.cores,
+                           "bundle": str(bundle_dir), "target": manifest["target"], "threads": threads,
                            "madds": manifest.get("madds"), "tuned": len(tuning.get("tuned", [])),
                            "kernels": len(tuning.get("tuned", [])) + len(tuning.get("fallback", [])),
                            "emulated_records": tuning.get("emulated_records", 0)}
-    with EmulatedCore(spec.path, threads=spec.cores) as core:
+    with EmulatedCore(spec.path, threads=threads) as core:
         cost = core.measure_bundle(bundle_dir)
         if not cost.ok:
             raise UserError(f"the model failed under emulation: {cost.error}")
@@ -535,37 +507,28 @@ def bench_modelled(bundle_dir: Path, settings: BenchSettings) -> dict[str, Any]:
                    classes=cost.classes, cache=cost.cache, regions=cost.regions, wall_s=cost.wall_s,
                    fingerprint=cost.fingerprint())
         if settings.profile:
-            out["profile"] = _profile_modelled(manifest, spec, core)
+            out["profile"] = profile_modelled(manifest, spec, core, Path(bundle_dir))
     return out
 
 
-def _profile_modelled(manifest: dict[str, Any], spec: Any, core: Any) -> list[dict[str, Any]]:
-    from .compile import _fcompile, compile_kernels
-    from .lower import to_relax
-    from .models import ModelConfig, build
-
-    cfg = ModelConfig.from_dict(manifest["config"])
-    weights = Path(manifest["weights"]) if manifest.get("weights") else None
-    print("profile: rebuilding the kernels alone for the emulated core ...", file=sys.stderr)
-    mod = to_relax(build(cfg, seed=int(manifest.get("seed", 0)), weights=weights), cfg, manifest.get("frontend", "torch"),
-                   manifest.get("layout", "NCHW"))
-    tuning = manifest.get("tuning", {})
-    records = Path(tuning["records_dir"]) if tuning.get("records_dir") and not tuning.get("untuned") else None
-    executable, _, fused = compile_kernels(mod, spec.tvm_target(), records)
-    libs = list(executable.mod.imports)
+def profile_modelled(manifest: dict[str, Any], spec: Any, core: Any, bundle_dir: Path) -> list[dict[str, Any]]:
+    """Each kernel of the bundle alone on the emulated ``core`` (of target ``spec``), from the
+    bundle's kernel library and table: rows as :func:`profile_kernels`'s, with modelled cycles and
+    instructions per call."""
+    lib, table = kernel_table(bundle_dir, manifest)
+    if manifest["arch"] != spec.arch:
+        raise UserError(f"bundle {bundle_dir} is built for {manifest['arch']}; the emulated core of {spec.name} "
+                        f"runs {spec.arch}")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="mnv2-profile-") as tmp:
-        path = Path(tmp) / "kernels.so"
-        fcompile = _fcompile(spec)
-        libs[0].export_library(str(path), fcompile=fcompile) if fcompile else libs[0].export_library(str(path))
-        for k in kernel_calls(fused):
-            cost = core.measure(path, k["name"], k["args"])
-            if not cost.ok:
-                print(f"profile: {k['name']} failed under emulation: {cost.error}", file=sys.stderr)
-                continue
-            rows.append({"name": k["name"], "calls": k["calls"], "ms_per_call": cost.ms,
-                         "total_ms": cost.ms * k["calls"], "cycles_per_call": cost.cycles,
-                         "instructions_per_call": cost.instructions, "at": k["at"]})
+    for k in table:
+        cost = core.measure(lib, k["name"], list(zip(k["args"], k["dtypes"])))
+        if not cost.ok:
+            print(f"profile: {k['name']} failed under emulation: {cost.error}", file=sys.stderr)
+            continue
+        rows.append({"name": k["name"], "calls": k["calls"], "ms_per_call": cost.ms,
+                     "total_ms": cost.ms * k["calls"], "cycles_per_call": cost.cycles,
+                     "instructions_per_call": cost.instructions, "args": k["args"], "dtypes": k["dtypes"],
+                     "at": k["at"]})
     rows.sort(key=lambda r: -r["total_ms"])
     return rows
 

@@ -24,7 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 2  # 2: "files" holds the digests of the files besides the library
+#: The manifest format this file writes. 2: "files" holds the digests of the files besides the
+#: library. 3: the bundle describes itself to bench and compare: "kernels" (the kernel table and
+#: a library of the kernels alone, for per-kernel profiles), "device" and "rpc_key" (the target's
+#: facts), so nothing rebuilds the model or reloads the target file to learn them.
+FORMAT_VERSION = 3
+#: The oldest format this file still reads: a format-2 bundle runs and benchmarks as it did, and
+#: only what needs the newer fields (a per-kernel profile) asks for a recompile.
+OLDEST_FORMAT = 2
 MANIFEST = "manifest.json"
 REFERENCE = "reference.npz"
 RUNNER = "runner.py"
@@ -32,6 +39,8 @@ POSTPROCESS = "postprocess.py"
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
 REQUIRED_FIELDS = ("format_version", "model", "config", "library", "library_sha256", "files", "input", "outputs",
                    "target", "arch", "tvm_version")
+#: Fields a manifest of (at least) this format must hold besides REQUIRED_FIELDS.
+FORMAT_FIELDS = {3: ("kernels", "device", "rpc_key")}
 
 
 class BundleError(Exception):
@@ -104,13 +113,24 @@ def load_manifest(bundle_dir: Path) -> dict[str, Any]:
         raise BundleError(f"{path} is not valid JSON ({e.__class__.__name__}); recompile the bundle") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{path} is not a manifest object; recompile the bundle")
-    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{path} has no valid format_version; recompile the bundle")
+    if version > FORMAT_VERSION:
+        # A newer mnv2-tvm wrote it: recompiling here would only downgrade it.
+        raise BundleError(f"{path} has format {version}, newer than this runner reads ({OLDEST_FORMAT} to "
+                          f"{FORMAT_VERSION}): run it with the runner.py inside the bundle or a newer mnv2-tvm")
+    if version < OLDEST_FORMAT:
+        raise BundleError(f"{path} has format {version}, older than this runner reads ({OLDEST_FORMAT} to "
+                          f"{FORMAT_VERSION}); recompile the bundle")
+    required = [*REQUIRED_FIELDS, *(f for v, fields in FORMAT_FIELDS.items() if version >= v for f in fields)]
+    missing = [k for k in required if k not in manifest]
     if missing:
         raise BundleError(f"{path} lacks fields {', '.join(missing)}; recompile the bundle")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise BundleError(f"{path} has format {manifest['format_version']}, this runner reads {FORMAT_VERSION}; "
-                          "recompile the bundle")
     names = [manifest["library"], *manifest["files"]] if isinstance(manifest["files"], dict) else [None]
+    if "kernels" in manifest:
+        kernels = manifest["kernels"]
+        names.append(kernels.get("library") if isinstance(kernels, dict) else None)
     for name in names:
         if not _plain_file_name(name):
             raise BundleError(f"{path} names {name!r} as a file of the bundle: only plain file names inside the "
@@ -150,6 +170,36 @@ def verify_library(bundle_dir: Path, manifest: dict[str, Any], expect_arch: str 
     if arch != want:
         raise BundleError(f"{lib} is built for {arch}, not {want}; compile the bundle for this device's target")
     return lib
+
+
+def verify_kernels(bundle_dir: Path, manifest: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
+    """The library of the kernels alone and the kernel table, for timing each kernel by itself.
+
+    The kernels inside the bundle's library cannot be timed one by one on a board: they sit in a
+    module the Relax executable imports, TVM's RPC time evaluator looks a function up in the
+    loaded module itself, and a function handle cannot be passed back over RPC. ``compile``
+    therefore also links the same kernels as a library of their own (``kernels.library``), with
+    the table of what ``main`` calls (``kernels.table``). Each entry: ``name`` (the function's
+    name in both libraries), ``args`` and ``dtypes`` (one call's arguments: inputs, then
+    outputs), ``calls`` per inference and ``at`` (their positions in ``main``'s call sequence,
+    which orders the kernels onto the model's layers).
+    """
+    kernels = manifest.get("kernels")
+    if not isinstance(kernels, dict):
+        raise BundleError(f"bundle {bundle_dir} was compiled before bundles carried their kernel table (format "
+                          f"{manifest.get('format_version')}): recompile it to profile its kernels")
+    table = kernels.get("table")
+    if not isinstance(table, list) or not all(isinstance(k, dict) and {"name", "args", "dtypes", "calls", "at"} <= k.keys()
+                                              for k in table):
+        raise BundleError(f"{Path(bundle_dir) / MANIFEST} has a malformed kernel table; recompile the bundle")
+    lib = Path(bundle_dir) / kernels["library"]
+    if not lib.is_file():
+        raise BundleError(f"bundle {bundle_dir} lacks its kernel library {kernels['library']}; recompile the bundle")
+    if sha256(lib) != kernels.get("library_sha256"):
+        raise BundleError(f"{lib} does not match the digest in {MANIFEST} (changed or truncated); recompile")
+    if elf_arch(lib) != manifest["arch"]:
+        raise BundleError(f"{lib} is built for {elf_arch(lib)}, not {manifest['arch']}; recompile the bundle")
+    return lib, table
 
 
 def _postprocess() -> Any:

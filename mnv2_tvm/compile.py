@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from tvm import relax
 
 LIBRARY = "model.so"
+KERNELS_LIBRARY = "kernels.so"  # the same kernels, alone: see bundle.verify_kernels
 
 
 @dataclass
@@ -207,12 +208,52 @@ def _fcompile(spec: TargetSpec):
     return None
 
 
-def build_executable(mod: tvm.IRModule, spec: TargetSpec, records_dir: Path | None) -> tuple[Any, dict[str, Any]]:
-    """Compile a Relax module, applying tuning records when there are any."""
+def kernel_table(mod: tvm.IRModule) -> list[dict[str, Any]]:
+    """The ``call_tir`` kernels ``main`` calls, from the module that was compiled (see
+    :func:`compile_kernels`): for each, its name (the function's name in the library), the shapes
+    and dtypes of one call's arguments (inputs, then outputs), how many calls one inference makes
+    and at which positions of ``main``'s call sequence (``at``). The manifest keeps it, so a
+    per-kernel profile times the bundle's own kernels with the right arguments and orders them
+    onto the model's layers without building the model again."""
+    import tvm
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    kernels: dict[str, dict[str, Any]] = {}
+    position = 0
+
+    def shapes(ty: Any) -> list[tuple[list[int], str]]:
+        # TVM 0.27 types: TupleType has fields, TensorType a ShapeExpr and a dtype.
+        if hasattr(ty, "fields"):
+            return [s for f in ty.fields for s in shapes(f)]
+        return [([int(v) for v in ty.shape.values], str(ty.dtype))]
+
+    def visit(expr: Any) -> None:
+        nonlocal position
+        if hasattr(expr, "blocks"):  # SeqExpr
+            for block in expr.blocks:
+                for binding in block.bindings:
+                    visit(binding.value)
+        elif getattr(expr, "op", None) is not None and expr.op.same_as(call_tir):
+            name = expr.args[0].name_hint
+            args = [a for f in expr.args[1].fields for a in shapes(f.ty)] + shapes(expr.ty_args[0])
+            k = kernels.setdefault(name, {"name": name, "args": [s for s, _ in args], "dtypes": [d for _, d in args],
+                                          "calls": 0, "at": []})
+            k["calls"] += 1
+            k["at"].append(position)
+            position += 1
+
+    visit(mod["main"].body)
+    return list(kernels.values())
+
+
+def build_executable(mod: tvm.IRModule, spec: TargetSpec, records_dir: Path | None
+                     ) -> tuple[Any, dict[str, Any], tvm.IRModule]:
+    """Compile a Relax module, applying tuning records when there are any; also returns the
+    module that was compiled (for :func:`kernel_table`)."""
     from .tuning.records import RecordsError
 
     try:
-        executable, report = compile_with_records(mod, spec.tvm_target(), records_dir)
+        executable, report, compiled = compile_kernels(mod, spec.tvm_target(), records_dir)
     except RecordsError as e:
         raise UserError(str(e)) from None
     info = asdict(report)
@@ -223,7 +264,36 @@ def build_executable(mod: tvm.IRModule, spec: TargetSpec, records_dir: Path | No
     elif report.fallback:
         print(f"note: {len(report.fallback)} of {total} tasks have no tuned schedule: "
               + ", ".join(report.fallback[:5]) + ("…" if len(report.fallback) > 5 else ""), file=sys.stderr)
-    return executable, info
+    return executable, info, compiled
+
+
+def _export(module: Any, path: Path, fcompile: Any, spec: TargetSpec) -> None:
+    """Link ``module`` to ``path`` through a temporary file: a failed link leaves no half library."""
+    tmp = path.with_name(f".{path.name}.tmp.so")
+    try:
+        module.export_library(str(tmp), fcompile=fcompile) if fcompile else module.export_library(str(tmp))
+    except Exception as e:  # a linker failure surfaces as a TVMError with the compiler's output
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"linking {path.name} for {spec.name} failed: {str(e).strip().splitlines()[-1]}") from None
+    os.replace(tmp, path)
+    arch = bundle.elf_arch(path)
+    if arch != spec.arch:
+        raise UserError(f"the linker produced a {arch} library for target {spec.name}, which needs {spec.arch}")
+
+
+def _kernels_entry(executable: Any, compiled: tvm.IRModule, out_dir: Path, fcompile: Any,
+                   spec: TargetSpec) -> dict[str, Any]:
+    """Link the kernels alone beside the model and describe them (see ``bundle.verify_kernels``)."""
+    libs = list(executable.mod.imports)
+    if not libs:
+        raise UserError(f"the compiled model has no kernel library to link for {spec.name}")
+    table = kernel_table(compiled)
+    absent = [k["name"] for k in table if not libs[0].implements_function(k["name"], True)]
+    if absent:  # the table and the library come from one build: a mismatch is a bug here, not the user's
+        raise RuntimeError(f"kernels {', '.join(absent[:3])} of main are not in the compiled library")
+    path = out_dir / KERNELS_LIBRARY
+    _export(libs[0], path, fcompile, spec)
+    return {"library": KERNELS_LIBRARY, "library_sha256": bundle.sha256(path), "table": table}
 
 
 def compile_bundle(cfg: ModelConfig, spec: TargetSpec, out_dir: Path, *, frontend: str = "torch",
@@ -254,22 +324,14 @@ def compile_bundle(cfg: ModelConfig, spec: TargetSpec, out_dir: Path, *, fronten
     seconds["lower"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    executable, tuning = build_executable(mod, spec, records_dir)
+    executable, tuning, compiled = build_executable(mod, spec, records_dir)
     seconds["build"] = time.perf_counter() - t
 
     t = time.perf_counter()
     lib = out_dir / LIBRARY
-    tmp = out_dir / f".{LIBRARY}.tmp.so"
-    try:
-        executable.export_library(str(tmp), fcompile=fcompile) if fcompile else executable.export_library(str(tmp))
-    except Exception as e:  # a linker failure surfaces as a TVMError with the compiler's output
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"linking the library for {spec.name} failed: {str(e).strip().splitlines()[-1]}") from None
-    os.replace(tmp, lib)
+    _export(executable, lib, fcompile, spec)
+    kernels = _kernels_entry(executable, compiled, out_dir, fcompile, spec)
     seconds["link"] = time.perf_counter() - t
-    arch = bundle.elf_arch(lib)
-    if arch != spec.arch:
-        raise UserError(f"the linker produced a {arch} library for target {spec.name}, which needs {spec.arch}")
 
     buf = _npz_bytes(input=x, output=expected)
     bundle.write_atomic(out_dir / bundle.REFERENCE, buf)
@@ -291,6 +353,11 @@ def compile_bundle(cfg: ModelConfig, spec: TargetSpec, out_dir: Path, *, fronten
         "target_spec": json.loads(spec.target_json()),
         "arch": spec.arch,
         "device_kind": spec.device_kind,
+        # The target's facts bench and compare need, so they never reload the target file.
+        "device": {"cores": spec.cores, "clock_ghz": spec.clock_ghz, "peak_gflops": spec.peak_gflops,
+                   "peak_source": spec.peak_source},
+        "rpc_key": spec.rpc_key,
+        "kernels": kernels,
         "tvm_version": tvm.__version__,
         "madds": counts.madds,
         "params": counts.params,

@@ -137,6 +137,22 @@ def test_manifest_describes_the_bundle(host_bundles):
     assert m["arch"] == "x86_64" == bundle.elf_arch(path / m["library"])
     assert m["tvm_version"].startswith("0.27") and m["madds"] > 0 and m["params"] > 0
     assert m["tuning"]["tuned"] == [] and m["tuning"]["fallback"]
+    # The target's facts bench and compare read, so they never reload the target file.
+    spec = targets.load("host")
+    assert m["format_version"] == bundle.FORMAT_VERSION and m["rpc_key"] == spec.rpc_key
+    assert m["device"]["cores"] == spec.cores and m["device"]["peak_gflops"] == spec.peak_gflops
+    # The kernel table: every call main makes, each kernel reachable by that name in both libraries.
+    lib, table = bundle.verify_kernels(path, m)
+    calls, _ = _fused_calls("deeplabv3", m["layout"], spec.tvm_target())
+    assert sum(k["calls"] for k in table) == len(calls)
+    assert sorted(p for k in table for p in k["at"]) == list(range(len(calls)))
+    assert all(calls[p] == k["name"] for k in table for p in k["at"])
+    assert all(len(k["args"]) == len(k["dtypes"]) >= 2 and set(k["dtypes"]) == {"float32"} for k in table)
+    assert table[0]["args"][0] == m["input"]["shape"]  # the stem reads the input
+    import tvm
+
+    alone, model = tvm.runtime.load_module(str(lib)), tvm.runtime.load_module(str(path / m["library"]))
+    assert all(alone.implements_function(k["name"]) and model.implements_function(k["name"], True) for k in table)
 
 
 def test_runner_script_runs_alone_with_the_runtime(host_bundles, tmp_path):
@@ -180,6 +196,11 @@ def test_damaged_bundles_are_refused(host_bundles, tmp_path):
         shutil.copy(src / name, broken / name)
     Runner(broken)
     manifest = json.loads((broken / "manifest.json").read_text())
+    # The kernel library is checked where it is used (a per-kernel profile); running needs none.
+    (broken / "kernels.so").write_bytes((src / "kernels.so").read_bytes()[:1000])
+    with pytest.raises(BundleError, match="kernels.so does not match the digest"):
+        bundle.verify_kernels(broken, manifest)
+    Runner(broken)
     for bad in ("../model.so", "/etc/passwd", ".."):
         (broken / "manifest.json").write_text(json.dumps({**manifest, "library": bad}))
         with pytest.raises(BundleError, match="only plain file names"):
@@ -195,8 +216,43 @@ def test_damaged_bundles_are_refused(host_bundles, tmp_path):
         Runner(broken)
 
 
-def _fused_calls(model: str) -> tuple[list[str], list[str]]:
-    """The kernels ``main`` calls, in order, and its conv calls, for the small config in NCHW8c."""
+def test_bundles_of_other_formats(host_bundles, tmp_path, capsys):
+    """A format-2 bundle (before kernel tables) still runs and benchmarks; a profile of it is one
+    line saying to recompile, before any board is reached. A newer format says so."""
+    import shutil
+
+    from mnv2_tvm.bench import BenchSettings, bench_modelled
+    from mnv2_tvm.cli import main
+    from mnv2_tvm.errors import UserError
+
+    old = tmp_path / "old"
+    shutil.copytree(host_bundles("mobilenet_v2"), old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    v2 = {k: v for k, v in manifest.items() if k not in ("kernels", "device", "rpc_key")}
+    (old / "manifest.json").write_text(json.dumps({**v2, "format_version": 2}))
+    x, expected = bundle.reference(old)
+    assert np.abs(Runner(old).run(x) - expected).max() <= TOLERANCE
+    capsys.readouterr()
+    assert main(["bench", str(old), "--rpc", "127.0.0.1:9", "--profile"]) == 2  # port 9: nothing may connect
+    err = capsys.readouterr().err.strip()
+    assert "was compiled before bundles carried their kernel table (format 2): recompile it to profile" in err
+    assert "\n" not in err and "Traceback" not in err
+    with pytest.raises(UserError, match="recompile it to profile"):
+        bench_modelled(old, BenchSettings(profile=True))  # before any emulator starts
+    (old / "manifest.json").write_text(json.dumps({**v2, "format_version": 3}))
+    with pytest.raises(BundleError, match="lacks fields kernels, device, rpc_key; recompile"):
+        Runner(old)
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": bundle.FORMAT_VERSION + 1}))
+    with pytest.raises(BundleError, match="newer than this runner reads .*runner.py inside the bundle"):
+        Runner(old)
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(BundleError, match="older than this runner reads .*; recompile the bundle"):
+        Runner(old)
+
+
+def _fused_calls(model: str, layout: str = "NCHW8c", target=None) -> tuple[list[str], list[str]]:
+    """The kernels ``main`` calls, in order, and its conv calls, for the small config (NCHW8c and
+    plain llvm by default)."""
     import re
 
     import tvm
@@ -206,7 +262,8 @@ def _fused_calls(model: str) -> tuple[list[str], list[str]]:
     from mnv2_tvm.tuning.tasks import fuse, prepare
 
     cfg = ModelConfig(**SMALL[model])
-    main = fuse(prepare(to_relax(build(cfg), cfg, layout="NCHW8c"), None), tvm.target.Target("llvm"))["main"].script()
+    target = target or tvm.target.Target("llvm")
+    main = fuse(prepare(to_relax(build(cfg), cfg, layout=layout), None), target)["main"].script()
     calls = re.findall(r"call_tir\((\w+),", main)
     return calls, [ln for ln in main.splitlines() if re.search(r"call_tir\(\w*conv2d", ln)]
 
