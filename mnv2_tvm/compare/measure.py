@@ -91,7 +91,7 @@ class HostMeasurer:
 class BoardMeasurer:
     """Runs bundles on a board over RPC, the way ``mnv2-tvm bench`` does (upload, parity against
     PyTorch on the board, ``time_evaluator``); per-kernel times come from ``bench``'s profile
-    (each kernel rebuilt alone and timed on the board, times its calls).
+    (each kernel of the bundle's kernel library timed alone on the board, times its calls).
 
     One session serves the whole grid (with ``--ssh``, one RPC server started on the board): it
     opens on the first point and closes with :meth:`close`; use the measurer as a context manager.
@@ -167,7 +167,7 @@ class BoardMeasurer:
         sess = self._open()
         settings = replace(self.settings, profile=profile and self.profile)
         chatter = io.StringIO()
-        # profile_kernels announces each rebuild; keep only what a user must see.
+        # run_bench's chatter stays out of a grid's output; keep only what a user must see.
         with contextlib.redirect_stderr(chatter):
             result = run_bench(bundle_dir, sess, settings, emulated=self.emulated)
         for line in chatter.getvalue().splitlines():
