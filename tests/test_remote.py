@@ -240,3 +240,45 @@ def test_bench_through_a_tracker_on_this_host(tracker: remote.LocalTracker, tmp_
         text = result.table()
         assert "parity vs PyTorch: max abs error" in text and "mean    median       p90       std       min" in text
         assert "GFLOP/s at the median" in text
+
+
+def test_profile_times_the_bundles_own_kernels_and_never_builds_the_model(tmp_path: Path, host_bundles,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """bench --profile reads the kernel table and kernel library the bundle carries: with the
+    weights its manifest names gone and building, lowering or compiling a model made to fail,
+    every kernel is still timed, and the rows map onto every conv and linear layer."""
+    import shutil
+
+    from mnv2_tvm import bundle, compile, lower, models
+    from mnv2_tvm.cli import main
+    from mnv2_tvm.compare.profile import board_kernels, map_kernels
+    from mnv2_tvm.madds import count
+
+    path = tmp_path / "bundle"
+    shutil.copytree(host_bundles("mobilenet_v2"), path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "weights": str(tmp_path / "gone.pt")}))
+    _, table = bundle.verify_kernels(path, manifest)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("bench --profile built or compiled the model")
+
+    with monkeypatch.context() as m:
+        for module, name in ((models, "build"), (lower, "to_relax"), (compile, "compile_kernels")):
+            m.setattr(module, name, refused)
+        with host_rpc_server(tmp_path) as port:
+            capsys.readouterr()
+            rc = main(["bench", str(path), "--rpc", f"127.0.0.1:{port}", "--profile", "--number", "1",
+                       "--repeat", "1", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "rebuilding" not in captured.err and "profile: skipped" not in captured.err
+    out = json.loads(captured.out)
+    assert out["peak_gflops"] == manifest["device"]["peak_gflops"]  # from the manifest, not the target file
+    rows = out["profile"]
+    assert sorted((r["name"], r["calls"], r["at"]) for r in rows) == sorted((k["name"], k["calls"], k["at"])
+                                                                           for k in table)
+    assert all(r["ms_per_call"] > 0 and r["total_ms"] == pytest.approx(r["calls"] * r["ms_per_call"]) for r in rows)
+    lmap = map_kernels(board_kernels(rows), count(models.ModelConfig.from_dict(manifest["config"])).layers)
+    assert lmap.complete, (lmap.unmatched_layers, lmap.unmatched_kernels)
