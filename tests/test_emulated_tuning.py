@@ -187,14 +187,28 @@ def test_a_crashing_candidate_is_one_failed_measurement(backend, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_without_a_board_prints_modelled_figures(backend, tmp_path, capsys):
+def test_bench_without_a_board_prints_modelled_figures(backend, tmp_path, capsys, monkeypatch):
+    from mnv2_tvm import models
+
+    built = []
+    build = models.build
+    monkeypatch.setattr(models, "build", lambda *a, **k: built.append(1) or build(*a, **k))
     # resolution 32: the compile is the slow part; an empty records folder: untuned.
     argv = ["bench", "mobilenet_v2", "--width", "0.35", "--resolution", "32", "--target", "rpi4b",
-            "--tuning-records", str(tmp_path / "none"), "-o", str(tmp_path / "bundle")]
+            "--tuning-records", str(tmp_path / "none"), "-o", str(tmp_path / "bundle"), "--profile"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "MODELLED (emulated Cortex-A72 x4), not measured" in out
     assert " ms modelled" in out and " cycles" in out and " instructions" in out
+    # Each kernel modelled alone from the bundle's kernel library and table: the model is built
+    # once, to compile it, and never again for the profile.
+    assert "per kernel (each modelled alone" in out and "failed under emulation" not in captured.err
+    assert len(built) == 1 and "rebuilding" not in captured.err
+    table = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["kernels"]["table"]
+    lines = out.splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("per kernel")) + 2  # after the column titles
+    assert sorted(ln.split()[0] for ln in lines[first:]) == sorted(k["name"][:44] for k in table)
 
 
 @pytest.mark.slow
