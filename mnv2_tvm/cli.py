@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-repeat-ms", type=int, default=0, help="grow --number until a repeat lasts this long")
     p.add_argument("--cache-flush", action="store_true",
                    help="with --profile: flush each kernel's weights and output from the CPU caches before each repeat")
-    p.add_argument("--profile", action="store_true", help="also time each kernel alone (rebuilds the kernels)")
+    p.add_argument("--profile", action="store_true", help="also time each kernel alone (from the bundle's kernel library)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed against PyTorch")
     p.add_argument("--session-timeout", type=float, default=0, metavar="S",
                    help="the server ends the session after S seconds (0: never)")
