@@ -9,6 +9,8 @@ line on stdout. Every measurement runs in a child forked from this idle process 
     {"op": "measure", "lib": PATH, "func": NAME, "args": [{"shape": [...], "dtype": "float32"}, ...],
      "warmup": 1, "tag": N}                      # one function of a library (a tuning candidate)
     {"op": "measure_vm", "lib": PATH, "inputs": [...], "warmup": 1, "tag": N}   # a Relax VM's main
+    {"op": "measure_engine", "engine": "onnxruntime"|"ncnn", "model": PATH, "input": {"shape": [...]},
+     "threads": 1, "site": DIR, "warmup": 1, "tag": N}   # another engine's inference (peers.py)
     {"op": "exit"}
 
 Around the measured call it opens windows with the plugin (a syscall number no kernel uses):
@@ -38,6 +40,7 @@ FLAG_COUNT, FLAG_RESET = 1, 2
 RANGE_NO_MEMORY, RANGE_PLT, RANGE_GATED = 1, 2, 4
 WRAPPER_PREFIX = b"__tvm_ffi_"
 PAGE = 4096
+MAX_RANGES = 16  # the plugin's MAXRANGES
 LIBC_FUNCTIONS = ("memcpy", "memmove", "memset")
 
 
@@ -159,6 +162,36 @@ def elf_functions(path: str, prefix: bytes) -> list[tuple[int, int]]:
             if data[str_off + st_name:end].startswith(prefix):
                 found.add((st_value, st_size))
     return sorted(found)
+
+
+def elf_plt_slots(path: str, names: tuple[str, ...]) -> dict[str, int]:
+    """name -> offset (from the load bias) of the GOT slot its PLT entry jumps through, for the
+    functions of ``names`` this ELF64 file imports (its R_AARCH64_JUMP_SLOT / R_X86_64_JUMP_SLOT
+    relocations)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return {}
+    sections, _ = _section_headers(data)
+    wanted = {n.encode() for n in names}
+    out = {}
+    for _, sh_type, _, _, sh_offset, sh_size, sh_link, _, _, sh_entsize in sections:
+        if sh_type != 4 or sh_entsize != 24 or sh_link >= len(sections):  # SHT_RELA
+            continue
+        symtab = sections[sh_link]
+        if symtab[1] != 11:  # relocations against .dynsym only
+            continue
+        str_off = sections[symtab[6]][4]
+        for k in range(sh_size // 24):
+            r_offset, r_info, _ = struct.unpack_from("<QQq", data, sh_offset + k * 24)
+            if r_info & 0xFFFFFFFF not in (1026, 7):  # JUMP_SLOT on aarch64, x86-64
+                continue
+            st_name, = struct.unpack_from("<I", data, symtab[4] + (r_info >> 32) * 24)
+            end = data.index(b"\0", str_off + st_name)
+            name = data[str_off + st_name:end]
+            if name in wanted:
+                out[name.decode()] = r_offset
+    return out
 
 
 def _read_encoded(buf: bytes, pos: int, enc: int, base: int) -> tuple[int, int]:
@@ -360,6 +393,169 @@ class Guest:
             reply["output"] = {"shape": list(arr.shape), "sum": float(arr.astype("float64").sum())}
         return reply
 
+    def measure_engine(self, req: dict) -> dict:
+        """One inference of another engine (ONNX Runtime, ncnn) on the same deterministic input
+        as ``measure_vm``'s, counting that engine's own code.
+
+        The engine is imported here, in the forked child, so the long-lived parent stays as it is
+        for TVM requests. What is instrumented is the executable mappings of the engine's own
+        shared objects (found in /proc/self/maps once it is loaded), their PLTs, and libc's
+        memcpy/memset/memmove called from them: the same rule as for a TVM library. There is no
+        parallel-launch address: the thread pools of these engines are not visible to the plugin,
+        so only a single-threaded inference is a sound measurement (``threads`` must be 1).
+        """
+        engine = req["engine"]
+        self._main_thread_parked()
+        threads = int(req.get("threads", 1))
+        if threads != 1:
+            raise ValueError(f"{engine} runs with 1 thread here: its thread pool's parallel regions are not "
+                             f"visible to the plugin (only TVMBackendParallelLaunch is)")
+        if req.get("site"):
+            sys.path.insert(0, req["site"])
+        model = os.path.realpath(req["model"])
+        held = self.arg(req["input"], 0)
+        x = held[2]
+        out: list = []
+        if engine == "onnxruntime":
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 1
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+            feed = {sess.get_inputs()[0].name: x}
+            version = ort.__version__
+            fn = lambda: out.append(sess.run(None, feed))  # noqa: E731
+            owned = ("/onnxruntime/capi/",)
+        elif engine == "ncnn":
+            import ncnn
+
+            net = ncnn.Net()
+            opt = net.opt
+            opt.num_threads = 1
+            # fp32 end to end, as the other engines: no fp16/bf16 storage or arithmetic, no int8.
+            for name in ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage",
+                         "use_int8_inference", "use_int8_storage", "use_int8_arithmetic", "use_int8_packed",
+                         "use_vulkan_compute"):
+                if hasattr(opt, name):
+                    setattr(opt, name, False)
+            if net.load_param(model) != 0 or net.load_model(os.path.splitext(model)[0] + ".bin") != 0:
+                raise ValueError(f"ncnn could not load {model} and its .bin")
+            in_name, out_names = net.input_names()[0], list(net.output_names())
+            mat = ncnn.Mat(self.np.ascontiguousarray(x[0]))  # ncnn blobs are CHW (batch 1)
+            version = ncnn.__version__
+
+            def fn() -> None:
+                ex = net.create_extractor()
+                ex.input(in_name, mat)
+                res = []
+                for name in out_names:
+                    ret, m = ex.extract(name)
+                    if ret != 0:
+                        raise RuntimeError(f"ncnn extract({name}) returned {ret}")
+                    res.append(self.np.array(m))
+                out.append(res)
+            owned = ("/ncnn/", "/ncnn.libs/")
+        else:
+            raise ValueError(f"unknown engine {engine!r} (onnxruntime, ncnn)")
+        libs = sorted({m[4] for m in read_maps()
+                       if m[4].endswith(".so") or ".so." in os.path.basename(m[4])
+                       if any(o in m[4] for o in owned)})
+        self._deterministic_clocks(libs)
+        ranges = [r for lib in libs for r in library_ranges(lib)]
+        if not ranges:
+            raise ValueError(f"no shared object of {engine} found mapped in this process")
+        if len(ranges) + len(self.libc_ranges) > MAX_RANGES:
+            raise ValueError(f"{engine} needs {len(ranges) + len(self.libc_ranges)} instrumented ranges; the plugin "
+                             f"takes {MAX_RANGES}")
+        self.plugin.instrument(ranges + self.libc_ranges, 0)
+        reply = self._windows(fn, int(req.get("warmup", 1)), int(req["tag"]))
+        arrays = [self.np.asarray(a) for a in out[-1]]
+        reply.update(engine=engine, version=version, libraries=libs, ranges=len(ranges) + len(self.libc_ranges),
+                     outputs=[{"shape": list(a.shape), "sum": float(a.astype("float64").sum())} for a in arrays])
+        return reply
+
+    @staticmethod
+    def _main_thread_parked(timeout_s: float = 60.0) -> None:
+        """Wait until the child's main thread is blocked joining this one.
+
+        It starts this thread and then joins it, running Python code concurrently with this
+        thread's first steps for as long as the interpreter's switch interval lets it: how far it
+        got changes where later small objects are allocated, and the engines' Python bindings
+        touch such objects inside the window (TVM's libraries never touch Python objects).
+        """
+        import threading
+
+        main = threading.main_thread().ident
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            frame = sys._current_frames().get(main)
+            if frame is not None and frame.f_code.co_name == "_wait_for_tstate_lock":
+                return
+        raise RuntimeError("the measuring child's main thread did not reach join()")
+
+    def _deterministic_clocks(self, libs: list[str]) -> None:
+        """Point the libraries' imports of clock functions at a counter (1 us a call).
+
+        ONNX Runtime reads the time of day in every run and keeps statistics in a hash map keyed
+        by it: whether the counting run lands in the warm-up's time bucket decides a node
+        allocation, which moves later heap blocks and so the simulated cache's misses. Under
+        emulation the host's clock means nothing; a counter makes those branches the same in
+        every run. The callbacks are not instrumented code, so they add no counts.
+        """
+        tick = [1_700_000_000 * 10**9]
+
+        def now() -> int:
+            tick[0] += 1000
+            return tick[0]
+
+        class TimeSpec(ctypes.Structure):
+            _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+        def clock_gettime(_clock: int, ts) -> int:
+            t = now()
+            if ts:
+                ts[0].sec, ts[0].nsec = divmod(t, 10**9)
+            return 0
+
+        def gettimeofday(tv, _tz) -> int:
+            t = now()
+            if tv:
+                tv[0].sec, tv[0].nsec = t // 10**9, t % 10**9 // 1000
+            return 0
+
+        def time_(out) -> int:
+            t = now() // 10**9
+            if out:
+                out[0] = t
+            return t
+
+        chrono = ctypes.CFUNCTYPE(ctypes.c_int64)(now)
+        callbacks = {
+            "_ZNSt6chrono3_V212system_clock3nowEv": chrono,
+            "_ZNSt6chrono3_V212steady_clock3nowEv": chrono,
+            "clock_gettime": ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(TimeSpec))(clock_gettime),
+            "gettimeofday": ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(TimeSpec), ctypes.c_void_p)(gettimeofday),
+            "time": ctypes.CFUNCTYPE(ctypes.c_long, ctypes.POINTER(ctypes.c_long))(time_),
+        }
+        self._clock_callbacks = callbacks  # kept alive as long as the libraries may call them
+        libc = self.plugin.libc
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        maps = read_maps()
+        for lib in libs:
+            slots = elf_plt_slots(lib, tuple(callbacks))
+            if not slots:
+                continue
+            base = min(lo - off for lo, _, _, off, path in maps if path == lib)
+            for name, offset in slots.items():
+                addr = base + offset
+                page = addr & ~(PAGE - 1)
+                if libc.mprotect(page, PAGE, 3) != 0:  # RELRO: PROT_READ | PROT_WRITE
+                    raise OSError(ctypes.get_errno(), f"mprotect of {lib}'s GOT failed")
+                ctypes.c_void_p.from_address(addr).value = ctypes.cast(callbacks[name], ctypes.c_void_p).value
+
     def _configure_threads(self) -> None:
         """Use TVM_NUM_THREADS threads whatever the host has: TVM sizes its pool by the cores it
         sees (the host's, under qemu), so the pool of this thread is set explicitly."""
@@ -374,6 +570,8 @@ class Guest:
             return self.measure(req)
         if op == "measure_vm":
             return self.measure_vm(req)
+        if op == "measure_engine":
+            return self.measure_engine(req)
         if op == "crash":  # for tests of the recovery path: a candidate that aborts
             os.abort()
         if op == "hang":  # ... and one that never returns
