@@ -202,7 +202,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.min_repeat_ms < 0:
         raise UserError(f"--min-repeat-ms must be >= 0, not {args.min_repeat_ms}")
     spec = targets.load(args.target)
-    measurer: HostMeasurer | BoardMeasurer
+    measurer: Any
     if args.rpc or args.rpc_tracker or args.ssh:
         from .bench import Where
         from .remote import parse_hostport
@@ -218,14 +218,29 @@ def cmd_compare(args: argparse.Namespace) -> None:
                                  profile=not args.no_profile, session_timeout=args.session_timeout,
                                  rpc_timeout=args.rpc_timeout)
         _sigterm_as_interrupt()  # so the RPC server started on the board is stopped on the way out
+    elif not spec.is_host:
+        from .compare import ModelledMeasurer
+        from .emulate import load_core_model
+
+        try:
+            load_core_model(spec.path)
+        except UserError as e:
+            raise UserError(f"{e}; or measure on the board with --ssh USER@HOST, --rpc HOST:PORT or --rpc-tracker "
+                            "HOST:PORT") from None
+        measurer = ModelledMeasurer(spec, profile=not args.no_profile)
+        print(f"no board given: costing {spec.name} on its emulated core ({measurer.core_model.model} x{spec.cores}); "
+              "modelled, not measured",
+              file=sys.stderr)
     else:
         measurer = HostMeasurer(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
-    with measurer if isinstance(measurer, BoardMeasurer) else contextlib.nullcontext():
+    with measurer if not isinstance(measurer, HostMeasurer) else contextlib.nullcontext():
         result = run_compare(spec, args.output, grid=args.grid, records_dir=args.tuning_records,
                              measurer=measurer, tune_trials_per_config=args.tune_trials, profile=not args.no_profile,
                              passes=args.passes)
     state = "complete" if result.complete else "INCOMPLETE (run the same command again to continue)"
-    emulated = " [EMULATED board: timings meaningless]" if result.report.get("emulated") else ""
+    emulated = (" [EMULATED board: timings meaningless]" if result.report.get("emulated")
+                else f" [MODELLED on the emulated {result.report['modelled']} core]" if result.report.get("modelled")
+                else "")
     print(f"report {state}{emulated}: {result.out_dir}/summary.md ({result.measured} points measured, "
           f"{result.reused} reused); plots: " + ", ".join(str(p) for n, p in result.files.items() if n.endswith(".png")))
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from .grid import DEFAULT_RESOLUTIONS, DEFAULT_WIDTHS, GRIDS, REFERENCE_CONFIG, default_grid, grid_configs, \
     load_grid, quick_grid
-from .measure import BoardMeasurer, HostMeasurer, Measurement, Measurer
+from .measure import BoardMeasurer, HostMeasurer, Measurement, Measurer, ModelledMeasurer
 from .profile import KernelTime, LayerMap, LayerTime, map_kernels, profile_kernels, same_module
 from .report import FORMAT, PLOT_LATENCY, PLOT_LAYERS, PLOT_PREDICTED, REPORT_FILES, RESULTS_CSV, RESULTS_JSON, \
     SUMMARY, CompareResult
@@ -57,6 +57,7 @@ __all__ = [
     "LayerTime",
     "Measurement",
     "Measurer",
+    "ModelledMeasurer",
     "PointStore",
     "default_grid",
     "grid_configs",

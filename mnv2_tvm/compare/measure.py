@@ -182,3 +182,63 @@ class BoardMeasurer:
                     "emulation": self.emulation, "profile_method": "board-kernels-alone" if kernels else None,
                     "board": self.board}
         return Measurement(statistics.median(result.samples_ms), result.samples_ms, kernels, measured)
+
+
+class ModelledMeasurer:
+    """Costs bundles on the target's emulated core (``[core]``, :mod:`mnv2_tvm.emulate`), without a
+    board: one inference's modelled latency at the target's core count, per kernel each kernel
+    alone. Deterministic, so one pass is all there is to measure; grids tune on the same core
+    (:attr:`tune_runner`, records in the ``emulated/`` folder beside a board's).
+
+    One guest serves the whole grid; use the measurer as a context manager.
+    """
+
+    emulated = False  # the figures are modelled, not timings of an emulator
+    modelled = True
+
+    def __init__(self, spec: Any, *, profile: bool = True) -> None:
+        from ..emulate import EmulatedCore, load_core_model
+        from ..tuning.emulated import backend_for
+
+        self.spec = spec
+        self.core_model = load_core_model(spec.path)  # one line naming the missing keys
+        self.name = f"modelled:{self.core_model.model}x{spec.cores}"
+        self.profile = profile
+        self._core = EmulatedCore(spec.path, threads=spec.cores)  # checks qemu, plugin, userland
+        self._backend: Any = None
+        self._backend_for = backend_for
+
+    @property
+    def tune_runner(self) -> Any:
+        """The emulated core as a tuning backend (one guest, started when first needed)."""
+        if self._backend is None:
+            self._backend = self._backend_for(self.spec)
+        return self._backend
+
+    def __enter__(self) -> ModelledMeasurer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._core.close()
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def measure(self, bundle_dir: Path, cfg: ModelConfig, *, profile: bool = True) -> Measurement:
+        cost = self._core.measure_bundle(bundle_dir)
+        if not cost.ok:
+            raise RuntimeError(f"the model failed under emulation: {cost.error}")
+        kernels = None
+        if profile and self.profile:
+            from .. import bundle
+            from ..bench import profile_modelled
+
+            rows = profile_modelled(bundle.load_manifest(Path(bundle_dir)), self.spec, self._core, Path(bundle_dir))
+            kernels = board_kernels(rows) if rows else None
+        settings = {"modelled": True, "core": cost.core, "threads": self.spec.cores, "cycles": cost.cycles,
+                    "instructions": cost.instructions, "fingerprint": cost.fingerprint(),
+                    "profile_method": "modelled-kernels-alone" if kernels else None}
+        return Measurement(cost.ms, [cost.ms], kernels, settings)

@@ -151,6 +151,9 @@ def write_report(configs: list[ModelConfig], store: PointStore, spec: TargetSpec
     # Points reused from an earlier run carry what their board was, even if no board was opened now.
     emulated = bool(measurer.emulated or getattr(spec, "emulated", False)
                     or any(r.get("settings", {}).get("emulated") for r in store.points.values()))
+    # Costs of the emulated core's model (no board): which core, from the points themselves.
+    modelled = next((f"{r['settings']['core']} x{r['settings']['threads']}" for r in store.points.values()
+                     if r.get("settings", {}).get("modelled")), None)
     recs: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
     for cfg in configs:
@@ -187,7 +190,8 @@ def write_report(configs: list[ModelConfig], store: PointStore, spec: TargetSpec
                                          "(device.peak_gflops or device.flops_per_cycle)"]
     notes += [n for v in VARIANTS for n in evaluation[v]["notes"]]
     states = {r.get("settings", {}).get("emulation") for r in recs.values() if r.get("status") == "ok"}
-    emulation = "emulated" if emulated else "unknown" if "unknown" in states else "real"
+    emulation = ("emulated" if emulated else "modelled" if modelled else "unknown" if "unknown" in states
+                 else "real")
     if emulation == "unknown":
         notes.append(f"measured on the board behind {measurer.name}: over RPC alone it cannot be told whether that "
                      "board is real or emulated (qemu); if it is emulated these timings mean nothing "
@@ -213,6 +217,7 @@ def write_report(configs: list[ModelConfig], store: PointStore, spec: TargetSpec
         "complete": complete,
         "interrupted": interrupted,
         "emulated": emulated,
+        "modelled": modelled,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "target": {"name": spec.name, "title": spec.title, "arch": spec.arch, "cores": spec.cores,
                    "clock_ghz": spec.clock_ghz, "peak_gflops": spec.peak_gflops, "peak_source": spec.peak_source,
@@ -240,7 +245,7 @@ def write_report(configs: list[ModelConfig], store: PointStore, spec: TargetSpec
     }
     report = _finite(report)
     files: dict[str, Path] = {}
-    files.update(_plots(out_dir, recs, usable, evaluation, per_layer, spec, emulated))
+    files.update(_plots(out_dir, recs, usable, evaluation, per_layer, spec, emulated, modelled))
     files[RESULTS_CSV] = out_dir / RESULTS_CSV
     write_atomic(files[RESULTS_CSV], _csv(configs, recs, evaluation).encode())
     files[RESULTS_JSON] = out_dir / RESULTS_JSON
@@ -295,11 +300,13 @@ def _tmp_plot(out_dir: Path, name: str, draw) -> Path:
     return final
 
 
-def _plots(out_dir: Path, recs, usable, evaluation, per_layer, spec: TargetSpec, emulated: bool) -> dict[str, Path]:
+def _plots(out_dir: Path, recs, usable, evaluation, per_layer, spec: TargetSpec, emulated: bool,
+           modelled: str | None = None) -> dict[str, Path]:
     from .. import predict as P
 
     files: dict[str, Path] = {}
-    tag = f" on {spec.name}" + (" (EMULATED: timings meaningless)" if emulated else "")
+    tag = f" on {spec.name}" + (" (EMULATED: timings meaningless)" if emulated
+                                else f" (MODELLED: emulated {modelled})" if modelled else "")
     pts = [_to_point(r) for v in VARIANTS for r in usable(v)]
     if pts:
         files[PLOT_LATENCY] = _tmp_plot(out_dir, PLOT_LATENCY, lambda p: P.plot_latency_vs_madds(
@@ -365,6 +372,10 @@ def _summary(rep: dict[str, Any], files: dict[str, Path], n_tuned: int, n_untune
     L: list[str] = [f"# MAdds vs latency on {t['title']} (`{t['name']}`)", ""]
     if rep["emulated"]:
         L += ["> **emulated board: timings meaningless.** The numbers below exercise the pipeline only.", ""]
+    elif rep.get("modelled"):
+        L += [f"> **modelled, not measured:** every latency is the cost of one inference on the emulated "
+              f"{rep['modelled']} core (instructions retired and a simulated cache hierarchy, deterministic; "
+              "see docs/design.md), not a board's timing.", ""]
     elif rep["measurer"].get("emulation") == "unknown":
         L += ["> **board not identified as real or emulated** (reached over RPC only): if it is an emulator, "
               "these timings mean nothing.", ""]

@@ -88,6 +88,8 @@ def run_compare(spec: TargetSpec, out_dir: Path, *, grid: str | Path = "default"
     measurer = measurer or HostMeasurer()
     if not isinstance(measurer, Measurer):
         raise TypeError("measurer must have name, emulated and measure(bundle_dir, cfg, profile=...)")
+    if getattr(measurer, "modelled", False):
+        passes = 1  # a modelled cost has no noise to take the best of
     if isinstance(measurer, HostMeasurer) and not (spec.is_host and spec.device_kind == "cpu"):
         raise UserError(f"target {spec.name} is not this machine's CPU: measure it on the board (over RPC)")
     records = targets.records_dir(spec, records_dir)
@@ -133,7 +135,9 @@ def _run(configs: list[ModelConfig], spec: TargetSpec, out_dir: Path, records: P
         bar.say(f"dropped {store.dropped} unreadable line(s) of {POINTS_FILE} (a killed run); they are measured again")
 
     if tune_trials_per_config > 0:
-        _tune_grid(configs, spec, records, tune_trials_per_config, measurer, bar)
+        # Records the emulated core measured go beside a board's, never among them (compile reads both).
+        tune_dir = records / targets.EMULATED_SUBDIR if getattr(measurer, "modelled", False) else records
+        _tune_grid(configs, spec, tune_dir, tune_trials_per_config, measurer, bar)
     fingerprint = records_fingerprint(records)
     digests = workload_digests(records) if fingerprint else {}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..targets import RECORD_FILE, WORKLOAD_FILE
+from ..targets import EMULATED_SUBDIR, RECORD_FILE, WORKLOAD_FILE
 
 POINTS_FILE = "points.jsonl"
 VARIANTS = ("untuned", "tuned")
@@ -24,7 +24,8 @@ def records_fingerprint(records_dir: Path) -> str | None:
 
     h = hashlib.sha256()
     found = False
-    for name in (WORKLOAD_FILE, RECORD_FILE):
+    # compile reads a board's records and those of the emulated core beside them (emulated/)
+    for name in (WORKLOAD_FILE, RECORD_FILE, f"{EMULATED_SUBDIR}/{WORKLOAD_FILE}", f"{EMULATED_SUBDIR}/{RECORD_FILE}"):
         p = records_dir / name
         try:
             data = p.read_bytes()

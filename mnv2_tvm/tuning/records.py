@@ -29,7 +29,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from .. import tvm_compat
 from ..bundle import fsync_dir, write_atomic
-from ..targets import RECORD_FILE, WORKLOAD_FILE
+from ..targets import EMULATED_SUBDIR, RECORD_FILE, WORKLOAD_FILE
 from .interrupt import Sigint
 
 tvm_compat.check()
@@ -169,19 +169,21 @@ def _split_lines(path: Path) -> tuple[list[tuple[int, bytes]], bytes, int, bytes
 def workload_digests(records_dir: Path) -> dict[str, str]:
     """For each workload (by the structural hash its line in the workload file starts with), a
     digest of its record lines: what a model compiled from these records depends on. Plain file
-    reading, no TVM: cheap enough to check every point of a report against."""
-    by_index: dict[int, str] = {}
-    for i, (_, line) in enumerate(_split_lines(records_dir / WORKLOAD_FILE)[0]):
-        # A line is ["<hash>", "<base64>"]; only the hash is needed, not the (large) module.
-        head = line[: line.find(b",")]
-        by_index[i] = head.strip(b'[" ').decode(errors="replace")
+    reading, no TVM: cheap enough to check every point of a report against. The emulated core's
+    records beside a board's (``emulated/``) count too: compile reads both."""
     digests: dict[str, Any] = {}
-    for _, line in _split_lines(records_dir / RECORD_FILE)[0]:
-        try:
-            shash = by_index[int(line[1 : line.find(b",")])]
-        except (KeyError, ValueError):
-            continue  # a line the database skips too
-        digests.setdefault(shash, hashlib.sha256()).update(line + b"\n")
+    for folder, tag in ((records_dir, b""), (records_dir / EMULATED_SUBDIR, EMULATED_SUBDIR.encode() + b"/")):
+        by_index: dict[int, str] = {}
+        for i, (_, line) in enumerate(_split_lines(folder / WORKLOAD_FILE)[0]):
+            # A line is ["<hash>", "<base64>"]; only the hash is needed, not the (large) module.
+            head = line[: line.find(b",")]
+            by_index[i] = head.strip(b'[" ').decode(errors="replace")
+        for _, line in _split_lines(folder / RECORD_FILE)[0]:
+            try:
+                shash = by_index[int(line[1 : line.find(b",")])]
+            except (KeyError, ValueError):
+                continue  # a line the database skips too
+            digests.setdefault(shash, hashlib.sha256()).update(tag + line + b"\n")
     return {h: d.hexdigest() for h, d in digests.items()}
 
 
