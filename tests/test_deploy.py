@@ -154,21 +154,31 @@ def test_bundle_for_another_architecture_is_refused_before_upload(vboard: Board,
         B.run_bundle_ssh(conn, path)
 
 
-def test_direct_rpc_to_a_started_server(vboard: Board, rpi_bundles: dict[str, Path],
+def test_direct_rpc_to_a_started_server(vboard: Board, rpi_bundles: dict[str, Path], tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """`board start`, then `bench --rpc HOST:PORT` (the virtual board's loopback is this host's)."""
+    import shutil
+
+    # The profile reads the bundle alone: the weights its manifest names may be gone.
+    path = tmp_path / "bundle"
+    shutil.copytree(rpi_bundles["mobilenet_v2"], path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "weights": str(tmp_path / "gone.pt")}))
     name = f"direct{os.getpid()}"
     assert main(["board", "start", *ssh_args(vboard), "--name", name]) == 0
     try:
         port = json.loads((vboard.root / f"root/.cache/mnv2-tvm/rpc-{name}/state.json").read_text())["port"]
         capsys.readouterr()
-        assert main(["bench", str(rpi_bundles["mobilenet_v2"]), "--rpc", f"127.0.0.1:{port}", "--number", "1",
+        assert main(["bench", str(path), "--rpc", f"127.0.0.1:{port}", "--number", "1",
                      "--repeat", "1", "--profile", "--cache-flush", "--json"]) == 0
-        out = json.loads(capsys.readouterr().out)
+        captured = capsys.readouterr()
+        assert "rebuilding" not in captured.err and "profile: skipped" not in captured.err
+        out = json.loads(captured.out)
         assert out["parity_ok"] and out["board"]["address"] == f"127.0.0.1:{port}"
         # Every kernel of the model timed alone on the board, with how often main calls it.
         rows = out["profile"]
         assert len(rows) > 20 and sum(r["calls"] for r in rows) > 30
+        assert sorted(r["name"] for r in rows) == sorted(k["name"] for k in manifest["kernels"]["table"])
         assert all(r["ms_per_call"] > 0 and r["total_ms"] == pytest.approx(r["calls"] * r["ms_per_call"])
                    for r in rows)
         assert any(r["name"].startswith("fused_conv2d") for r in rows)
