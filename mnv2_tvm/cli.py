@@ -121,12 +121,17 @@ def cmd_tune(args: argparse.Namespace) -> None:
     records = targets.records_dir(spec, args.tuning_records)
     tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
                tracker=tracker, rpc_key=args.rpc_key or spec.rpc_key, seed=args.seed, transfer=args.transfer,
-               transfer_from=_transfer_sources(args, spec))
+               transfer_from=_transfer_sources(args, spec, records))
 
 
-def _transfer_sources(args: argparse.Namespace, spec: Any) -> list[Path]:
-    """The records folders of ``--transfer-from`` targets (board-measured and emulated), checked."""
+def _transfer_sources(args: argparse.Namespace, spec: Any, writing: Path) -> list[Path]:
+    """Records folders to learn from besides ``writing`` (the folder this run tunes into): those of
+    ``--transfer-from`` targets (board-measured and emulated), and with ``--transfer`` on a board,
+    the target's own emulated-core records (shipped for the Pis): a board run starts from them."""
     from . import targets
+
+    def has(f: Path) -> bool:
+        return (f / targets.RECORD_FILE).is_file() and f.resolve() != writing.resolve()
 
     folders: list[Path] = []
     for name in args.transfer_from or ():
@@ -134,12 +139,14 @@ def _transfer_sources(args: argparse.Namespace, spec: Any) -> list[Path]:
         if other.arch != spec.arch:
             raise UserError(f"--transfer-from {name}: its code is {other.arch}, {spec.name}'s is {spec.arch}; "
                             "schedules carry over only between cores of one architecture")
-        found = [f for f in (targets.records_dir(other), targets.records_dir(other, emulated=True))
-                 if (f / targets.RECORD_FILE).is_file()]
+        found = [f for f in (targets.records_dir(other), targets.records_dir(other, emulated=True)) if has(f)]
         if not found:
             raise UserError(f"--transfer-from {name}: no records in {targets.records_dir(other)} "
                             f"(tune {name} first)")
         folders += found
+    own = targets.records_dir(spec, emulated=True)
+    if args.transfer and has(own) and own not in folders:
+        folders.append(own)
     return folders
 
 
@@ -155,9 +162,9 @@ def _tune_emulated(args: argparse.Namespace, spec: Any) -> None:
     except UserError as e:
         raise UserError(f"{e}; or measure on the board with --ssh USER@HOST or --rpc-tracker HOST:PORT "
                         f"--rpc-key {spec.rpc_key}") from None
-    sources = _transfer_sources(args, spec)
-    backend = backend_for(spec)  # one line naming the set-up command when qemu, plugin or userland is missing
     records = targets.records_dir(spec, args.tuning_records, emulated=True)
+    sources = _transfer_sources(args, spec, records)
+    backend = backend_for(spec)  # one line naming the set-up command when qemu, plugin or userland is missing
     _sigterm_as_interrupt()
     print(f"no board given: tuning {spec.name} on its emulated core ({backend.description}); "
           f"records in {records}", file=sys.stderr)
@@ -344,7 +351,7 @@ def _tune_over_ssh(args: argparse.Namespace) -> None:
     target, opts = _ssh(args)
     key = args.rpc_key or spec.rpc_key
     records = targets.records_dir(spec, args.tuning_records)
-    sources = _transfer_sources(args, spec)
+    sources = _transfer_sources(args, spec, records)
 
     def same_arch(info: dict) -> None:
         if info["arch"] != spec.arch:
@@ -565,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from what the database holds for other widths, resolutions and models: "
                         "train the cost model on it and give each task the best schedules of the "
                         "nearest layers of its kind, refitted to its shapes (new tasks first, then, "
-                        "within --trials, tuned ones by time share)")
+                        "within --trials, tuned ones by time share); on a board, also from the target's "
+                        "emulated-core records")
     p.add_argument("--transfer-from", action="append", metavar="TARGET",
                    help="also learn from another target's records (a core of the same architecture, e.g. "
                         "rpi4b for rpi5), as --transfer does from this one's; may be repeated")
