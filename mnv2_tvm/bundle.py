@@ -184,13 +184,13 @@ def verify_kernels(bundle_dir: Path, manifest: dict[str, Any]) -> tuple[Path, li
     outputs), ``calls`` per inference and ``at`` (their positions in ``main``'s call sequence,
     which orders the kernels onto the model's layers).
     """
-    kernels = manifest.get("kernels")
-    if not isinstance(kernels, dict):
+    if "kernels" not in manifest:
         raise BundleError(f"bundle {bundle_dir} was compiled before bundles carried their kernel table (format "
                           f"{manifest.get('format_version')}): recompile it to profile its kernels")
-    table = kernels.get("table")
-    if not isinstance(table, list) or not all(isinstance(k, dict) and {"name", "args", "dtypes", "calls", "at"} <= k.keys()
-                                              for k in table):
+    kernels = manifest["kernels"]
+    table = kernels.get("table") if isinstance(kernels, dict) else None
+    fields = {"name", "args", "dtypes", "calls", "at"}
+    if not isinstance(table, list) or not all(isinstance(k, dict) and fields <= k.keys() for k in table):
         raise BundleError(f"{Path(bundle_dir) / MANIFEST} has a malformed kernel table; recompile the bundle")
     lib = Path(bundle_dir) / kernels["library"]
     if not lib.is_file():
