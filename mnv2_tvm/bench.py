@@ -236,7 +236,7 @@ def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, 
     manifest = bundle.load_manifest(bundle_dir)
     lib = bundle.verify_library(bundle_dir, manifest)
     if settings.profile:
-        kernel_table(bundle_dir, manifest)  # a bundle without one fails before anything is uploaded
+        bundle_kernels(bundle_dir, manifest)  # a bundle without one fails before anything is uploaded
     if peak_gflops is None:
         peak_gflops = target_facts(manifest)[0]
     x, expected = bundle.reference(bundle_dir)
@@ -296,7 +296,7 @@ def run_bench(bundle_dir: Path, remote: RemoteSession, settings: BenchSettings, 
 # --------------------------------------------------------------------------- per-kernel profile
 
 
-def kernel_table(bundle_dir: Path, manifest: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
+def bundle_kernels(bundle_dir: Path, manifest: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
     """The bundle's kernel library and table (``bundle.verify_kernels``), as a one-line error for
     a bundle compiled without them."""
     from . import bundle
@@ -313,7 +313,7 @@ def profile_kernels(bundle_dir: Path, manifest: dict[str, Any], remote: RemoteSe
     import numpy as np
     import tvm
 
-    lib, table = kernel_table(bundle_dir, manifest)
+    lib, table = bundle_kernels(bundle_dir, manifest)
     rk = load_on_board(remote, lib, manifest, f"{manifest['kernels']['library_sha256'][:16]}-kernels.so",
                        settings.step_timeout())
     rng = np.random.default_rng(0)
@@ -411,7 +411,7 @@ def bench_bundle(bundle_dir: Path, where: Where, settings: BenchSettings) -> Ben
     manifest = bundle.load_manifest(bundle_dir)
     bundle.verify_library(bundle_dir, manifest)
     if settings.profile:
-        kernel_table(bundle_dir, manifest)  # before a board is opened or anything uploaded
+        bundle_kernels(bundle_dir, manifest)  # before a board is opened or anything uploaded
     peak, key = target_facts(manifest)
     if where.tracker and not (where.key or key):
         raise UserError("--rpc-tracker needs --rpc-key KEY (the bundle names no default key: recompile it, or "
@@ -484,7 +484,7 @@ def bench_modelled(bundle_dir: Path, settings: BenchSettings) -> dict[str, Any]:
     manifest = bundle.load_manifest(bundle_dir)
     bundle.verify_library(bundle_dir, manifest)
     if settings.profile:
-        kernel_table(bundle_dir, manifest)  # before minutes of emulation
+        bundle_kernels(bundle_dir, manifest)  # before minutes of emulation
     # The core model is the target file's (the manifest records the board's facts, not how to emulate it).
     spec = targets.load(manifest["target"])
     try:
@@ -515,7 +515,7 @@ def profile_modelled(manifest: dict[str, Any], spec: Any, core: Any, bundle_dir:
     """Each kernel of the bundle alone on the emulated ``core`` (of target ``spec``), from the
     bundle's kernel library and table: rows as :func:`profile_kernels`'s, with modelled cycles and
     instructions per call."""
-    lib, table = kernel_table(bundle_dir, manifest)
+    lib, table = bundle_kernels(bundle_dir, manifest)
     if manifest["arch"] != spec.arch:
         raise UserError(f"bundle {bundle_dir} is built for {manifest['arch']}; the emulated core of {spec.name} "
                         f"runs {spec.arch}")
