@@ -10,6 +10,9 @@
 #        (a private apt sources file with a deb-src line; the system's apt state is untouched).
 #   plugin: our mnv2_tvm/emulate/plugin/mnv2cost.c, built into the cache (rebuilt when the
 #        source changes), and the runtime-only x86-64 TVM site the qemu-x86_64 guest imports.
+#   peers: ONNX Runtime's and ncnn's aarch64 wheels for the guest and pnnx for the host
+#        (scripts/bench_arm.py), installed with the host's pip into the cache's peers/ folder;
+#        optional: a peer that does not install is reported and the set-up goes on.
 # Cache: ${MNV2_TVM_EMULATE_DIR:-~/.cache/mnv2-tvm/emulate}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,3 +79,5 @@ fi
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 MNV2_TVM_EMULATE_DIR="$CACHE" "$PY" -c "from mnv2_tvm.emulate.setup import main; raise SystemExit(main())"
+# Peers for scripts/bench_arm.py (mnv2_tvm/emulate/peers.py): never pip under qemu; not fatal.
+MNV2_TVM_EMULATE_DIR="$CACHE" "$PY" -m mnv2_tvm.emulate.peers || say "peers not installed (scripts/bench_arm.py reports them as failed)"

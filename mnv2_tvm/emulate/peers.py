@@ -88,8 +88,13 @@ def _pip_error(what: str, stderr: str) -> UserError:
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else "no output"
     if any(sign in stderr for sign in NETWORK_SIGNS):
-        return RegistryUnreachable(f"cannot install {what}: the package registry is unreachable ({last}); "
-                                   f"run `{emu_setup.SETUP_COMMAND}` when it is")
+        import re
+
+        cause = re.search(r"Failed to establish a new connection: [^'\")]*|Temporary failure in name resolution|"
+                          r"Network is unreachable|Read timed out|timed out|ProxyError", stderr)
+        return RegistryUnreachable(f"cannot install {what}: the package registry is unreachable "
+                                   f"({cause.group(0).strip() if cause else last}); run "
+                                   f"`{emu_setup.SETUP_COMMAND}` when it is")
     if "No matching distribution" in stderr or "Could not find a version" in stderr:
         return UserError(f"{what}: no wheel on the registry for this platform ({last})")
     return UserError(f"installing {what} failed: {last}")
