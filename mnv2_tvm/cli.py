@@ -602,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"timing passes over the grid; a point's latency is its fastest pass (default {DEFAULT_PASSES})")
     p.add_argument("--min-repeat-ms", type=int, default=100, help="stretch each repeat to at least this long")
     p.add_argument("--no-profile", action="store_true",
-                   help="skip per-kernel timing (on a board it rebuilds each point's kernels; no per-layer report)")
+                   help="skip per-kernel timing (each kernel timed alone; no per-layer report)")
     p.add_argument("--session-timeout", type=float, default=0, metavar="S",
                    help="the board's server ends the session after S seconds (0: never)")
     p.add_argument("--rpc-timeout", type=float, default=0, metavar="S",

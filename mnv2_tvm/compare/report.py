@@ -489,7 +489,8 @@ def _summary(rep: dict[str, Any], files: dict[str, Path], n_tuned: int, n_untune
     L += [""]
     methods = {p.get("settings", {}).get("profile_method") for p in rep["points"]}
     on_board = "board-kernels-alone" in methods
-    how = "each kernel timed alone on the board" if on_board else "instrumented"
+    how = ("each kernel timed alone on the board" if on_board else "each kernel modelled alone on the emulated core"
+           if "modelled-kernels-alone" in methods else "instrumented")
     if pl is not None:
         rows = [r for r in pl["rows"] if r["ms"] is not None]
         t_total = sum(r["ms"] for r in rows) or 1.0
@@ -527,9 +528,12 @@ def _summary(rep: dict[str, Any], files: dict[str, Path], n_tuned: int, n_untune
            "- Latency is the median of repeated runs (TVM time_evaluator), one timing pass")
           + f"; tuned points whose untuned kernels take ≥ {FALLBACK_TIME_LIMIT:.0%} of their time are listed "
             "but not fitted.",
-          ("- Per-layer times: each kernel of the model rebuilt alone (same records, same target), timed on "
-           "the board with time_evaluator on inputs of its shapes (warm caches), times its calls; "
+          ("- Per-layer times: each kernel of the bundle's kernel library (kernels.so) timed alone on the board "
+           "with time_evaluator on inputs of its shapes (warm caches), times its calls; "
            if on_board else
+           "- Per-layer times: each kernel of the bundle's kernel library modelled alone on the emulated core, "
+           "times its calls; "
+           if "modelled-kernels-alone" in methods else
            "- Per-layer times: the Relax VM instrument hook around each kernel call, median over runs; "
            if pl is not None else "- Per-layer times: not profiled in this run.")
           + ("mapped to conv/linear layers by output shape and MAdds; taken in the last pass when there are "
