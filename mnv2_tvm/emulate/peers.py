@@ -42,6 +42,10 @@ PNNX_WHEEL = "pnnx==20261020"
 AARCH64_PLATFORM_ARGS = ["--only-binary=:all:", "--platform", "manylinux_2_28_aarch64", "--platform",
                          "manylinux2014_aarch64", "--python-version", "3.11", "--implementation", "cp"]
 PEERS_RECIPE = "1"
+#: Host seconds a peer's warm-up and counted inference may take under emulation (DeepLabv3 at 513
+#: pixels retires billions of instructions through the cache simulation). Fixed, not a parameter:
+#: it is part of the request, whose text the cost depends on (see :func:`measure_peer`).
+PEER_TIMEOUT_S = 4 * 3600.0
 PEER_THREADS_NOTE = ("peers run with 1 thread: the emulated core splits a run into parallel regions at TVM's "
                      "TVMBackendParallelLaunch, which ONNX Runtime's thread pool and ncnn's OpenMP team never call, "
                      "and their per-thread work under qemu depends on how the host schedules the emulated threads")
@@ -214,7 +218,7 @@ def guest_rootfs(qemu_cpu: str, cores: int, rootfs: Path | None = None) -> Path:
     return root
 
 
-def peer_core(target: str | Path, *, work_dir: Path | None = None) -> Any:
+def peer_core(target: str | Path, *, work_dir: Path | None = None, timeout_s: float = 900.0) -> Any:
     """An :class:`~.runner.EmulatedCore` (1 thread) for the peers: the target's core model and
     plugin, the board's userland seen through :func:`guest_rootfs`."""
     from .. import targets
@@ -225,7 +229,8 @@ def peer_core(target: str | Path, *, work_dir: Path | None = None) -> Any:
     if core.arch != "aarch64":
         raise UserError(f"peers run on aarch64 targets; {core.target} is {core.arch}")
     spec = targets.load(str(target))
-    return EmulatedCore(target, threads=1, rootfs=guest_rootfs(core.qemu_cpu, spec.cores), work_dir=work_dir)
+    return EmulatedCore(target, threads=1, rootfs=guest_rootfs(core.qemu_cpu, spec.cores), work_dir=work_dir,
+                        timeout_s=timeout_s)
 
 
 @dataclass
@@ -244,8 +249,9 @@ def measure_peer(target: str | Path, model: PeerModel, input_shape: tuple[int, .
     The input is the guest's deterministic fill, the same as ``EmulatedCore.measure_vm`` gives a
     TVM bundle. Each measurement runs in a guest of its own (~15 s to start): the engines' Python
     bindings are instrumented code that touches Python objects, whose placement depends on every
-    request the long-lived guest answered before; a fresh guest answering one request makes the
-    cost the same in every run (TVM's libraries touch no Python objects and share one guest).
+    request the long-lived guest answered before and on the request's own text; a fresh guest
+    answering the same request (same model path, same deadline: :data:`PEER_TIMEOUT_S`) makes
+    the cost the same in every run.
     """
     if threads != 1:
         raise UserError(PEER_THREADS_NOTE)
@@ -257,7 +263,7 @@ def measure_peer(target: str | Path, model: PeerModel, input_shape: tuple[int, .
     req = {"op": "measure_engine", "engine": model.engine, "model": str(Path(model.path).resolve()),
            "input": {"shape": [int(d) for d in input_shape], "dtype": "float32"}, "threads": threads,
            "site": str(site), "warmup": int(warmup)}
-    with peer_core(target) as core:
+    with peer_core(target, timeout_s=PEER_TIMEOUT_S) as core:
         return core._measure(req)
 
 
