@@ -226,8 +226,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
                                  rpc_timeout=args.rpc_timeout)
         _sigterm_as_interrupt()  # so the RPC server started on the board is stopped on the way out
     elif not spec.is_host:
-        from .compare import ModelledMeasurer
+        from .compare import ModelledMeasurer, grid_configs
         from .emulate import load_core_model
+
+        grid_configs(args.grid)  # a bad grid file is said before the emulator starts
 
         try:
             load_core_model(spec.path)

@@ -246,19 +246,22 @@ def kernel_table(mod: tvm.IRModule) -> list[dict[str, Any]]:
     return list(kernels.values())
 
 
-def build_executable(mod: tvm.IRModule, spec: TargetSpec, records_dir: Path | None
+def build_executable(mod: tvm.IRModule, spec: TargetSpec, records_dir: Path | None, *, untuned: bool = False
                      ) -> tuple[Any, dict[str, Any], tvm.IRModule]:
     """Compile a Relax module, applying tuning records when there are any; also returns the
-    module that was compiled (for :func:`kernel_table`)."""
+    module that was compiled (for :func:`kernel_table`). ``untuned``: no records on purpose (a
+    baseline), so nothing is said about their absence."""
     from .tuning.records import RecordsError
 
     try:
-        executable, report, compiled = compile_kernels(mod, spec.tvm_target(), records_dir)
+        executable, report, compiled = compile_kernels(mod, spec.tvm_target(), None if untuned else records_dir)
     except RecordsError as e:
         raise UserError(str(e)) from None
     info = asdict(report)
     total = len(report.tuned) + len(report.fallback)
-    if not report.tuned:
+    if untuned:
+        pass
+    elif not report.tuned:
         print(f"warning: no tuning records for target {spec.name} apply to this model: the library is "
               f"untuned and slow on CPU; run `mnv2-tvm tune` first", file=sys.stderr)
     elif report.fallback:
@@ -297,8 +300,10 @@ def _kernels_entry(executable: Any, compiled: tvm.IRModule, out_dir: Path, fcomp
 
 
 def compile_bundle(cfg: ModelConfig, spec: TargetSpec, out_dir: Path, *, frontend: str = "torch",
-                   records_dir: Path | None = None, weights: Path | None = None, seed: int = 0) -> CompileResult:
-    """Build the model, lower it, compile it for ``spec`` and write a bundle to ``out_dir``."""
+                   records_dir: Path | None = None, weights: Path | None = None, seed: int = 0,
+                   untuned: bool = False) -> CompileResult:
+    """Build the model, lower it, compile it for ``spec`` and write a bundle to ``out_dir``
+    (``untuned``: without tuning records on purpose, an untuned baseline)."""
     import torch
     import tvm
 
@@ -324,7 +329,7 @@ def compile_bundle(cfg: ModelConfig, spec: TargetSpec, out_dir: Path, *, fronten
     seconds["lower"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    executable, tuning, compiled = build_executable(mod, spec, records_dir)
+    executable, tuning, compiled = build_executable(mod, spec, records_dir, untuned=untuned)
     seconds["build"] = time.perf_counter() - t
 
     t = time.perf_counter()

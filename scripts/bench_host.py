@@ -64,9 +64,9 @@ def make_engines(cfg, spec, work: Path, threads: list[int], skip_untuned: bool, 
         engines[name] = fn()
         memory[name] = rss_mb() - before
 
-    def tvm_engine(records: Path, out: Path, target=spec):
+    def tvm_engine(records: Path | None, out: Path, target=spec):
         def make():
-            result = compile_bundle(cfg, target, out, records_dir=records)
+            result = compile_bundle(cfg, target, out, records_dir=records, untuned=records is None)
             notes[out.name] = result.manifest["tuning"]
             runner = Runner(out)
             dev_x = __import__("tvm").runtime.tensor(x)
@@ -78,7 +78,7 @@ def make_engines(cfg, spec, work: Path, threads: list[int], skip_untuned: bool, 
     if alt is not None:
         load("tvm_alt", tvm_engine(alt[1], work / "alt", alt[0]))
     if not skip_untuned:
-        load("tvm_untuned", tvm_engine(work / "no-records", work / "untuned"))
+        load("tvm_untuned", tvm_engine(None, work / "untuned"))
 
     def make_torch():
         model = build(cfg)

@@ -118,7 +118,7 @@ def main() -> int:
         return s0 + (s1 - s0) * (n - t0) / (t1 - t0)
 
     final = curve[-1][1]
-    total = len(order)
+    # total: the model's records, from estimate_curve
     print(f"{cfg.label}: {total} records over {len(weights)} tasks; every task timed after {curve[0][0]} trials")
     print(f"{'trials':>7} {'share':>6} {'wall':>9} {'est µs':>9} {'vs final':>9}")
     marks = sorted({curve[0][0]} | {max(curve[0][0], math.ceil(f / 10 * total)) for f in range(1, 11)})

@@ -540,7 +540,7 @@ def test_compare_on_the_virtual_board_over_ssh(compare_board, tmp_path, capsys):
         assert all(r["ms"] > 0 for r in p["layer_map"]["rows"])
     summary = (out / compare.SUMMARY).read_text()
     assert "emulated board: timings meaningless" in summary
-    assert "timed on the board with time_evaluator" in summary
+    assert "timed alone on the board with time_evaluator" in summary
     assert (out / compare.PLOT_LAYERS).read_bytes()[:4] == b"\x89PNG"
     assert ours_left_on(b) == []
 

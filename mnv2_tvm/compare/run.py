@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 #: Timing passes over the grid; a point's latency is its fastest pass's median (see run_compare).
 DEFAULT_PASSES = 5
-WORK_DIR = ".work"  # bundles being measured and the empty records folder of untuned builds
+WORK_DIR = ".work"  # bundles being measured
 
 
 class _Progress:
@@ -96,7 +96,7 @@ def run_compare(spec: TargetSpec, out_dir: Path, *, grid: str | Path = "default"
     if records.exists() and not records.is_dir():
         raise UserError(f"tuning records {records} is not a folder")
     try:
-        (out_dir / WORK_DIR / "no-records").mkdir(parents=True, exist_ok=True)
+        (out_dir / WORK_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create report folder {out_dir}: {e.strerror}") from None
     lock = _lock_report_dir(out_dir)
@@ -347,11 +347,10 @@ def _build(cfg: ModelConfig, variant: str, spec: TargetSpec, out_dir: Path, reco
 
     bundle_dir = _bundle_dir(out_dir, cfg, variant)
     shutil.rmtree(bundle_dir, ignore_errors=True)
-    rdir = records if variant == "tuned" else out_dir / WORK_DIR / "no-records"
     notes = io.StringIO()
-    # compile_bundle warns on stderr about (un)tuned builds; the report says it per point instead.
+    # compile_bundle notes partly tuned builds on stderr; the report says it per point instead.
     with contextlib.redirect_stderr(notes):
-        result = compile_bundle(cfg, spec, bundle_dir, records_dir=rdir)
+        result = compile_bundle(cfg, spec, bundle_dir, records_dir=records, untuned=variant == "untuned")
     return result, notes.getvalue()
 
 
