@@ -82,6 +82,13 @@ class TargetSpec:
         return f"{self.name:20s} {self.arch:8s} {self.device_kind:6s} {self.cores}x{self.clock_ghz:.2f} GHz  {peak:>14s}  link: {link:24s} {self.title}"
 
 
+def vector_registers(target: "tvm.target.Target") -> int:
+    """Architectural vector registers of a CPU target: 32 on AArch64 and with AVX-512, else 16
+    (AVX2, 32-bit NEON). Register tiles of the hand-written schedules are sized by it."""
+    text = str(target.export()).lower()
+    return 32 if any(k in text for k in ("aarch64", "arm64", "avx512", "x86-64-v4")) else 16
+
+
 def host_cores() -> int:
     return len(os.sched_getaffinity(0))
 

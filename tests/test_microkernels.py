@@ -11,6 +11,7 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
+from mnv2_tvm import targets
 from mnv2_tvm import tuning as T
 from mnv2_tvm.compile import compile_with_records
 from mnv2_tvm.kernels import loop_order, schedules
@@ -85,9 +86,9 @@ def test_tiles_fit_the_registers_and_write_back_rectangles():
     # 7×7: a row by 2 blocks (weights from memory) besides the row by 1 block.
     assert {(1, 7, 1), (1, 7, 2)} <= set(schedules._tiles(7, 7, 20, 16))
     assert max(ty * tx * tc for ty, tx, tc in schedules._tiles(28, 28, 4, 32)) > 14  # AVX-512 / NEON: 32 registers
-    assert schedules.vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"})) == 16
-    assert schedules.vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})) == 32
-    assert schedules.vector_registers(tvm.target.Target("raspberry-pi/4b-aarch64")) == 32
+    assert targets.vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"})) == 16
+    assert targets.vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})) == 32
+    assert targets.vector_registers(tvm.target.Target("raspberry-pi/4b-aarch64")) == 32
 
 
 def _hand_written(task) -> bool:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..targets import vector_registers
+
 if TYPE_CHECKING:
     import tvm
 
@@ -45,12 +47,6 @@ GEMV_LANES = 8
 MAX_CANDIDATES = 6
 #: 1×1 and stem tiles beyond these whose weights do not fit the registers (see :func:`_tiles`).
 SPILLED_CANDIDATES = 2
-
-
-def vector_registers(target: "tvm.target.Target") -> int:
-    """Architectural vector registers of a CPU target: 32 on AArch64 and with AVX-512, else 16."""
-    text = str(target.export()).lower()
-    return 32 if any(k in text for k in ("aarch64", "arm64", "avx512", "x86-64-v4")) else 16
 
 
 def _tiles(height: int, width: int, channel_blocks: int, registers: int) -> list[tuple[int, int, int]]:
