@@ -23,6 +23,9 @@ import bisect
 import json
 import math
 import re
+import shlex
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -78,6 +81,14 @@ def estimate_curve(records: Path, weights: dict[str, int]) -> tuple[list[tuple[i
     return curve, len(order)
 
 
+def _measurement(records: Path) -> str:
+    """What measured the records (the folder's meta.json): ``board`` or ``emulated:<core>``."""
+    try:
+        return str(json.loads((records / "meta.json").read_text()).get("measurement", "board"))
+    except (OSError, ValueError):
+        return "board"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
@@ -88,7 +99,9 @@ def main() -> int:
     p.add_argument("--log", type=Path, help="the run's tune.log, for a wall-clock axis")
     p.add_argument("--png", type=Path)
     p.add_argument("--baseline", type=Path, help="records of the same model tuned from scratch: trials saved")
-    p.add_argument("--json", type=Path, help="write the curve(s) and figures here")
+    p.add_argument("--json", type=Path, help="write the figures here as a docs/results/ file (scripts/results.py)")
+    p.add_argument("--command", action="append", default=[], help="a command that made the records (for --json)")
+    p.add_argument("--note", help="conditions of the run, for --json (e.g. what else the machine ran)")
     args = p.parse_args()
 
     import tvm_ffi
@@ -131,8 +144,26 @@ def main() -> int:
     w10 = wall(n10)
     print(f"within 10 % of the final estimate after {n10} trials ({n10 / total:.0%})"
           + (f", {w10 / 60:.1f} min into the run" if w10 is not None else ""))
-    out = {"model": cfg.label, "target": spec.name, "records": str(args.records), "trials": total,
-           "final_us": final, "within_10pct_after": n10, "curve": curve}
+    rows = []
+    for n in marks:
+        w = wall(n)
+        rows.append([n, round(w / 60, 1) if w is not None else None, round(by_n[n] / 1e3, 3),
+                     f"{by_n[n] / final:.2f}×" + (" (every task timed)" if n == curve[0][0] else "")])
+    measured = _measurement(args.records)
+    out = {"kind": "tables",
+           "title": f"Tuning curve: {cfg.label}, {spec.name}" + (", transferred vs from scratch" if args.baseline else ""),
+           "meta": {"date": time.strftime("%Y-%m-%d"), "cpu_model": targets.host_cpu_model()
+                    + (f"; costs modelled on the emulated {measured.split(':', 1)[1]} core" if measured.startswith("emulated:")
+                       else ""),
+                    "command": [*args.command, "python scripts/tuning_curve.py " + shlex.join(sys.argv[1:])],
+                    "note": f"Records replayed in the order they were measured; the estimate is the sum of weight × best "
+                            f"kernel time, {'modelled' if measured.startswith('emulated:') else 'measured'}."
+                            + (f" {args.note}" if args.note else "")},
+           "tables": [{"caption": f"{args.records}: estimate after N trials", "columns": ["trials", "wall clock, min",
+                                                                                      "estimate, ms", "vs final"],
+                       "rows": rows}]}
+    if args.png:
+        out["plot"] = args.png.name
     base_curve: list[tuple[int, float]] = []
     if args.baseline:
         base_curve, base_total = estimate_curve(args.baseline, weights)
@@ -141,9 +172,12 @@ def main() -> int:
             return 1
         goal = base_curve[-1][1]
         reach = next((n for n, est in curve if est <= goal), None)
-        out.update(baseline=str(args.baseline), baseline_trials=base_total, baseline_final_us=goal,
-                   reaches_baseline_after=reach, baseline_curve=base_curve,
-                   trials_saved=base_total - reach if reach is not None else None)
+        out["tables"].append({
+            "caption": "What the transfer saved: trials to reach the from-scratch run's final estimate",
+            "columns": ["from scratch: trials", "from scratch: final estimate, ms", "transferred: trials to reach it",
+                        "trials saved", "transferred: final estimate, ms"],
+            "rows": [[base_total, round(goal / 1e3, 3), reach, base_total - reach if reach is not None else None,
+                      round(final / 1e3, 3)]]})
         if reach is None:
             print(f"never reaches the baseline's final estimate ({goal:.0f} µs after {base_total} trials); "
                   f"ends at {final:.0f} µs")
