@@ -576,10 +576,13 @@ def extra_runtime(conn: BoardConnection, info: dict[str, Any]) -> str | None:
 
 def start_server(conn: BoardConnection, name: str, *, port: int | None = None, tracker: str | None = None,
                  key: str | None = None, load_library: str | None = None,
-                 ready_timeout: float = SERVER_READY_TIMEOUT_S) -> ServerState:
+                 ready_timeout: float = SERVER_READY_TIMEOUT_S,
+                 on_started: Callable[[ServerState], None] | None = None) -> ServerState:
     """Start ``python3 -m tvm.exec.rpc_server`` on the board's 127.0.0.1, detached, in its own
     process group, and wait until it listens. With ``tracker`` (an address the board reaches)
-    it registers there under ``key`` and reports 127.0.0.1 as its address."""
+    it registers there under ``key`` and reports 127.0.0.1 as its address. ``on_started(state)``
+    hears of the process group as soon as it exists, before it listens, so that whoever may have
+    to stop it knows it. A previous server's log under that name is kept as ``rpc.log.prev``."""
     _check_name(name)
     old = _read_state(conn, name)
     if old is not None and server_status(conn, old) == "ALIVE":
@@ -596,7 +599,8 @@ def start_server(conn: BoardConnection, name: str, *, port: int | None = None, t
     q = shlex.quote
     # Only a fully detached command lets the exec channel close: `;` not `&&` before setsid,
     # and no stream left connected to the channel. setsid makes the server a group leader.
-    cmd = (f"mkdir -p {q(workdir)}; cd {q(workdir)} || exit 1; rm -f rpc.log state.json; "
+    cmd = (f"mkdir -p {q(workdir)}; cd {q(workdir)} || exit 1; rm -f state.json; "
+           "if [ -f rpc.log ]; then mv -f rpc.log rpc.log.prev; fi; "
            f"setsid {conn.opts.board_python} {' '.join(q(a) for a in args)} > rpc.log 2>&1 < /dev/null & echo $!")
     out = conn.check(cmd, "starting the RPC server", timeout=60)
     try:
@@ -609,6 +613,8 @@ def start_server(conn: BoardConnection, name: str, *, port: int | None = None, t
         log = conn.run(f"cat {q(workdir)}/rpc.log", timeout=30)[1].strip().splitlines()[-3:]
         raise UserError(f"the RPC server on {conn.target} exited at once: {' | '.join(log) or 'no log'}")
     state = ServerState(name, pid, fields[19], 0, workdir, tracker, key)
+    if on_started is not None:
+        on_started(state)
     if int(fields[2]) != pid:
         _stop_group(conn, state)
         raise UserError(f"setsid did not make the RPC server on {conn.target} a process group leader "
@@ -915,7 +921,10 @@ def _tunnel_main() -> int:
 
 @dataclass
 class OpenBoard:
-    """A board with a running RPC server reachable at 127.0.0.1:``local_port`` on this host."""
+    """A board with a running RPC server reachable at 127.0.0.1:``local_port`` on this host.
+
+    With ``open_board(keep_alive=True)``, ``conn`` and ``server`` are replaced when the keeper
+    (``keeper``) reconnects or restarts the server."""
 
     conn: BoardConnection
     info: dict[str, Any]
@@ -923,6 +932,7 @@ class OpenBoard:
     local_port: int
     started: bool  # False when we attached to a server someone else started
     key: str | None = None
+    keeper: ServerKeeper | None = None
 
     @property
     def target(self) -> SshTarget:
@@ -937,64 +947,257 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}-{socket.gethostname()[:20]}-{os.getpid()}-{next(_names)}"
 
 
+@dataclass
+class _Held:
+    """What :func:`open_board` holds on a board and stops on the way out; a keeper swaps them."""
+
+    conn: BoardConnection
+    tunnel: Tunnel | None = None
+    state: ServerState | None = None
+    started: bool = False
+    tracker_on_board: str | None = None  # the reverse forward the server reaches the tracker through
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+#: Seconds between the keeper's looks at the tracker.
+KEEP_POLL_S = 1.0
+#: Seconds the kept server may be missing from the tracker before the keeper looks at the board.
+KEEP_GRACE_S = 2.0
+#: Seconds the kept server may run unregistered (it reconnects to a restarted tracker by itself)
+#: before the keeper restarts it.
+KEEP_UNREGISTERED_S = 30.0
+#: Seconds between attempts while the board cannot be reached or the server does not start.
+KEEP_RETRY_S = 3.0
+
+
+class ServerKeeper:
+    """Keeps the RPC server :func:`open_board` started registered at the tracker, for as long as
+    the caller uses it (``tune --ssh``): a board the tuner started is the tuner's to keep alive.
+
+    It watches the tracker (a local, cheap question) every :data:`KEEP_POLL_S` s. When the server
+    is missing from it for :data:`KEEP_GRACE_S` s, it looks at the board: an SSH link or tunnel
+    that dropped is reconnected and the forwards re-opened; a server that is gone (killed,
+    crashed, or its tracker path lost with the link) is started again under the same name, port
+    and key. It keeps trying every :data:`KEEP_RETRY_S` s while the board cannot be reached; how
+    long that may last is the caller's to bound (the tuning runner's board wait). ``on_event``
+    hears each restart and each failed attempt, one line each.
+    """
+
+    def __init__(self, held: _Held, board: OpenBoard, target: SshTarget, opts: SshOptions,
+                 tracker: tuple[str, int], key: str, name: str, on_event: Callable[[str], None] | None) -> None:
+        self.held, self.board, self.target, self.opts = held, board, target, opts
+        self.tracker, self.key, self.name = tracker, key, name
+        self.on_event = on_event
+        self.shares = shares_loopback(board.info)
+        self.restarts = 0
+        self.problem: str | None = None  # the last failed attempt, while it lasts
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"keep RPC server on {target}", daemon=True)
+
+    def start(self) -> ServerKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop watching; a restart in progress is abandoned (its server is the cleanup's to stop)."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _say(self, text: str) -> None:
+        if self.on_event is not None:
+            with contextlib.suppress(Exception):
+                self.on_event(text)
+
+    def _registered(self) -> bool | None:
+        from .remote import boards_under, tracker_summary
+
+        try:
+            return boards_under(tracker_summary(*self.tracker, timeout=5), self.key) > 0
+        except Exception:  # noqa: BLE001 - the tracker is not the keeper's to revive
+            return None
+
+    def _loop(self) -> None:
+        missing_since: float | None = None
+        while not self._stop.wait(KEEP_POLL_S):
+            registered = self._registered()
+            if registered is None:
+                continue
+            if registered:
+                missing_since, self.problem = None, None
+                continue
+            now = time.monotonic()
+            missing_since = missing_since or now
+            if now - missing_since < KEEP_GRACE_S:
+                continue
+            try:
+                if self._revive(now - missing_since):
+                    missing_since = None
+                else:
+                    self._stop.wait(KEEP_RETRY_S)  # alive, reconnecting to the tracker by itself
+            except Exception as e:  # noqa: BLE001 - UserError, or paramiko on a link that just died
+                if self._stop.is_set():
+                    return
+                problem = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                if problem != self.problem:
+                    self._say(f"cannot restart the RPC server on {self.target} yet ({problem}); trying again "
+                              f"every {KEEP_RETRY_S:.0f} s")
+                self.problem = problem
+                self._stop.wait(KEEP_RETRY_S)
+
+    def _link_down(self) -> str | None:
+        held = self.held
+        tunnel = held.tunnel
+        if tunnel is not None and (tunnel.proc.poll() is not None or tunnel.link_lost(0)):
+            return tunnel.lost or f"the SSH tunnel to {self.target} closed"
+        return held.conn.link_lost()
+
+    def _revive(self, missing_for: float) -> bool:
+        """Bring the server back if it needs it; whether it was (re)started."""
+        held = self.held
+        lost = self._link_down()
+        if lost is not None:
+            self._relink()
+            self._stop_old()
+            self._restart(f"was cut off ({lost})")
+            return True
+        status = server_status(held.conn, held.state)
+        if status == "ALIVE":
+            if missing_for < KEEP_UNREGISTERED_S:
+                return False
+            self._stop_old()
+            self._restart(f"stayed unregistered at the tracker for {missing_for:.0f} s")
+            return True
+        self._restart("died" if status == "GONE" else "died (its process id now belongs to another process)")
+        return True
+
+    def _relink(self) -> None:
+        """A new SSH connection and tunnel (with the tracker's reverse forward) for the dead ones."""
+        conn = BoardConnection(self.target, self.opts)
+        try:
+            tunnel = Tunnel(self.target, self.opts)
+            try:
+                tracker_on_board = f"127.0.0.1:{tunnel.reverse(*self.tracker)}"
+            except BaseException:
+                tunnel.close()
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        with self.held.lock:
+            old_conn, old_tunnel = self.held.conn, self.held.tunnel
+            self.held.conn, self.held.tunnel, self.held.tracker_on_board = conn, tunnel, tracker_on_board
+            self.board.conn = conn
+        for old in (old_tunnel, old_conn):
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    old.close()
+
+    def _stop_old(self) -> None:
+        """Stop the kept server's group if it still runs (cut off from the tracker, or wedged)."""
+        state = self.held.state
+        if state is not None:
+            with contextlib.suppress(UserError):
+                _stop_group(self.held.conn, state)
+
+    def _restart(self, why: str) -> None:
+        held = self.held
+        old = held.state
+        assert old is not None and held.tunnel is not None
+
+        def started(state: ServerState) -> None:
+            with held.lock:
+                held.state = state  # the cleanup stops this group, even mid-start
+                self.board.server = state
+
+        library = extra_runtime(held.conn, self.board.info)
+        try:
+            state = start_server(held.conn, self.name, port=old.port, tracker=held.tracker_on_board, key=self.key,
+                                 load_library=library, on_started=started)
+        except UserError as e:
+            if "cannot bind" not in str(e) or self._stop.is_set():
+                raise
+            state = start_server(held.conn, self.name, port=_free_port_here(), tracker=held.tracker_on_board,
+                                 key=self.key, load_library=library, on_started=started)
+        if not self.shares:
+            # The tracker hands out the board's port; the same port must reach it from this side.
+            with contextlib.suppress(UserError):  # already forwarded: the same port, the same tunnel
+                held.tunnel.local("127.0.0.1", state.port, state.port)
+        started(state)
+        self.restarts += 1
+        self.problem = None
+        self._say(f"the RPC server on {self.target} {why}: restarted it (process group {state.pgid}, "
+                  f"port {state.port})")
+
+
 @contextlib.contextmanager
 def open_board(target: SshTarget, opts: SshOptions, *, name: str | None = None, tracker: tuple[str, int] | None = None,
                key: str | None = None, attach: bool = False, local_port: int = 0,
-               precheck: Callable[[dict[str, Any]], None] | None = None) -> Iterator[OpenBoard]:
+               precheck: Callable[[dict[str, Any]], None] | None = None, keep_alive: bool = False,
+               on_event: Callable[[str], None] | None = None) -> Iterator[OpenBoard]:
     """Connect, check the runtime, start an RPC server (or attach to the one named ``name``) and
     forward a port to it; on exit stop what was started here and nothing else.
 
-    With ``tracker`` (host, port) on this side, the server registers there under ``key``.
+    With ``tracker`` (host, port) on this side, the server registers there under ``key``;
+    ``keep_alive`` then has a :class:`ServerKeeper` restart it (and reconnect) whenever it drops
+    out of the tracker, telling ``on_event``.
     ``precheck(info)`` may refuse the board (by raising) before anything is started on it.
     When the SSH link dies under the caller, the caller's error becomes one line saying so, and
     the server is stopped over a fresh connection if the board can still be reached.
     """
-    conn = BoardConnection(target, opts)
-    tunnel: Tunnel | None = None
-    state: ServerState | None = None
-    started = False
+    held = _Held(BoardConnection(target, opts))
+    keeper: ServerKeeper | None = None
     failure: BaseException | None = None
     try:
+        conn = held.conn
         info = probe(conn)
         if precheck is not None:
             precheck(info)
         check_runtime(info, target)
         name = _check_name(name) if name else unique_name("session")
         existing = _read_state(conn, name) if attach else None
-        tunnel = Tunnel(target, opts)
+        held.tunnel = tunnel = Tunnel(target, opts)
         if existing is not None and server_status(conn, existing) == "ALIVE":
             if tracker and not existing.tracker:
                 raise UserError(f"the RPC server {name!r} on {target} was started without a tracker; stop it or "
                                 "use another --name")
-            state = existing
+            held.state = existing
         elif tracker:
-            tracker_on_board = f"127.0.0.1:{tunnel.reverse(*tracker)}"
+            held.tracker_on_board = f"127.0.0.1:{tunnel.reverse(*tracker)}"
             # The tracker hands out (127.0.0.1, the server's port): the same port must reach the
             # board from this side, so pick one free here and have the board bind exactly it.
             for attempt in range(3):
                 try:
-                    state = start_server(conn, name, port=local_port or _free_port_here(), tracker=tracker_on_board,
-                                         key=key, load_library=extra_runtime(conn, info))
+                    held.state = start_server(conn, name, port=local_port or _free_port_here(),
+                                              tracker=held.tracker_on_board, key=key,
+                                              load_library=extra_runtime(conn, info))
                     break
                 except UserError as e:
                     if "cannot bind" not in str(e) or local_port or attempt == 2:
                         raise
-            started = True
+            held.started = True
         else:
-            state = start_server(conn, name, load_library=extra_runtime(conn, info))
-            started = True
+            held.state = start_server(conn, name, load_library=extra_runtime(conn, info))
+            held.started = True
+        state = held.state
         assert state is not None
         if tracker and shares_loopback(info):
             port = state.port  # the board's loopback is ours: its port needs no forward
         else:
             port = tunnel.local("127.0.0.1", state.port, state.port if tracker else local_port)
-        yield OpenBoard(conn, info, state, port, started, key)
+        ob = OpenBoard(conn, info, state, port, held.started, key)
+        if keep_alive and tracker and held.started:
+            ob.keeper = keeper = ServerKeeper(held, ob, target, opts, tracker, key or "", name, on_event).start()
+        yield ob
     except BaseException as e:
         failure = e
         raise
     finally:
+        if keeper is not None:
+            keeper.stop()
+        with held.lock:
+            conn, tunnel, state, started = held.conn, held.tunnel, held.state, held.started
         # Asked before the tunnel closes: its helper reports a dead link before it closes it.
-        lost = ((tunnel.link_lost(0.2) if tunnel is not None else None) or conn.link_lost()) if failure else None
+        lost = (tunnel.link_lost(0.2 if failure else 0) if tunnel is not None else None) or conn.link_lost()
         if failure is not None and lost is None and not conn.answers(CLEANUP_PROBE_S):
             # Keepalives off or not due yet: without this, cleanup would wait on a silent link.
             lost = (f"the SSH link to {target} went silent (no answer to a keepalive within {CLEANUP_PROBE_S:.0f} s "

@@ -104,6 +104,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
 def cmd_tune(args: argparse.Namespace) -> None:
     if args.trials <= 0:
         raise UserError(f"--trials must be positive, not {args.trials}")
+    if not args.board_wait > 0:
+        raise UserError(f"--board-wait must be a positive number of seconds, not {args.board_wait:g}")
     if getattr(args, "ssh", None):
         _tune_over_ssh(args)
         return
@@ -119,9 +121,24 @@ def cmd_tune(args: argparse.Namespace) -> None:
         _tune_emulated(args, spec)
         return
     records = targets.records_dir(spec, args.tuning_records)
-    tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
-               tracker=tracker, rpc_key=args.rpc_key or spec.rpc_key, seed=args.seed, transfer=args.transfer,
-               transfer_from=_transfer_sources(args, spec, records))
+    report = tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
+                        tracker=tracker, rpc_key=args.rpc_key or spec.rpc_key, seed=args.seed, transfer=args.transfer,
+                        transfer_from=_transfer_sources(args, spec, records), board_wait_s=args.board_wait)
+    _stopped_for_boards(args, report, records)
+
+
+def _stopped_for_boards(args: argparse.Namespace, report: Any, records: Path) -> None:
+    """A run the runner stopped because no board answered within --board-wait ends as one line:
+    why, what is kept, and the exact command that resumes it (exit 2)."""
+    import shlex
+
+    reason = getattr(report, "stop_reason", None)
+    if not reason:
+        return
+    argv = getattr(args, "argv", None)
+    command = "mnv2-tvm " + shlex.join(argv if argv is not None else sys.argv[1:])
+    raise UserError(f"tuning stopped: {reason}; the {report.trials_in_db_after} trials measured for this model are "
+                    f"kept in {records}; once a board answers, resume with: {command}")
 
 
 def _transfer_sources(args: argparse.Namespace, spec: Any, writing: Path) -> list[Path]:
@@ -340,7 +357,10 @@ def _sigterm_as_interrupt() -> None:
 
 def _tune_over_ssh(args: argparse.Namespace) -> None:
     """tune --ssh: a private tracker here, the board's server registered to it through the SSH
-    connection, tune through the tracker, then stop both."""
+    connection and kept alive (restarted, the link reconnected) while tuning, tune through the
+    tracker, then stop both."""
+    import logging
+
     from . import targets
     from .board import open_board
     from .remote import LocalTracker, wait_registered
@@ -360,22 +380,36 @@ def _tune_over_ssh(args: argparse.Namespace) -> None:
             raise UserError(f"target {spec.name} is {spec.arch} but {target} is {info['uname_m']}; "
                             "tune for this board's target")
 
-    with LocalTracker() as tracker, open_board(target, opts, tracker=(tracker.host, tracker.port), key=key,
-                                               precheck=same_arch) as ob:
-        if spec.cross_compiler is None:
-            # Without a cross compiler here, MetaSchedule's stock upload sends a .tar the board links.
-            rc, _, _ = ob.conn.run("command -v gzip && { command -v g++ || command -v gcc || command -v c++; }",
-                                   timeout=60)
-            if rc != 0:
-                print(f"warning: {target} lacks gzip or a C/C++ compiler and target {spec.name} names no cross "
-                      "compiler: every measurement will fail (sudo apt install gzip g++ on the board)",
-                      file=sys.stderr)
-        wait_registered(tracker.host, tracker.port, key)
-        print(f"tuning on {target} ({ob.info['uname_m']}) through a tracker on {tracker.address}, key {key}",
-              file=sys.stderr)
-        report = tune_model(_config(args), spec, records, args.trials, frontend=args.frontend, weights=args.weights,
-                            tracker=(tracker.host, tracker.port), rpc_key=key, seed=args.seed,
-                            transfer=args.transfer, transfer_from=sources)
+    log = logging.getLogger("mnv2_tvm.tuning.board")  # into tune.log, beside the runner's retries
+    report = keeper = None
+    try:
+        with LocalTracker() as tracker, open_board(target, opts, tracker=(tracker.host, tracker.port), key=key,
+                                                   precheck=same_arch, keep_alive=True, on_event=log.warning) as ob:
+            keeper = ob.keeper
+            if spec.cross_compiler is None:
+                # Without a cross compiler here, MetaSchedule's stock upload sends a .tar the board links.
+                rc, _, _ = ob.conn.run("command -v gzip && { command -v g++ || command -v gcc || command -v c++; }",
+                                       timeout=60)
+                if rc != 0:
+                    print(f"warning: {target} lacks gzip or a C/C++ compiler and target {spec.name} names no cross "
+                          "compiler: every measurement will fail (sudo apt install gzip g++ on the board)",
+                          file=sys.stderr)
+            wait_registered(tracker.host, tracker.port, key)
+            print(f"tuning on {target} ({ob.info['uname_m']}) through a tracker on {tracker.address}, key {key}",
+                  file=sys.stderr)
+            report = tune_model(_config(args), spec, records, args.trials, frontend=args.frontend,
+                                weights=args.weights, tracker=(tracker.host, tracker.port), rpc_key=key,
+                                seed=args.seed, transfer=args.transfer, transfer_from=sources,
+                                board_wait_s=args.board_wait)
+    except UserError:
+        if report is None or not report.stop_reason:
+            raise
+        # The board could not be reached to stop its server (open_board warned, naming the command
+        # that stops it); why tuning stopped is the line to end with.
+    if keeper is not None and keeper.restarts:
+        print(f"note: the RPC server on {target} was restarted {keeper.restarts} time(s) while tuning; "
+              f"tune.log in {records} says why", file=sys.stderr)
+    _stopped_for_boards(args, report, records)
     failed = sum(getattr(t, "run_errors", 0) for t in getattr(report, "tasks", []))
     if failed and failed == getattr(report, "trials_run", -1):
         raise UserError(f"every measurement on {target} failed; see tune.log in {records} for the board's error")
@@ -570,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records folder (default: schedules/<target>/)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on boards behind this RPC tracker")
     p.add_argument("--rpc-key", help="the boards' key at the tracker (default: the target's)")
+    p.add_argument("--board-wait", type=float, default=300.0, metavar="S",
+                   help="with --ssh or --rpc-tracker: while no board answers, wait this long for one (a candidate "
+                        "whose board failed is measured again, not recorded); then stop, keeping what was "
+                        "measured (default 300)")
     p.add_argument("--transfer", action="store_true",
                    help="start from what the database holds for other widths, resolutions and models: "
                         "train the cost model on it and give each task the best schedules of the "
@@ -688,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what a stopped run prints to resume
     from . import failures
     from .bundle import BundleError
     from .targets import host_cores

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import stat
@@ -416,27 +417,65 @@ def session_errors(where: str, hint: str) -> Iterator[None]:
         raise
     except Exception as e:  # noqa: BLE001 - TVM errors carry no useful type
         msg = one_line(e)
-        lost = any(s in msg for s in ("closed", "Broken pipe", "reset", "RPCSessionTimeoutError", "EOF", "kShutdown",
-                                      "Connection", "socket", "recv", "send"))
-        if lost:
+        if "RPCSessionTimeoutError" in msg or session_lost(msg):
             raise UserError(f"lost the RPC session with {where} ({msg}): the server died or was stopped; "
                             f"{hint}") from None
         raise UserError(f"{where}: {msg}") from None
 
 
-def request_board(host: str, port: int, key: str, wait_s: float,
-                   stopped: Callable[[], bool]) -> tuple[str, int, str]:
+#: What TVM's RPC client says when the other end is gone: the server closed the socket
+#: (``code=kShutdown``, or ``code=1`` in older builds), a reset, a refused or failed connect.
+_LOST = re.compile(r"code=(?:1|kShutdown)\b|[Cc]losed|Broken pipe|reset|EOF|Connect to \S+ failed|[Cc]onnection|"
+                   r"[Ss]ocket|recv|send")
+
+
+def session_lost(message: str) -> bool:
+    """Whether an RPC error says the session or connection is gone (the server died, was killed or
+    became unreachable), rather than that the remote call itself failed. A session the server
+    ended at its own timeout (``RPCSessionTimeoutError``) is not lost: the server is there."""
+    return "RPCSessionTimeoutError" not in message and bool(_LOST.search(message))
+
+
+#: Seconds a request waits for a board before it asks the tracker whether any is registered.
+WAIT_PROBE_S = 2.0
+
+
+def request_board(host: str, port: int, key: str, wait_s: float, stopped: Callable[[], bool],
+                  on_wait: Callable[[str], None] | None = None) -> tuple[str, int, str]:
     """(url, port, matchkey) of a free board under ``key``, retrying a tracker that is down or restarting,
-    until ``wait_s`` has passed or ``stopped()`` says so (the tuning runner's per-candidate request)."""
+    until ``wait_s`` has passed or ``stopped()`` says so (the tuning runner's per-candidate request).
+
+    ``on_wait(reason)`` hears, every few seconds, why no board came: the tracker is unreachable, or
+    no board is registered under the key (boards that are only busy are not reported), so a
+    caller can say that it waits for a board rather than for a result.
+    """
     from tvm.rpc import base
 
     deadline = time.monotonic() + wait_s
     last = "no free board"
+    probe_at = time.monotonic() + WAIT_PROBE_S
+
+    def waiting(reason: str | None = None) -> None:
+        nonlocal probe_at
+        if on_wait is None or time.monotonic() < probe_at:
+            return
+        probe_at = time.monotonic() + WAIT_PROBE_S
+        if reason is None:
+            try:
+                n = boards_under(tracker_summary(host, port, timeout=5), key)
+            except (UserError, OSError, ValueError) as e:
+                n, reason = 0, str(e)
+            if n:
+                return
+            reason = reason or f"no board registered under key {key!r} at the tracker {host}:{port}"
+        on_wait(reason)
+
     while not stopped() and time.monotonic() < deadline:
         try:
             client = _TrackerClient(host, port, timeout=min(CONNECT_TIMEOUT_S, max(1.0, deadline - time.monotonic())))
         except UserError as e:
             last = str(e)
+            waiting(last)
             time.sleep(1.0)
             continue
         try:
@@ -447,6 +486,7 @@ def request_board(host: str, port: int, key: str, wait_s: float,
                 try:
                     value = base.recvjson(client.sock)
                 except TimeoutError:
+                    waiting()
                     continue
                 if value[0] != base.TrackerCode.SUCCESS:
                     raise UserError(f"RPC tracker {host}:{port} refused the request for key {key!r}: {value!r}")
@@ -456,12 +496,13 @@ def request_board(host: str, port: int, key: str, wait_s: float,
             last = f"RPC tracker {host}:{port} dropped the connection ({e})"
         finally:
             client.close()
+    if stopped():
+        raise UserError(f"stopped while waiting for a board under key {key!r}")
     if last == "no free board":
         with contextlib.suppress(Exception):
             n = boards_under(tracker_summary(host, port, timeout=5), key)
             last = f"{n} registered, all busy" if n else "none registered: every board there died or stopped"
     raise UserError(f"no free board under key {key!r} at RPC tracker {host}:{port} within {wait_s:.0f} s ({last})")
-
 
 
 #: Seconds a candidate may run past its session timeout before its worker is killed. The server

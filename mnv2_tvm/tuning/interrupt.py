@@ -20,12 +20,16 @@ class Sigint:
     though never between writing a record and its fsync (:meth:`deferred`). A KeyboardInterrupt
     raised inside a Python callback that C++ called comes back from tvm_ffi as a bare
     ``RuntimeError``; ``hit`` tells the two apart.
+
+    A measuring backend may stop the run the same way (:meth:`stop`, from any thread), e.g. when
+    no board has answered for the whole board wait; ``reason`` then says why.
     """
 
     active: Sigint | None = None
 
     def __init__(self) -> None:
         self.hit = False
+        self.reason: str | None = None  # set when the run was stopped by :meth:`stop`, not by Ctrl-C
         self._depth = 0
         self._pending = False
         self._old: Any = None
@@ -34,12 +38,31 @@ class Sigint:
         if not self.hit:
             self.hit = True
             with contextlib.suppress(Exception):
-                sys.stderr.write("\n[tune] stopping after the batch being measured (Ctrl-C again: at once)\n")
+                sys.stderr.write("\n[tune] stopping: what is measured is kept, what is in flight on a board is "
+                                 "dropped and measured on resume (Ctrl-C again: at once)\n")
             return
         if self._depth:
             self._pending = True
             return
         raise KeyboardInterrupt
+
+    @staticmethod
+    def stop(reason: str) -> bool:
+        """Stop the active run at its next safe point, as a first Ctrl-C does, because of ``reason``
+        (callable from any thread); False when no run is active in the main thread."""
+        me = Sigint.active
+        if me is None:
+            return False
+        if not me.hit:
+            me.reason = reason
+            me.hit = True
+        return True
+
+    @staticmethod
+    def stopping() -> bool:
+        """Whether the active run is stopping (Ctrl-C, or :meth:`stop`): work in flight may be dropped."""
+        me = Sigint.active
+        return me is not None and me.hit
 
     @staticmethod
     def check() -> None:

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,8 @@ class TuneReport:
     tasks_covered_before: int
     wall_time_s: float
     interrupted: bool = False
+    #: Why the run stopped when it was not Ctrl-C (e.g. no board answered within the board wait).
+    stop_reason: str | None = None
     already_done: bool = False
     first_trial_s: float | None = None  # from the call to the first measured batch
     message: str = ""
@@ -153,11 +155,15 @@ def fmt_duration(sec: float | None) -> str:
 
 
 class Progress:
-    """One live line on stderr (TTY), or a line per batch at most every 10 s otherwise."""
+    """One live line on stderr (TTY), or a line per batch at most every 10 s otherwise.
+
+    While ``waiting()`` says something (the runner waits for a board), the line says that in place
+    of the ETA, and a non-TTY stream gets it every 10 s even though no batch completes."""
 
     def __init__(self, stream: io.TextIOBase | None, total: int, t0: float, where: str | None = None) -> None:
         self.stream = stream
         self.where = where  # where candidates are measured, when not on the hardware (e.g. "emulated Cortex-A72")
+        self.waiting: Callable[[], str | None] | None = None
         self.total = total
         self.t0 = t0
         self.done = 0
@@ -170,9 +176,15 @@ class Progress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
-        if self.stream is not None and self.tty:
+        if self.stream is not None:
             self._thread = threading.Thread(target=self._tick, daemon=True)
             self._thread.start()
+
+    def _waiting(self) -> str | None:
+        try:
+            return self.waiting() if self.waiting is not None else None
+        except Exception:  # noqa: BLE001 - a status line must never stop the run
+            return None
 
     def _line(self) -> str:
         now = time.monotonic()
@@ -185,10 +197,11 @@ class Progress:
         est = "--" if self.est_us is None else f"{self.est_us:.1f}µs"
         if self.unmeasured and self.est_us is not None:
             est += f" (+{self.unmeasured} untimed)"
+        waiting = self._waiting()
         return (
             f"[tune] {self.done}/{self.total} trials {pct:3.0f}% | {fmt_duration(now - self.t0)} elapsed"
-            f" | ETA {fmt_duration(eta)} | est {est}" + (f" {self.where}" if self.where else "")
-            + f" | {self.task[:28]}"
+            + (f" | {waiting}" if waiting else f" | ETA {fmt_duration(eta)} | est {est}")
+            + (f" {self.where}" if self.where else "") + f" | {self.task[:28]}"
         )
 
     def _write(self, final: bool = False) -> None:
@@ -220,7 +233,8 @@ class Progress:
 
     def _tick(self) -> None:
         while not self._stop.wait(1.0):
-            self._write()
+            if self.tty or self._waiting():
+                self._write()
 
     def update(self, **kw: Any) -> None:
         with self._lock:

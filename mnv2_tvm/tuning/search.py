@@ -68,6 +68,39 @@ class BatchCallback(ms.measure_callback.PyMeasureCallback):
 
 
 @derived_object
+class MeasuredOnly(ms.measure_callback.PyMeasureCallback):
+    """Hands ``callbacks`` only the candidates that were measured (:func:`.runner.measured`).
+
+    A candidate the run stopped before measuring (Ctrl-C, or no board within the board wait) is
+    no record, no trial and nothing for the cost model: it is measured on resume. ``always`` (the
+    removal of build artifacts) sees every candidate. A batch that lost some is the run stopping:
+    the check for Ctrl-C follows, after the measured ones are recorded.
+    """
+
+    def __init__(self, callbacks: list, always: list = ()) -> None:
+        super().__init__()
+        self.callbacks, self.always = list(callbacks), list(always)
+
+    def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any,
+              runner_results: Any) -> None:
+        from .interrupt import Sigint
+        from .runner import measured
+
+        for cb in self.always:
+            cb.apply(task_scheduler, task_id, measure_candidates, builder_results, runner_results)
+        keep = [i for i, (b, r) in enumerate(zip(builder_results, runner_results)) if measured(b) and measured(r)]
+        if len(keep) == len(runner_results):
+            kept = (measure_candidates, builder_results, runner_results)
+        else:
+            kept = tuple([xs[i] for i in keep] for xs in (measure_candidates, builder_results, runner_results))
+        if keep:
+            for cb in self.callbacks:
+                cb.apply(task_scheduler, task_id, *kept)
+        if len(keep) < len(runner_results):
+            Sigint.check()
+
+
+@derived_object
 class _Unmeasured(ms.search_strategy.PySearchStrategy):
     """Evolutionary search that never hands back a schedule the database already holds.
 

@@ -18,6 +18,7 @@ from .. import tvm_compat
 from ..kernels import schedules
 from .interrupt import Sigint
 from .records import FAILED_RUN_SECS, short_error, trace_key
+from .runner import measured
 from .tasks import Task, task_importance
 
 if TYPE_CHECKING:
@@ -148,10 +149,13 @@ def _measure_schedules(sess: Session, i: int, cands: list[Any], builder: Any, ru
               for b, a in zip(built, args_info) if b.error_msg is None]
     results = iter(f.result() for f in run.run(inputs)) if inputs else iter(())
     workload = sess.db.commit_workload(task.mod)
-    runner_results = []
+    runner_results, measured_built = [], []
     for sch, b, a in zip(cands, built, args_info):
         rr = next(results) if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg)
+        if not (measured(b) and measured(rr)):
+            continue  # the run stopped before measuring it: no record, measured on resume
         runner_results.append(rr)
+        measured_built.append(b)
         if rr.error_msg is not None:
             _log.warning("task %s: %s failed: %s", task.name, what, short_error(Exception(rr.error_msg)))
         secs = rr.run_secs if rr.error_msg is None and rr.run_secs else [FAILED_RUN_SECS]
@@ -162,7 +166,7 @@ def _measure_schedules(sess: Session, i: int, cands: list[Any], builder: Any, ru
         if b.artifact_path:
             with contextlib.suppress(OSError):
                 shutil.rmtree(os.path.dirname(b.artifact_path))
-    sess.on_batch(built, runner_results)
+    sess.on_batch(measured_built, runner_results)
 
 
 def seed_from_templates(sess: Session, builder: Any, run: Any) -> int:
@@ -221,8 +225,10 @@ def seed_from_similar(sess: Session, builder: Any, run: Any) -> int:
         blocks = _sblocks(task.mod)
         sources = sorted(((_shape_distance(blocks, b), not own, r)
                           for b, r, own in by_kind.get(_kernel_kind(blocks), [])), key=lambda s: s[:2])
-        # Not the task's own best; the same workload's best on another core is the nearest of all.
-        sources = [r for d, other, r in sources if d > 0 or other or not has[i]]
+        # Not the task's own best; the same workload's best on another core is the nearest of all,
+        # and then the only seed: neighbours' schedules would only spend trials it has beaten there.
+        sources = [(d, r) for d, other, r in sources if d > 0 or other or not has[i]]
+        sources = [r for d, r in (sources[:1] if sources and sources[0][0] == 0 else sources)]
         if not sources:
             continue
         tried = set(sess.keys(i))

@@ -20,7 +20,7 @@ from .progress import PeakMemory, Progress, TaskReport, TuneReport, tvm_logs_to
 from .records import BOARD_MEASUREMENT, LOG_FILE, RecordsError, as_target, open_records, trace_key
 from .row_order import row_order_pending, time_row_order
 from .runner import MeasureBackend, RunnerSpec, stop_runner
-from .search import MIN_TRIALS_PER_TASK, BatchCallback, allocate_trials, tune_task
+from .search import MIN_TRIALS_PER_TASK, BatchCallback, MeasuredOnly, allocate_trials, tune_task
 from .seeding import seed_from_similar, seed_from_templates, warm_start
 from .tasks import Task, extract_tasks, task_importance, with_num_cores
 
@@ -159,6 +159,8 @@ def _run_session(sess: Session, runner: MeasureBackend, num_builder_workers: int
         tvm_compat.import_tensor_intrinsics(cpu_only)  # before the builder's workers and TuneContext import them all
         builder = PersistentBuilder(num_builder_workers, artifact_format=runner.artifact_format, cpu_only=cpu_only)
         run = runner.make_runner()
+        if sess.bar is not None:
+            sess.bar.waiting = getattr(run, "waiting", None)  # a runner that waits for boards says so
         ncores = ms.utils.cpu_count(logical=True)
         cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=ncores, tree_method="auto")
         t = time.monotonic()
@@ -185,12 +187,14 @@ def _run_session(sess: Session, runner: MeasureBackend, num_builder_workers: int
                 if sess.bar is not None:
                     sess.bar.note(f"{seeded} schedules of similar workloads refitted to the tasks and "
                                   f"measured ({time.monotonic() - t:.0f} s)")
-        callbacks = [
-            ms.measure_callback.AddToDatabase(),  # RecordsDatabase fsyncs each record
-            BatchCallback(sess.on_batch),
-            ms.measure_callback.RemoveBuildArtifact(),
-            ms.measure_callback.UpdateCostModel(),
-        ]
+        callbacks = [MeasuredOnly(
+            [
+                ms.measure_callback.AddToDatabase(),  # RecordsDatabase fsyncs each record
+                ms.measure_callback.UpdateCostModel(),
+                BatchCallback(sess.on_batch),  # last: it raises on Ctrl-C
+            ],
+            always=[ms.measure_callback.RemoveBuildArtifact()],
+        )]
         # A fresh stream per task and phase; a phase follows phase 2 only when a task ran out.
         seeds = ms.utils.fork_seed(seed, n=(len(tasks) + 2) * len(tasks))
         for phase, budgets in enumerate(sess.plan()):
@@ -306,6 +310,7 @@ def tune(
             try:
                 with memory:
                     _run_session(sess, runner, num_builder_workers, seed)
+                sess.interrupted = sigint.reason is not None  # stopped by the runner where no check came
                 if opened.db.write_error:  # in case MetaSchedule swallowed the commit's exception
                     raise RecordsError(opened.db.write_error)
             except BaseException as err:  # noqa: BLE001 - a KeyboardInterrupt may arrive as RuntimeError
@@ -315,12 +320,14 @@ def tune(
                 if not (sigint.hit or isinstance(err, KeyboardInterrupt)):
                     raise
                 sess.interrupted = True
-                _log.warning("interrupted by the user after %d trials", sum(sess.measured), exc_info=err)
+                _log.warning("%s after %d trials", f"stopped: {sigint.reason}" if sigint.reason else
+                             "interrupted by the user", sum(sess.measured), exc_info=err)
             finally:
                 if sess.bar is not None:
                     sess.bar.close()
-            rep = sess.report("interrupted; records so far are kept, run again to resume"
-                              if sess.interrupted else "done")
+            why = sigint.reason or "interrupted"
+            rep = sess.report(f"{why}; records so far are kept, run again to resume" if sess.interrupted else "done")
+            rep.stop_reason = sigint.reason if sess.interrupted else None
             rep.peak_rss_mb, rep.peak_rss_processes = memory.peak_bytes / 2**20, memory.processes
             if console is not None:
                 console.write(rep.table() + "\n")
@@ -336,12 +343,14 @@ def tune(
 def tune_model(cfg: ModelConfig, spec: TargetSpec, records_dir: Path, trials: int, *, frontend: str = "torch",
                weights: Path | None = None, tracker: tuple[str, int] | None = None, rpc_key: str | None = None,
                seed: int = 0, progress: bool = True, transfer: bool = False,
-               runner: MeasureBackend | None = None, transfer_from: Sequence[Path] = ()) -> TuneReport:
+               runner: MeasureBackend | None = None, transfer_from: Sequence[Path] = (),
+               board_wait_s: float | None = None) -> TuneReport:
     """Build a model config, lower it and tune it for a target spec (the CLI's ``tune``).
 
-    ``tracker`` measures on the boards registered under ``rpc_key`` at that RPC tracker;
-    ``runner`` measures another way (e.g. :class:`.emulated.EmulatedBackend`); without either,
-    candidates run on this machine.
+    ``tracker`` measures on the boards registered under ``rpc_key`` at that RPC tracker, and stops
+    the run (``report.stop_reason``) when none has answered for ``board_wait_s`` (default
+    :attr:`RunnerSpec.board_wait_sec`); ``runner`` measures another way (e.g.
+    :class:`.emulated.EmulatedBackend`); without either, candidates run on this machine.
     """
     from ..errors import UserError
     from ..lower import to_relax
@@ -349,8 +358,9 @@ def tune_model(cfg: ModelConfig, spec: TargetSpec, records_dir: Path, trials: in
 
     mod = to_relax(build(cfg, seed=seed, weights=weights), cfg, frontend, spec.layout)
     if tracker:
+        wait = {} if board_wait_s is None else {"board_wait_sec": float(board_wait_s)}
         runner = RunnerSpec.rpc(tracker[0], tracker[1], rpc_key or spec.rpc_key,
-                                cross_compiler=spec.cross_compiler)
+                                cross_compiler=spec.cross_compiler, **wait)
     try:
         report = tune(mod, spec.tvm_target(), Path(records_dir), trials, runner=runner, progress=progress,
                       transfer=transfer, transfer_from=transfer_from)
