@@ -21,7 +21,12 @@ from ..kernels import loop_order
 
 
 def _builder_worker_init(cpu_only: bool) -> None:
-    """Runs once per builder worker: the slow import that LocalBuilder repeats per batch."""
+    """Runs once per builder worker: the slow import that LocalBuilder repeats per batch. SIGINT is
+    left to the tuner: a Ctrl-C at the terminal reaches the whole process group, and a build it
+    interrupted would be recorded as the candidate's build error (the tuner kills its workers)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     tvm_compat.import_tensor_intrinsics(cpu_only)
 
 
@@ -119,17 +124,28 @@ class PersistentBuilder(ms.builder.PyBuilder):
         self.pool = _shared_pool(self.max_workers, self.timeout_sec, cpu_only)
 
     def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
-        from tvm.support.popen_pool import StatusKind
+        """Build the batch; once the run is stopping (Ctrl-C), the builds not done yet are left
+        (:data:`.runner.NOT_MEASURED`: no record, built again on resume) rather than waited for."""
+        import concurrent.futures
 
+        from .interrupt import Sigint
+        from .runner import NOT_MEASURED
+
+        futures = [self.pool.submit(_build_one, (bi.mod, bi.target, self.artifact_format)) for bi in build_inputs]
+        while not Sigint.stopping():
+            if not concurrent.futures.wait(futures, timeout=0.2).not_done:
+                break
         results = []
-        args = [(bi.mod, bi.target, self.artifact_format) for bi in build_inputs]
-        for res in self.pool.map_with_error_catching(_build_one, args):
-            if res.status == StatusKind.COMPLETE:
-                results.append(ms.builder.BuilderResult(res.value, None))
-            elif res.status == StatusKind.TIMEOUT:
+        for future in futures:
+            if not future.done():
+                results.append(ms.builder.BuilderResult(None, NOT_MEASURED + "the run stopped before it was built"))
+                continue
+            try:
+                results.append(ms.builder.BuilderResult(future.result(), None))
+            except TimeoutError:
                 results.append(ms.builder.BuilderResult(None, f"PersistentBuilder: timeout after {self.timeout_sec} s"))
-            else:
-                results.append(ms.builder.BuilderResult(None, f"PersistentBuilder: {res.value!r}"))
+            except Exception as e:  # noqa: BLE001 - the candidate's build error
+                results.append(ms.builder.BuilderResult(None, f"PersistentBuilder: {e!r}"))
         return results
 
     def discard(self) -> None:
