@@ -561,6 +561,17 @@ def server_status(conn: BoardConnection, state: ServerState) -> str:
     return out.strip().split()[-1] if out.strip() else "GONE"
 
 
+def leader_status(conn: BoardConnection, state: ServerState) -> str:
+    """``ALIVE`` while the server's own process (its group's leader, which listens and registers)
+    runs, else ``GONE``. A shell test of ``/proc``, no Python: the keeper asks this while a tuning
+    run waits, and an interpreter under emulation takes seconds to start."""
+    q = shlex.quote
+    out = conn.check(f"s=$(sed 's/.*) //' /proc/{int(state.pgid)}/stat 2>/dev/null); set -- $s; "
+                     f"[ \"$1\" != Z ] && [ \"${{20:-}}\" = {q(state.start_time)} ] && echo ALIVE || echo GONE",
+                     "checking the RPC server", timeout=60)
+    return "ALIVE" if out.strip().endswith("ALIVE") else "GONE"
+
+
 def extra_runtime(conn: BoardConnection, info: dict[str, Any]) -> str | None:
     """``libtvm_runtime_extra.so`` of a runtime-only install, if present.
 
@@ -1060,14 +1071,16 @@ class ServerKeeper:
             self._stop_old()
             self._restart(f"was cut off ({lost})")
             return True
-        status = server_status(held.conn, held.state)
-        if status == "ALIVE":
+        if leader_status(held.conn, held.state) == "ALIVE":
             if missing_for < KEEP_UNREGISTERED_S:
                 return False
             self._stop_old()
             self._restart(f"stayed unregistered at the tracker for {missing_for:.0f} s")
             return True
-        self._restart("died" if status == "GONE" else "died (its process id now belongs to another process)")
+        self._stop_old()  # what is left of its group (a session process)
+        # Its state is stale now: without it, start_server skips a second look at the group.
+        held.conn.run(f"rm -f {shlex.quote(held.state.workdir)}/state.json", timeout=60)
+        self._restart("died")
         return True
 
     def _relink(self) -> None:
@@ -1215,7 +1228,8 @@ def open_board(target: SshTarget, opts: SshOptions, *, name: str | None = None, 
                 lost += "; stopped the RPC server started there over a new connection"
             raise UserError(lost) from None
         if problem:
-            print(f"warning: {problem}; {stop_hint}", file=sys.stderr)
+            print(f"warning: the RPC server {state.name!r} started on {target} may still run ({problem}); "
+                  f"{stop_hint} once the board is reachable", file=sys.stderr)
             if failure is None:
                 raise UserError(problem)
 
