@@ -33,7 +33,8 @@ stated in the sources here) are listed beside ours as ``published``; ours are ``
 Output: a table on stdout; with ``--json OUT.json`` that file, which maps each model label to its
 engines (``{"ms", "cycles", "figure": "modelled", ...}`` or ``{"error"}``), ``published`` and
 ``ratios``, plus a ``meta`` entry, and ``OUT.png`` beside it. ``--docs`` also writes
-``docs/results/bench-arm_<target>.json`` and ``.png`` for ``scripts/results.py``.
+``docs/results/bench-arm_<target>.json`` and ``.png`` for ``scripts/results.py``; ``--render OUT.json``
+writes all of it again from a finished run's JSON.
 
     .venv/bin/python scripts/bench_arm.py --target rpi4b --models mobilenet_v2,ssdlite,deeplabv3 --json OUT.json
     .venv/bin/python scripts/bench_arm.py --quick --models mobilenet_v2 --json /tmp/quick.json   # 0.35 width, small inputs
@@ -94,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write the results here, and a PNG of the same stem beside it")
     p.add_argument("--docs", action="store_true",
                    help="also write docs/results/bench-arm_<target>.json and .png (scripts/results.py renders them)")
+    p.add_argument("--render", type=Path, metavar="OUT.json",
+                   help="print the table and redraw the PNG (and --docs files) from a finished run's JSON")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "bench-arm",
                    help="folder for the compiled bundles (default build/bench-arm)")
     args = p.parse_args(argv)
@@ -255,7 +258,9 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 lines.append(f"{name:<24} {shown:<22} {'failed':<10} {entry['error']}")
                 continue
             vs = f"{entry['ms'] / best:.2f}x" if best else ""
-            lines.append(f"{name:<24} {shown:<22} {'modelled':<10} {entry['ms']:10.3f} {entry['cycles']:15,.0f} {vs:>12}")
+            tasks = f"  {entry['tasks_tuned']} tasks tuned" if entry.get("tasks_tuned") else ""
+            lines.append(f"{name:<24} {shown:<22} {'modelled':<10} {entry['ms']:10.3f} {entry['cycles']:15,.0f} "
+                         f"{vs:>12}{tasks}")
         for engine, entry in (row.get("published") or {}).items():
             lines.append(f"{'':<24} {engine:<22} {'published':<10} {entry['ms']:10.1f} {'':>15} {'':>12}  "
                          f"{entry['board']}, threads not stated")
@@ -266,6 +271,10 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 f"{e} {row[e]['output_sum']:.4g}" for e in ENGINES if "output_sum" in row.get(e, {})) + ")")
     lines.append(f"threads: {meta['threads_note']}")
     return "\n".join(lines)
+
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
 COLORS = {"tvm_tuned": "#1b7837", "tvm_untuned": "#a6dba0", "onnxruntime": "#b2182b", "ncnn": "#2166ac",
@@ -285,32 +294,34 @@ def plot(results: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
             if engine not in row:
                 continue
             entry = row[engine]
-            names.append(engine.replace("tvm_", "TVM ").replace("onnxruntime", "ORT").replace("_x4", " x4"))
+            name = engine.replace("tvm_", "TVM ").replace("onnxruntime", "ORT").replace("_x4", " x4")
+            names.append(name + (f"\n({entry['tasks_tuned']} tuned)" if entry.get("tasks_tuned") else ""))
             if "error" in entry:
                 vals.append(0.0)
                 texts.append("n/a")
             else:
                 vals.append(entry["ms"])
-                texts.append(f"{entry['ms']:.3g}")
+                texts.append(fmt_ms(entry["ms"]))
             colors.append(COLORS[engine])
             hatches.append("")
         for engine, entry in (row.get("published") or {}).items():
             names.append(f"{engine}\n(published)")
             vals.append(entry["ms"])
-            texts.append(f"{entry['ms']:.3g}")
+            texts.append(fmt_ms(entry["ms"]))
             colors.append(COLORS["published"])
             hatches.append("//")
         bars = ax.bar(range(len(names)), vals, color=colors)
         for bar, hatch in zip(bars, hatches):
             bar.set_hatch(hatch)
         positive = [v for v in vals if v > 0]
+        ax.set_yscale("log")  # engines differ by more than 10x; a linear axis hides the fast ones
         if positive:
-            ax.set_ylim(0, max(positive) * 1.18)
+            ax.set_ylim(min(positive) / 2, max(positive) * 2.5)
         for i, (v, t) in enumerate(zip(vals, texts)):
             ax.text(i, v, t, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
         ax.set_title(label, fontsize=9)
-        ax.set_ylabel("ms per inference")
+        ax.set_ylabel("ms per inference (log)")
     fig.suptitle(f"Modelled on the emulated {meta['core']} ({meta['target']}), {meta['threads']} thread unless "
                  f"marked x4\npublished (hatched) = real boards' figures, threads not stated", fontsize=8)
     fig.tight_layout()
@@ -338,8 +349,9 @@ def docs_result(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]
                          f"{entry['ms'] / best:.2f}×" if best else "", note])
         for engine, entry in (row.get("published") or {}).items():
             rows.append([label, engine, "published", f"{entry['ms']:.1f}", "", "", f"{entry['board']}, threads not stated"])
-    ratio_rows = [[label, *(f"{row['ratios'][k]:.2f}×" if k in row["ratios"] else "" for k in
-                            ("tvm_tuned/best_peer", "tvm_untuned/tvm_tuned", f"tvm_tuned/{X4}"))]
+    ratio_rows = [[label, row.get("tvm_tuned", {}).get("tasks_tuned", ""),
+                   *(f"{row['ratios'][k]:.2f}×" if k in row["ratios"] else "" for k in
+                     ("tvm_tuned/best_peer", "tvm_untuned/tvm_tuned", f"tvm_tuned/{X4}"))]
                   for label, row in results.items()]
     return {
         "kind": "tables",
@@ -352,7 +364,7 @@ def docs_result(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]
             {"caption": "Modelled cost of one inference (1 thread each, same input); published figures of real boards beside",
              "columns": ["model", "engine", "figure", "ms", "cycles", "vs best peer", "note"], "rows": rows},
             {"caption": "Ratios (modelled)",
-             "columns": ["model", "TVM tuned / best peer", "TVM untuned / tuned", f"TVM tuned 1 thread / {spec_cores(meta)} threads"],
+             "columns": ["model", "TVM tasks tuned", "TVM tuned / best peer", "TVM untuned / tuned", f"TVM tuned 1 thread / {spec_cores(meta)} threads"],
              "rows": ratio_rows},
         ],
         "models": results,
@@ -365,6 +377,8 @@ def spec_cores(meta: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(args.render, args.docs)
     from mnv2_tvm import targets
     from mnv2_tvm.emulate import EmulatedCore, peers
     from mnv2_tvm.errors import UserError
@@ -420,23 +434,42 @@ def main(argv: list[str] | None = None) -> int:
                 "real boards' (threads not stated) and are a sanity check, not a target.",
         "wall_s": round(time.monotonic() - t0, 1),
     }
+    write_outputs(results, meta, args.json, args.docs)
+    return 0
+
+
+def write_outputs(results: dict[str, Any], meta: dict[str, Any], json_path: Path | None, docs: bool) -> None:
+    """The table on stdout; the JSON and its PNG; with ``docs`` the results.py files."""
     print(table(results, meta))
-    if args.json:
+    if json_path:
         out = {"meta": meta, **results}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        png = args.json.with_suffix(".png")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(out, indent=2) + "\n")
+        png = json_path.with_suffix(".png")
         plot(results, meta, png)
-        print(f"wrote {args.json} and {png}")
-    if args.docs:
-        docs = ROOT / "docs" / "results" / f"bench-arm_{spec.name}.json"
-        docs.write_text(json.dumps(docs_result(results, meta), indent=2) + "\n")
-        png = docs.with_suffix(".png")
-        if args.json:
-            shutil.copyfile(args.json.with_suffix(".png"), png)
+        print(f"wrote {json_path} and {png}")
+    if docs:
+        path = ROOT / "docs" / "results" / f"bench-arm_{meta['target']}.json"
+        path.write_text(json.dumps(docs_result(results, meta), indent=2) + "\n")
+        png = path.with_suffix(".png")
+        if json_path:
+            shutil.copyfile(json_path.with_suffix(".png"), png)
         else:
             plot(results, meta, png)
-        print(f"wrote {docs} and {png} (run `python scripts/results.py`)")
+        print(f"wrote {path} and {png} (run `python scripts/results.py`)")
+
+
+def render(path: Path, docs: bool) -> int:
+    """``--render OUT.json``: the table, the PNG beside it and (``--docs``) the results.py files
+    again from a finished run's JSON, without emulating anything."""
+    try:
+        data = json.loads(path.read_text())
+        meta = data["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"bench_arm: cannot read the results in {path}: {one_line(e)}", file=sys.stderr)
+        return 2
+    results = {label: row for label, row in data.items() if label != "meta"}
+    write_outputs(results, meta, path, docs)
     return 0
 
 
