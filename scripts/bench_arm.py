@@ -343,6 +343,8 @@ def docs_result(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]
                 rows.append([label, engine, "failed", "", "", "", entry["error"]])
                 continue
             note = f"{entry.get('tasks_tuned')} tasks tuned" if entry.get("tasks_tuned") else ""
+            if entry.get("emulated_records"):
+                note += f" ({entry['emulated_records']} by emulated-core records)"
             if engine == X4:
                 note = f"{entry['threads']} threads"
             rows.append([label, engine, "modelled", f"{entry['ms']:.3f}", f"{entry['cycles']:,.0f}",
