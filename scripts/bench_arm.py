@@ -163,7 +163,7 @@ def run_model(cfg: Any, spec: Any, tvm_core: Any, peer_status: dict[str, str | N
     for engine, (out, records) in bundles.items():
         log(f"[{cfg.label}] {engine}: compiling for {spec.name} ...")
         try:
-            result = compile_bundle(cfg, spec, out, records_dir=records)
+            result = compile_bundle(cfg, spec, out, records_dir=records, untuned=records is None)
             tuning = result.manifest["tuning"]
             log(f"[{cfg.label}] {engine}: modelling one inference on the emulated {tvm_core.core.model} ...")
             cost = tvm_core.measure_bundle(out)
