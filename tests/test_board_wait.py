@@ -292,3 +292,35 @@ def _check_stopped_run(proc: subprocess.Popen, out: Path, records: Path, ssh: li
     assert "giving up: no board answered" in log
     print(f"\n[board gone for good, --board-wait {wait}] exit 2 {elapsed:.0f} s after the fault, "
           f"{len(lines)} records kept")
+
+
+@pytest.mark.slow
+def test_first_ctrl_c_during_tune_ssh_stops_within_seconds(vboard: Board, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the foreground group, as a terminal sends it) while a candidate runs on the
+    board: that candidate is dropped, not recorded, and the run ends within seconds with the
+    board's server stopped."""
+    records, out = tmp_path / "records", tmp_path / "tune.out"
+    ssh = [f"{vboard.user}@{vboard.host}:{vboard.ssh_port}", "-i", str(vboard.key_path),
+           "--known-hosts", str(vboard.known_hosts)]
+    proc = start_tune(records, ssh, out)
+    try:
+        wait_for(lambda: len(record_lines(records)) >= 2, proc, out, 900, "2 records")
+        state = server_of(vboard, proc.pid)
+        assert state is not None
+        wait_for(lambda: in_session(state), proc, out, 300, "measurement on the board")
+        prefix = (records / "database_tuning_record.json").read_bytes()
+        prefix = prefix[: prefix.rfind(b"\n") + 1]
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+    text = out.read_text()
+    assert proc.returncode == 0 and "[interrupted]" in text and "Traceback" not in text, text[-3000:]
+    assert elapsed < 30, elapsed  # the server stopped over SSH included
+    assert (records / "database_tuning_record.json").read_bytes().startswith(prefix)
+    assert not [ln for ln in record_lines(records) if is_failed(ln)]
+    assert left_on(vboard.root, proc.pid) == []
+    print(f"\n[first Ctrl-C during tune --ssh] ended {elapsed:.1f} s later, {len(record_lines(records))} records kept")

@@ -203,6 +203,8 @@ NOT_MEASURED = "not measured: "
 CANDIDATE = "candidate"
 INFRASTRUCTURE = "infrastructure"
 LOST_DURING_RUN = "lost during run"
+#: Longest pause, in seconds, before a candidate is measured again after an infrastructure failure.
+RETRY_PAUSE_MAX_S = 5.0
 #: How many times a candidate's run may coincide with its session being lost before the loss is
 #: blamed on the candidate (a kernel that crashes or wedges the server) rather than on the board.
 LOST_RUNS_BLAMED = 2
@@ -514,7 +516,7 @@ def _make_deadline_pool_class() -> type:
                        args_info: tuple) -> tuple[list[float] | None, str | None]:
             """Measure one candidate; an infrastructure failure is retried here, never returned."""
             watch: BoardWatch = runner.watch
-            lost = 0
+            lost = retries = 0
             while True:
                 stop = self._stopped(runner)
                 if stop is not None:
@@ -532,6 +534,7 @@ def _make_deadline_pool_class() -> type:
                 except UserError as e:
                     if self._stopped(runner) is None:
                         watch.failed(str(e), since=asked)
+                        self._pause(runner, 1.0)
                     continue
                 board = f"board {url}:{port} (key {runner.key!r})"
                 outcome = self._measure(worker, runner, (url, port, matchkey), artifact_path, device_type,
@@ -555,6 +558,15 @@ def _make_deadline_pool_class() -> type:
                 _log.info("infrastructure failure, measuring the candidate again once a board answers: %s: %s",
                           board, message)
                 watch.failed(f"{board}: {message}")
+                retries += 1
+                self._pause(runner, min(RETRY_PAUSE_MAX_S, 0.5 * 2 ** retries))
+
+        def _pause(self, runner: Any, seconds: float) -> None:
+            """Wait before measuring again (a board that refuses at once would be asked in a tight
+            loop), unless the run stops."""
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and self._stopped(runner) is None:
+                time.sleep(0.1)
 
         def _measure(self, worker: Any, runner: Any, board: tuple[str, int, str], artifact_path: str,
                      device_type: str, args_info: tuple) -> tuple:
