@@ -588,12 +588,17 @@ def extra_runtime(conn: BoardConnection, info: dict[str, Any]) -> str | None:
 def start_server(conn: BoardConnection, name: str, *, port: int | None = None, tracker: str | None = None,
                  key: str | None = None, load_library: str | None = None,
                  ready_timeout: float = SERVER_READY_TIMEOUT_S,
-                 on_started: Callable[[ServerState], None] | None = None) -> ServerState:
+                 on_started: Callable[[ServerState], None] | None = None,
+                 guard: Callable[[], contextlib.AbstractContextManager[bool]] | None = None) -> ServerState:
     """Start ``python3 -m tvm.exec.rpc_server`` on the board's 127.0.0.1, detached, in its own
     process group, and wait until it listens. With ``tracker`` (an address the board reaches)
-    it registers there under ``key`` and reports 127.0.0.1 as its address. ``on_started(state)``
-    hears of the process group as soon as it exists, before it listens, so that whoever may have
-    to stop it knows it. A previous server's log under that name is kept as ``rpc.log.prev``."""
+    it registers there under ``key`` and reports 127.0.0.1 as its address. A previous server's
+    log under that name is kept as ``rpc.log.prev``.
+
+    ``on_started(state)`` hears of the process group as soon as it exists, before it listens, so
+    that whoever may have to stop it knows it. ``guard()`` is entered around the launch and that
+    call, and yields whether to launch at all: a keeper starting a server while its owner stops
+    can then never leave one behind that the owner does not know of."""
     _check_name(name)
     old = _read_state(conn, name)
     if old is not None and server_status(conn, old) == "ALIVE":
@@ -610,22 +615,32 @@ def start_server(conn: BoardConnection, name: str, *, port: int | None = None, t
     q = shlex.quote
     # Only a fully detached command lets the exec channel close: `;` not `&&` before setsid,
     # and no stream left connected to the channel. setsid makes the server a group leader.
+    # The pid and its /proc entry (the start time that tells a recycled pid apart) in one go, once
+    # setsid has made it a group leader (for a moment after the fork it is still in the shell's group).
     cmd = (f"mkdir -p {q(workdir)}; cd {q(workdir)} || exit 1; rm -f state.json; "
            "if [ -f rpc.log ]; then mv -f rpc.log rpc.log.prev; fi; "
-           f"setsid {conn.opts.board_python} {' '.join(q(a) for a in args)} > rpc.log 2>&1 < /dev/null & echo $!")
-    out = conn.check(cmd, "starting the RPC server", timeout=60)
-    try:
-        pid = int(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise UserError(f"starting the RPC server on {conn.target} printed {out!r}, not a pid") from None
-    stat = conn.check(f"cat /proc/{pid}/stat 2>/dev/null || true", "reading the server's /proc entry").strip()
-    fields = stat.rsplit(")", 1)[1].split() if ")" in stat else []
-    if len(fields) < 20:
-        log = conn.run(f"cat {q(workdir)}/rpc.log", timeout=30)[1].strip().splitlines()[-3:]
-        raise UserError(f"the RPC server on {conn.target} exited at once: {' | '.join(log) or 'no log'}")
-    state = ServerState(name, pid, fields[19], 0, workdir, tracker, key)
-    if on_started is not None:
-        on_started(state)
+           f"setsid {conn.opts.board_python} {' '.join(q(a) for a in args)} > rpc.log 2>&1 < /dev/null & "
+           "pid=$!; i=0; while [ $i -lt 40 ]; do "
+           "g=$(sed 's/.*) //' /proc/$pid/stat 2>/dev/null | cut -d' ' -f3); "
+           "if [ -z \"$g\" ] || [ \"$g\" = \"$pid\" ]; then break; fi; i=$((i+1)); sleep 0.05; done; "
+           "echo; echo $pid; cat /proc/$pid/stat 2>/dev/null || true")
+    with guard() if guard is not None else contextlib.nullcontext(True) as go:
+        if not go:
+            raise UserError(f"not starting an RPC server on {conn.target}: stopping")
+        out = conn.check(cmd, "starting the RPC server", timeout=60)
+        lines = out.strip().splitlines()
+        pid_line = next((i for i, ln in enumerate(lines) if ln.strip().isdigit()), None)
+        if pid_line is None:
+            raise UserError(f"starting the RPC server on {conn.target} printed {out!r}, not a pid")
+        pid = int(lines[pid_line])
+        stat = " ".join(lines[pid_line + 1:])
+        fields = stat.rsplit(")", 1)[1].split() if ")" in stat else []
+        if len(fields) < 20:
+            log = conn.run(f"cat {q(workdir)}/rpc.log", timeout=30)[1].strip().splitlines()[-3:]
+            raise UserError(f"the RPC server on {conn.target} exited at once: {' | '.join(log) or 'no log'}")
+        state = ServerState(name, pid, fields[19], 0, workdir, tracker, key)
+        if on_started is not None:
+            on_started(state)
     if int(fields[2]) != pid:
         _stop_group(conn, state)
         raise UserError(f"setsid did not make the RPC server on {conn.target} a process group leader "
@@ -967,7 +982,7 @@ class _Held:
     state: ServerState | None = None
     started: bool = False
     tracker_on_board: str | None = None  # the reverse forward the server reaches the tracker through
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
 
 #: Seconds between the keeper's looks at the tracker.
@@ -1000,6 +1015,7 @@ class ServerKeeper:
         self.tracker, self.key, self.name = tracker, key, name
         self.on_event = on_event
         self.shares = shares_loopback(board.info)
+        self.port = board.server.port  # the board's port the tracker hands out (kept across restarts)
         self.restarts = 0
         self.problem: str | None = None  # the last failed attempt, while it lasts
         self._stop = threading.Event()
@@ -1114,28 +1130,35 @@ class ServerKeeper:
 
     def _restart(self, why: str) -> None:
         held = self.held
-        old = held.state
-        assert old is not None and held.tunnel is not None
+        assert held.tunnel is not None
 
         def started(state: ServerState) -> None:
             with held.lock:
                 held.state = state  # the cleanup stops this group, even mid-start
                 self.board.server = state
 
+        @contextlib.contextmanager
+        def guard() -> Iterator[bool]:
+            # The owner's cleanup reads held.state under this lock after stopping the keeper: a
+            # server is either launched and known to it, or not launched at all.
+            with held.lock:
+                yield not self._stop.is_set()
+
         library = extra_runtime(held.conn, self.board.info)
         try:
-            state = start_server(held.conn, self.name, port=old.port, tracker=held.tracker_on_board, key=self.key,
-                                 load_library=library, on_started=started)
+            state = start_server(held.conn, self.name, port=self.port, tracker=held.tracker_on_board, key=self.key,
+                                 load_library=library, on_started=started, guard=guard)
         except UserError as e:
             if "cannot bind" not in str(e) or self._stop.is_set():
                 raise
             state = start_server(held.conn, self.name, port=_free_port_here(), tracker=held.tracker_on_board,
-                                 key=self.key, load_library=library, on_started=started)
+                                 key=self.key, load_library=library, on_started=started, guard=guard)
         if not self.shares:
             # The tracker hands out the board's port; the same port must reach it from this side.
             with contextlib.suppress(UserError):  # already forwarded: the same port, the same tunnel
                 held.tunnel.local("127.0.0.1", state.port, state.port)
         started(state)
+        self.port = state.port
         self.restarts += 1
         self.problem = None
         self._say(f"the RPC server on {self.target} {why}: restarted it (process group {state.pgid}, "
