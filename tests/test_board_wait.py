@@ -218,7 +218,8 @@ def test_server_killed_during_tune_ssh_is_restarted_and_costs_no_trial(vboard: B
     log = (records / "tune.log").read_text(errors="replace")
     assert re.search(r"the RPC server on \S+ died: restarted it", log), log[-3000:]
     # The candidate cut short by the kill was measured again, not recorded.
-    assert "infrastructure failure, measuring the candidate again" in log
+    # Whether a candidate was on the board at the kill depends on the machine's speed; when one was,
+    # it was measured again (below: no record carries an infrastructure failure).
     errors = running_errors(log)
     assert len(errors) == len(failed), (errors, len(failed))
     infrastructure = [e for e in errors if "2 times" not in e
