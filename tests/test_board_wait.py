@@ -188,13 +188,18 @@ def in_session(state_file: Path) -> bool:
     return text.count("connected from") > text.count("finish serving")
 
 
+def ssh_of(board: Board) -> list[str]:
+    """The flags that reach the virtual board over SSH."""
+    return [f"{board.user}@{board.host}:{board.ssh_port}", "-i", str(board.key_path),
+            "--known-hosts", str(board.known_hosts)]
+
+
 @pytest.mark.slow
 def test_server_killed_during_tune_ssh_is_restarted_and_costs_no_trial(vboard: Board, tmp_path: Path) -> None:
     """The board's RPC server is SIGKILLed mid-measurement: the tuner restarts it over SSH, measures
     the candidate it had in flight again, and finishes: no record from the kill."""
     records, out = tmp_path / "records", tmp_path / "tune.out"
-    ssh = [f"{vboard.user}@{vboard.host}:{vboard.ssh_port}", "-i", str(vboard.key_path),
-           "--known-hosts", str(vboard.known_hosts)]
+    ssh = ssh_of(vboard)
     proc = start_tune(records, ssh, out)
     try:
         wait_for(lambda: len(record_lines(records)) >= 4, proc, out, 900, "4 records")
@@ -301,8 +306,7 @@ def test_first_ctrl_c_during_tune_ssh_stops_within_seconds(vboard: Board, tmp_pa
     board: that candidate is dropped, not recorded, and the run ends within seconds with the
     board's server stopped."""
     records, out = tmp_path / "records", tmp_path / "tune.out"
-    ssh = [f"{vboard.user}@{vboard.host}:{vboard.ssh_port}", "-i", str(vboard.key_path),
-           "--known-hosts", str(vboard.known_hosts)]
+    ssh = ssh_of(vboard)
     proc = start_tune(records, ssh, out)
     try:
         wait_for(lambda: len(record_lines(records)) >= 2, proc, out, 900, "2 records")
