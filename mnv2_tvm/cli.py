@@ -152,6 +152,9 @@ def _transfer_sources(args: argparse.Namespace, spec: Any, writing: Path) -> lis
 
     folders: list[Path] = []
     for name in args.transfer_from or ():
+        if (Path(name) / targets.RECORD_FILE).is_file():  # a records folder, e.g. costs of an older core model
+            folders.append(_transfer_folder(Path(name), spec, writing))
+            continue
         other = targets.load(name)
         if other.arch != spec.arch:
             raise UserError(f"--transfer-from {name}: its code is {other.arch}, {spec.name}'s is {spec.arch}; "
@@ -165,6 +168,25 @@ def _transfer_sources(args: argparse.Namespace, spec: Any, writing: Path) -> lis
     if args.transfer and has(own) and own not in folders:
         folders.append(own)
     return folders
+
+
+def _transfer_folder(folder: Path, spec: Any, writing: Path) -> Path:
+    """A records folder given to --transfer-from: readable, not the one written, code of the same
+    architecture as ``spec`` (its meta's target says)."""
+    from .tuning.records import RecordsError, read_meta
+
+    if folder.resolve() == writing.resolve():
+        raise UserError(f"--transfer-from {folder} is the folder this run tunes into; it already starts from it")
+    try:
+        meta = read_meta(folder) or {}
+    except RecordsError as e:
+        raise UserError(f"--transfer-from {folder}: {e}") from None
+    triple = str((meta.get("target") or {}).get("mtriple", ""))  # a host target's has none: x86-64
+    theirs = "aarch64" if triple.startswith("aarch64") else "arm" if triple.startswith("arm") else "x86_64"
+    if theirs != spec.arch:
+        raise UserError(f"--transfer-from {folder}: its records are {theirs} code, {spec.name}'s is {spec.arch}; "
+                        "schedules carry over only between cores of one architecture")
+    return folder
 
 
 def _tune_emulated(args: argparse.Namespace, spec: Any) -> None:
@@ -614,9 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "nearest layers of its kind, refitted to its shapes (new tasks first, then, "
                         "within --trials, tuned ones by time share); on a board, also from the target's "
                         "emulated-core records")
-    p.add_argument("--transfer-from", action="append", metavar="TARGET",
+    p.add_argument("--transfer-from", action="append", metavar="TARGET|FOLDER",
                    help="also learn from another target's records (a core of the same architecture, e.g. "
-                        "rpi4b for rpi5), as --transfer does from this one's; may be repeated")
+                        "rpi4b for rpi5) or a records folder (e.g. one costed by an older core model), as "
+                        "--transfer does from this one's; may be repeated")
     _add_ssh_args(p)
     p.set_defaults(func=cmd_tune)
 

@@ -15,6 +15,7 @@ import pytest
 
 from mnv2_tvm import targets
 from mnv2_tvm.cli import main
+from mnv2_tvm.emulate import load_core_model
 from mnv2_tvm.tuning import records as R
 from mnv2_tvm.tuning import search
 
@@ -48,6 +49,7 @@ def test_target_without_core_model_is_one_line_and_exit_2(verb, tmp_path, capsys
 
 
 @pytest.mark.parametrize("source, needle", [("x86-64-avx2", "one architecture"),
+                                             (str(REPO / "schedules" / "x86-64-avx2"), "one architecture"),
                                              ("rpi5", "no records in")])
 def test_transfer_from_a_target_it_cannot_use_is_one_line_and_exit_2(source, needle, tmp_path, monkeypatch,
                                                                    capsys):
@@ -75,6 +77,34 @@ def test_emulated_and_board_records_are_never_mixed(tmp_path):
         R.open_records(board, target, writable=True, measurement="emulated:Cortex-A72").close()
     R.open_records(board, target, writable=False).close()  # reading either kind is fine
     assert targets.records_dir("rpi4b", emulated=True) == targets.records_dir("rpi4b") / targets.EMULATED_SUBDIR
+
+
+def test_costs_of_another_core_model_are_kept_apart(tmp_path):
+    """Records costed with other [core] figures (or another formula) are not comparable: a run of
+    the current model refuses to add to them and says how to start from them instead."""
+    import dataclasses
+
+    from mnv2_tvm.emulate import core_model
+    from mnv2_tvm.tuning.emulated import measurement_label
+
+    core = load_core_model("rpi4b")
+    assert core.version == load_core_model("rpi4b").version  # a pure function of the table
+    assert load_core_model("rpi3b").version == load_core_model("rpi3b-aarch64").version  # one core, one model
+    older = dataclasses.replace(core, ooo_window=core.ooo_window + 1)
+    assert older.version != core.version
+    assert dataclasses.replace(core, sources={}).version == core.version  # where a figure comes from costs nothing
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(core_model, "FORMULA_VERSION", core_model.FORMULA_VERSION + 1)
+        changed = core.version
+    assert changed != core.version
+    target = targets.load("rpi4b").tvm_target()
+    folder = tmp_path / "rec"
+    R.open_records(folder, target, writable=True, measurement=measurement_label(older)).close()
+    before = sorted((p.name, p.read_bytes()) for p in folder.iterdir())
+    with pytest.raises(R.RecordsError) as e:
+        R.open_records(folder, target, writable=True, measurement=measurement_label(core)).close()
+    assert "\n" not in str(e.value) and "not comparable" in str(e.value) and f"--transfer-from {folder}" in str(e.value)
+    assert sorted((p.name, p.read_bytes()) for p in folder.iterdir()) == before
 
 
 # ---------------------------------------------------------------------- under qemu
@@ -113,7 +143,7 @@ def emulated_tune(backend, tmp_path_factory):
 def test_tuning_without_a_board_is_labelled_emulated(emulated_tune):
     folder, report, _, _ = emulated_tune
     meta = json.loads((folder / R.META_FILE).read_text())
-    assert meta["measurement"] == "emulated:Cortex-A72"
+    assert meta["measurement"] == f"emulated:Cortex-A72 (model {load_core_model('rpi4b').version})"
     assert report.trials_run >= 8 and report.estimated_e2e_us is not None
     db = R.RecordsDatabase(folder, writable=False)
     valid = [r for r in db.get_all_tuning_records() if r.run_secs and float(r.run_secs[0]) < 1e9]

@@ -112,6 +112,11 @@ class CacheLevel:
         return size // threads if self.shared and threads > 1 else size
 
 
+#: The version of how counts become cycles (this module's formulas): bump it with any change
+#: that moves a cost, so records costed before it are told apart (:attr:`CoreModel.version`).
+FORMULA_VERSION = 1
+
+
 @dataclass(frozen=True)
 class CoreModel:
     target: str
@@ -142,6 +147,19 @@ class CoreModel:
     #: Exposed cycles of a mispredicted branch (0: branches are not costed beyond their blocks).
     branch_miss_cycles: float = 0.0
     _blocks: "BlockCosts | None" = field(default=None, compare=False, repr=False)
+
+    @property
+    def version(self) -> str:
+        """A short digest of everything that turns counts into cycles: the figures of the
+        ``[core]`` table and :data:`FORMULA_VERSION`. Costs of two versions are not comparable,
+        so a records folder holds one (its meta's ``measurement`` names it)."""
+        skip = {"target", "arch", "sources", "path", "_blocks"}
+        figures: dict[str, Any] = {"formula": FORMULA_VERSION}
+        for f in dataclasses.fields(self):
+            if f.name not in skip:
+                v = getattr(self, f.name)
+                figures[f.name] = [dataclasses.astuple(lv) for lv in v] if f.name == "levels" else v
+        return hashlib.sha256(json.dumps(figures, sort_keys=True).encode()).hexdigest()[:8]
 
     @property
     def dram_latency_cycles(self) -> float:

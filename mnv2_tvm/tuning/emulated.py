@@ -10,7 +10,8 @@ A candidate that crashes, hangs or fails to link under emulation is one failed c
 record carries the error, as a build error's does), never a failed run.
 
 Records measured this way are labelled in the folder's ``meta.json`` (``measurement``:
-``emulated:<core model>``) and kept apart from a board's (see :mod:`.records`).
+``emulated:<core> (model <version>)``) and kept apart from a board's and from another version
+of the core model's (see :mod:`.records`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from typing import Any
 from ..errors import UserError
 
 
-def measurement_label(core_model: str) -> str:
-    """The ``measurement`` a records folder's meta gets for this core model."""
-    return f"emulated:{core_model}"
+def measurement_label(core: Any) -> str:
+    """The ``measurement`` a records folder's meta gets for this core model (a
+    :class:`~mnv2_tvm.emulate.CoreModel`): its name and version, because costs of another
+    version of the model, or of other figures, are not comparable."""
+    return f"emulated:{core.model} (model {core.version})"
 
 
 @dataclass
@@ -62,7 +65,7 @@ class EmulatedBackend:
     @property
     def measurement(self) -> str:
         """What the records folder's meta says of these measurements."""
-        return measurement_label(self.core_model)
+        return measurement_label(self._core.core)
 
     @property
     def description(self) -> str:

@@ -101,8 +101,8 @@ def read_meta(records_dir: Path) -> dict | None:
 
 
 #: How a folder's records were measured (meta ``measurement``): on the hardware itself (a board,
-#: or this machine for a host target), or ``emulated:<core model>`` (:mod:`.emulated`). A folder
-#: holds one kind; a meta without the key predates it and was measured on hardware.
+#: or this machine for a host target), or ``emulated:<core> (model <version>)`` (:mod:`.emulated`).
+#: A folder holds one kind; a meta without the key predates it and was measured on hardware.
 BOARD_MEASUREMENT = "board"
 
 
@@ -130,6 +130,10 @@ def check_measurement(meta: dict | None, measurement: str, records_dir: Path) ->
         raise RecordsError(f"{records_dir} holds records measured on an emulated core ({theirs}); a board's "
                            "records go to another folder (emulated ones live in <target records>/emulated/, "
                            "where compile takes a board's record over them)")
+    if theirs.startswith("emulated:") and measurement.startswith("emulated:"):
+        raise RecordsError(f"{records_dir} holds costs of {theirs}, not {measurement}: costs of another core model "
+                           "are not comparable; tune into another --tuning-records folder and start from these "
+                           f"schedules with --transfer-from {records_dir}")
     raise RecordsError(f"{records_dir} holds records measured by {theirs}, not {measurement}: emulated and real "
                        "measurements are not mixed; use another --tuning-records folder")
 
