@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mnv2_tvm.emulate import EmulatedCore, cost_from_record, load_core_model
+from mnv2_tvm.emulate.core_model import loop_trips, mca_rewrite
 from mnv2_tvm.emulate.core_model import FIELDS
 from mnv2_tvm.errors import UserError
 
@@ -172,6 +173,35 @@ def test_forward_branches_are_charged_their_minority_outcome():
     pcs = {1: 0x1000, 2: 0x1010, 3: 0x1100, 4: 0x1200}
     edges = [(1, 3, 300), (1, 2, 700), (2, 4, 700), (3, 4, 300), (4, 1, 990)]
     assert branch_mispredicts(edges, pcs, texts) == 300  # the branch taken 300 of 1000 times; loops free
+
+
+def test_a_loop_entered_by_falling_into_it_counts_its_trips_by_exits():
+    """QEMU starts a block where execution first reaches code: a loop fallen into runs its first
+    iteration in a block that began before the head, so the head's executions are all back edges.
+    Its entries are its exits: 1,000 entries of 7 iterations, not one loop of 6,000."""
+    texts = {1: "movq %rax, %rcx\naddq $1, %rdx\n",               # before the loop, falls into it
+             2: "addq $1, %rdx\n",                                # the head (reached by back edges only)
+             3: "addq $1, %rax\ncmpq $7, %rax\njne 0x1010\n",    # the body, jumping back to the head
+             4: "ret\n"}
+    pcs = {1: 0x1000, 2: 0x1010, 3: 0x1020, 4: 0x1100}
+    blocks = {1: 1000, 2: 6000, 3: 7000, 4: 1000}
+    edges = [(1, 3, 1000), (2, 3, 6000), (3, 2, 6000), (3, 4, 1000)]
+    trips = loop_trips(blocks, edges, pcs, texts)
+    assert trips[2] == trips[3] == 7.0 and trips[4] == 1.0
+
+
+def test_scalar_fma_is_costed_at_the_core_s_throughput():
+    """LLVM 19's Zen 4 model gives a scalar FMA twice a packed one's pipe time; Zen 4 runs both
+    at two a cycle (MCA_REWRITES)."""
+    core = load_core_model("x86-64-avx2")
+    try:
+        blocks = core.blocks
+    except UserError:
+        pytest.skip("no llvm-mca with a Zen 4 model (scripts/setup_emulator.sh installs llvm-19)")
+    fmas = lambda kind: "".join(f"vfmadd231{kind} %xmm1, %xmm2, %xmm{r}\n" for r in range(3, 11))
+    (_, scalar, _), (_, packed, _) = (blocks.cycles([fmas(k)])[fmas(k)] for k in ("ss", "ps"))
+    assert scalar == packed == 4.0  # 8 independent FMAs, 2 a cycle
+    assert "vmovss (%rax), %xmm1" in mca_rewrite("vmovss (%rax), %xmm1\n", "znver4")  # loads stay
 
 
 def test_optional_core_keys_need_a_source(tmp_path):

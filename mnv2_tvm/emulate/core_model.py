@@ -26,7 +26,9 @@ LLVM's scheduling model of the core (``llvm-mca``, :class:`BlockCosts`): run bac
 block takes ``latency`` cycles an execution (dispatch width, ports, and dependency chains carried
 from one execution to the next, L1 hits at the load-to-use latency) and at least its resource
 bound ``throughput``. Loops come from the control flow (:func:`loop_trips`): a jump back to a
-block heads a loop, and each block of the loop runs T iterations per entry. An out-of-order
+block heads a loop, and each block of the loop runs T iterations per entry (entries counted as
+the loop's exits, since the first iteration may run in a block begun before the head). Known
+errors of LLVM's model for a core are corrected before it runs (:data:`MCA_REWRITES`). An out-of-order
 core runs the chains of consecutive independent loop instances side by side, 1 + W / (T × uops)
 of them in a window of W = ``ooo_window`` micro-ops (Little's law), so an iteration costs
 latency / (1 + W / (T × uops)), never less than ``throughput`` (:func:`block_cycles`): short loops
@@ -114,7 +116,7 @@ class CacheLevel:
 
 #: The version of how counts become cycles (this module's formulas): bump it with any change
 #: that moves a cost, so records costed before it are told apart (:attr:`CoreModel.version`).
-FORMULA_VERSION = 1
+FORMULA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ class CoreModel:
         so a records folder holds one (its meta's ``measurement`` names it)."""
         skip = {"target", "arch", "sources", "path", "_blocks"}
         figures: dict[str, Any] = {"formula": FORMULA_VERSION}
+        if self.mca_cpu in MCA_REWRITES:
+            figures["mca_rewrites"] = MCA_REWRITES[self.mca_cpu]
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 v = getattr(self, f.name)
@@ -354,6 +358,29 @@ def canonical_text(text: str) -> str:
     return "\n".join(out) + "\n" if out else ""
 
 
+#: Corrections to LLVM's scheduling models where they contradict the core's measured throughput,
+#: per ``-mcpu``: (pattern, replacement) applied to each line before llvm-mca sees it. LLVM 19's
+#: Zen 4 model gives scalar FMAs and scalar min/max (VFMADD231SS, VMAXSS, ...) two cycles of an FP
+#: pipe, half the throughput of their packed forms; Zen 4 issues two of either per cycle (uops.info:
+#: reciprocal throughput 0.5 for both). Costed as their packed forms, they keep their latency.
+MCA_REWRITES: dict[str, tuple[tuple[str, str], ...]] = {
+    "znver4": ((r"^(vfn?m(?:add|sub)\d{3}|vmin|vmax)s([sd])\s", r"\1p\2 "),),
+}
+
+
+def mca_rewrite(text: str, cpu: str) -> str:
+    """``text`` with the corrections of :data:`MCA_REWRITES` for ``cpu`` applied, line by line."""
+    rules = [(re.compile(pattern), repl) for pattern, repl in MCA_REWRITES.get(cpu, ())]
+    if not rules:
+        return text
+    out = []
+    for line in text.splitlines():
+        for rule, repl in rules:
+            line = rule.sub(repl, line)
+        out.append(line)
+    return "\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+
 #: An x86 string instruction with a rep prefix: QEMU runs (and the plugin counts) one element per
 #: execution of its block.
 _REP_STRING = re.compile(r"^rep\w* +(?:stos|movs|lods|scas|cmps)([bwlq])\b")
@@ -428,7 +455,7 @@ class BlockCosts:
         """Per block text: (cycles per execution back to back, the block's resource-bound
         reciprocal throughput, micro-ops per execution)."""
         originals = texts
-        canon = {t: canonical_text(t) for t in originals}
+        canon = {t: mca_rewrite(canonical_text(t), self.cpu) for t in originals}
         strings = {t: self.string_op(t) for t in originals}
         strings = {t: c for t, c in strings.items() if c is not None}
         texts = [canon[t] for t in originals if t not in strings]
@@ -530,8 +557,9 @@ def loop_trips(blocks: dict[int, int], edges: list[tuple[int, int, int]], pcs: d
 
     A jump from a block to one at the same or a lower address is a loop's back edge; the target
     heads the loop, whose body spans the addresses from the head to the farthest block that jumps
-    back to it. A loop runs executions(head) / entries(head) iterations per entry, entries being
-    the head's executions not reached through a back edge. Every block in the body (a loop body
+    back to it. A loop runs (back edges + entries) / entries iterations per entry, entries being
+    the loop's exits (edges from its body to code outside), or without exits the head's
+    executions not reached through a back edge. Every block in the body (a loop body
     can span several blocks: QEMU ends a block at every branch) gets its innermost loop's count.
     """
     back: dict[int, int] = {}
@@ -544,9 +572,14 @@ def loop_trips(blocks: dict[int, int], edges: list[tuple[int, int, int]], pcs: d
         span[cur] = max(span.get(cur, pc), pp)
     loops = []
     for head, n_back in back.items():
-        execs = blocks.get(head, 0)
-        entries = max(execs - n_back, 1)
-        loops.append((pcs[head], span[head], execs / entries))
+        lo, hi = pcs[head], span[head]
+        # Entries counted as exits (edges from the body to code outside it): the first iteration
+        # may run in a block QEMU started before the head (code falling into the loop), so the
+        # head's own executions can miss the entries. Without exits: the head's count.
+        exits = sum(n for p, c, n in edges if lo <= (pcs.get(p) or -1) <= hi
+                    and not lo <= (pcs.get(c) if pcs.get(c) is not None else lo) <= hi)
+        entries = exits if exits > 0 else max(blocks.get(head, 0) - n_back, 1)
+        loops.append((lo, hi, (n_back + entries) / entries))
     loops.sort(key=lambda lp: lp[1] - lp[0])  # innermost (shortest) first
     trips: dict[int, float] = {}
     for b in blocks:
