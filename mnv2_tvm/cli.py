@@ -106,10 +106,12 @@ def cmd_tune(args: argparse.Namespace) -> None:
         raise UserError(f"--trials must be positive, not {args.trials}")
     if not args.board_wait > 0:
         raise UserError(f"--board-wait must be a positive number of seconds, not {args.board_wait:g}")
+    from . import targets
+
+    targets.load(args.target).check_llvm_triple()
     if getattr(args, "ssh", None):
         _tune_over_ssh(args)
         return
-    from . import targets
     from .tuning import tune_model
 
     spec = targets.load(args.target)

@@ -65,12 +65,28 @@ class TargetSpec:
             return tvm.target.Target(spec)
 
         try:
-            if self.host is None:
-                return make(self.target)
-            return tvm.target.Target(make(self.target), host=make(self.host))
+            target = make(self.target) if self.host is None else tvm.target.Target(make(self.target), host=make(self.host))
         except Exception as e:  # TVM raises ValueError/TVMError with a C++ trace
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"{self.path}: field 'target' is not a valid TVM target: {msg}") from None
+        return target
+
+    def check_llvm_triple(self) -> None:
+        """TVM accepts any ``mtriple``; compiling for one its LLVM does not know fails inside TVM
+        (reported as such), but MetaSchedule's builder segfaults on it (TVM 0.27): ``tune``
+        refuses it first, in one line, before anything is written."""
+        from tvm.target import codegen
+
+        target = self.tvm_target()
+        known = [str(k) for k in codegen.llvm_get_targets()]
+        for t in (target, target.host):
+            if t is None or t.kind.name != "llvm" or not str(t.attrs.get("mtriple", "") or ""):
+                continue
+            triple = str(t.attrs["mtriple"])
+            arch = triple.split("-", 1)[0]
+            if not any(arch == k or arch.startswith(k) for k in known):
+                raise UserError(f"{self.path}: mtriple {triple!r} names an architecture this TVM's LLVM does not "
+                                f"know ({arch!r}; it knows {', '.join(k for k in known if k in KNOWN_ARCHES)}, ...)")
 
     def target_json(self) -> str:
         """A stable text form for manifests and records metadata."""
@@ -224,6 +240,10 @@ def load(name: str) -> TargetSpec:
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
     return _parse(path, data)
+
+
+#: LLVM architectures named in the message for an unknown triple (the ones edge boards use).
+KNOWN_ARCHES = ("aarch64", "arm", "x86_64", "riscv64")
 
 
 def _parse(path: Path, data: dict) -> TargetSpec:

@@ -213,6 +213,16 @@ def test_compile_turns_an_internal_tvm_error_into_one_line_and_a_log(tmp_path):
     assert snapshot(records) == before and snapshot(bundle) == bundle_before
 
 
+def test_tune_refuses_a_triple_llvm_does_not_know_before_writing(tmp_path):
+    """MetaSchedule's builder segfaults on such a triple (TVM 0.27): tune refuses it first."""
+    toml = _target_toml(tmp_path / "badtriple.toml", '{ kind = "llvm", mtriple = "bogus-unknown-nowhere" }')
+    records = _records_for(toml, tmp_path / "records")
+    before = snapshot(records)
+    proc = mnv2("tune", *SMALL_MODEL, "--target", toml, "--records", records, "--trials", 2)
+    line = assert_one_line_error(proc, f"{toml}: mtriple 'bogus-unknown-nowhere' names an architecture")
+    assert "aarch64" in line and snapshot(records) == before
+
+
 @pytest.mark.slow
 def test_tune_turns_an_internal_tvm_error_into_one_line_and_keeps_the_records(tmp_path):
     """A core count TVM parses but MetaSchedule rejects when it builds a task's search space:
