@@ -370,10 +370,17 @@ def _ssh(args: argparse.Namespace) -> tuple[board.SshTarget | None, board.SshOpt
 
 
 def _sigterm_as_interrupt() -> None:
-    """SIGTERM unwinds like Ctrl-C, so what was started on a board is stopped on the way out."""
+    """SIGTERM unwinds like Ctrl-C, so what was started on a board is stopped on the way out:
+    during a tuning run like a first Ctrl-C (stop at the next safe point, report and records
+    kept), since an exception raised inside TVM's callbacks comes back as a bare RuntimeError."""
     import signal
 
+    from .tuning.interrupt import Sigint
+
     def handler(signum: int, frame: object) -> None:
+        if Sigint.active is not None:
+            Sigint.active.interrupt()
+            return
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)

@@ -198,3 +198,26 @@ def test_run_refuses_a_library_for_another_architecture(host_bundles, tmp_path):
     m["library_sha256"] = bundle.sha256(b / "model.so")
     (b / "manifest.json").write_text(json.dumps(m))
     assert_one_line_error(mnv2("run", b), "built for aarch64, not x86_64")
+
+
+def test_sigterm_while_tuning_stops_like_a_first_ctrl_c():
+    """A KeyboardInterrupt raised inside TVM's callbacks comes back as a bare RuntimeError (a
+    traceback, not a report): SIGTERM during a run only asks it to stop at its next safe point."""
+    import os
+    import signal
+
+    from mnv2_tvm.cli import _sigterm_as_interrupt
+    from mnv2_tvm.tuning.interrupt import Sigint
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        _sigterm_as_interrupt()
+        with Sigint() as run:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert run.hit and run.reason is None  # stopping, nothing raised
+            with pytest.raises(KeyboardInterrupt):
+                Sigint.check()  # the safe point
+        with pytest.raises(KeyboardInterrupt):  # outside a run: unwinds at once
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
+    finally:
+        signal.signal(signal.SIGTERM, old)

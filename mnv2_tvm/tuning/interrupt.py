@@ -46,6 +46,10 @@ class Sigint:
             return
         raise KeyboardInterrupt
 
+    def interrupt(self) -> None:
+        """What Ctrl-C does, for another signal (SIGTERM): the first stops at the next safe point."""
+        self._handler(signal.SIGINT, None)
+
     @staticmethod
     def stop(reason: str) -> bool:
         """Stop the active run at its next safe point, as a first Ctrl-C does, because of ``reason``
