@@ -194,15 +194,10 @@ def _transfer_folder(folder: Path, spec: Any, writing: Path) -> Path:
 def _tune_emulated(args: argparse.Namespace, spec: Any) -> None:
     """tune for a board without one: candidates costed on the target's emulated core ([core])."""
     from . import targets
-    from .emulate import load_core_model
     from .tuning import tune_model
     from .tuning.emulated import backend_for
 
-    try:
-        load_core_model(spec.path)
-    except UserError as e:
-        raise UserError(f"{e}; or measure on the board with --ssh USER@HOST or --rpc-tracker HOST:PORT "
-                        f"--rpc-key {spec.rpc_key}") from None
+    spec.core  # one line naming the missing keys when the target has no core model
     records = targets.records_dir(spec, args.tuning_records, emulated=True)
     sources = _transfer_sources(args, spec, records)
     backend = backend_for(spec)  # one line naming the set-up command when qemu, plugin or userland is missing
@@ -268,15 +263,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
         _sigterm_as_interrupt()  # so the RPC server started on the board is stopped on the way out
     elif not spec.is_host:
         from .compare import ModelledMeasurer, grid_configs
-        from .emulate import load_core_model
-
         grid_configs(args.grid)  # a bad grid file is said before the emulator starts
 
-        try:
-            load_core_model(spec.path)
-        except UserError as e:
-            raise UserError(f"{e}; or measure on the board with --ssh USER@HOST, --rpc HOST:PORT or --rpc-tracker "
-                            "HOST:PORT") from None
+        spec.core  # one line naming the missing keys when the target has no core model
         measurer = ModelledMeasurer(spec, profile=not args.no_profile)
         print(f"no board given: costing {spec.name} on its emulated core ({measurer.core_model.model} x{spec.cores}); "
               "modelled, not measured",
@@ -482,7 +471,7 @@ def _bench_modelled(args: argparse.Namespace, settings: Any) -> None:
     from . import bundle as bundle_mod
     from . import targets
     from .bench import bench_modelled, print_modelled, resolve_bundle
-    from .emulate import EmulatedCore, load_core_model
+    from .emulate import EmulatedCore
 
     name = args.target
     if name is None and Path(args.model).is_dir():
@@ -494,11 +483,7 @@ def _bench_modelled(args: argparse.Namespace, settings: Any) -> None:
         raise UserError(f"{spec.name} is this machine: time it with `mnv2-tvm run BUNDLE --time` (or "
                         "scripts/bench_host.py beside ONNX Runtime and PyTorch); bench measures a board "
                         "(--ssh, --rpc or --rpc-tracker) or models one without it (--target rpi4b)")
-    try:
-        load_core_model(spec.path)
-    except UserError as e:
-        raise UserError(f"{e}; or run on the board with --ssh USER@HOST, --rpc HOST:PORT or --rpc-tracker "
-                        "HOST:PORT") from None
+    spec.core  # one line naming the missing keys when the target has no core model
     EmulatedCore(spec.path, threads=spec.cores).close()  # set-up checked before minutes of compiling
     print(f"no board given: modelling {spec.name} on its emulated core", file=sys.stderr)
     _sigterm_as_interrupt()

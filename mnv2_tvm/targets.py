@@ -18,6 +18,8 @@ from .errors import UserError
 if TYPE_CHECKING:
     import tvm
 
+    from .emulate import CoreModel
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGETS_DIR = Path(os.environ.get("MNV2_TVM_TARGETS", REPO_ROOT / "targets"))
 SCHEDULES_DIR = Path(os.environ.get("MNV2_TVM_SCHEDULES", REPO_ROOT / "schedules"))
@@ -50,6 +52,18 @@ class TargetSpec:
     bandwidth_source: str
     path: Path = field(compare=False)
     layout: str = "NCHW"  # of activations inside the model: NCHW or NCHW[b]c (see lower.py)
+
+    @property
+    def core(self) -> "CoreModel":
+        """The model of the board's CPU core (the TOML's ``[core]``): what costs the board's code
+        without the board. A target without one is one line naming the missing keys."""
+        from .emulate import load_core_model
+
+        try:
+            return load_core_model(self.path)
+        except UserError as e:
+            raise UserError(f"{e}; or measure on the board with --ssh USER@HOST or --rpc-tracker HOST:PORT "
+                            f"--rpc-key {self.rpc_key}") from None
 
     @property
     def is_host(self) -> bool:

@@ -197,11 +197,11 @@ class ModelledMeasurer:
     modelled = True
 
     def __init__(self, spec: Any, *, profile: bool = True) -> None:
-        from ..emulate import EmulatedCore, load_core_model
+        from ..emulate import EmulatedCore
         from ..tuning.emulated import backend_for
 
         self.spec = spec
-        self.core_model = load_core_model(spec.path)  # one line naming the missing keys
+        self.core_model = spec.core  # one line naming the missing keys
         self.name = f"modelled:{self.core_model.model}x{spec.cores}"
         self.profile = profile
         self._core = EmulatedCore(spec.path, threads=spec.cores)  # checks qemu, plugin, userland
