@@ -61,12 +61,12 @@ def main() -> int:
                       f"{r['tuned']}/{r['kernels']} kernels tuned)", file=sys.stderr)
             published = PUBLISHED.get(name, []) if cfg.label == PUBLISHED_LABEL else []
             t, u = figures["tuned"], figures.get("untuned")
-            rows.append([name, t["core"], t["threads"], f"{t['tuned']}/{t['kernels']}", round(t["ms"], 2),
+            rows.append([name, f"{t['core']} (model {spec.core.version})", t["threads"], f"{t['tuned']}/{t['kernels']}", round(t["ms"], 2),
                          round(u["ms"], 2) if u else None, round(u["ms"] / t["ms"], 2) if u else None,
                          "; ".join(f"{x['engine']} {x['ms']} ms" for x in published) or None])
     columns = ["target", "core", "threads", "kernels tuned", "tuned, ms (modelled)", "untuned, ms (modelled)",
                "untuned / tuned", "published (real boards, threads not stated)"]
-    width = [14, 11, 7, 13, 20, 22, 15, 40]
+    width = [14, 27, 7, 13, 20, 22, 15, 40]
     print("  ".join(c[:w].ljust(w) for c, w in zip(columns, width)))
     for r in rows:
         print("  ".join(("" if v is None else str(v))[:w].ljust(w) for v, w in zip(r, width)))
