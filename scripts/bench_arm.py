@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     versions = {e: peers.WHEELS[e].split("==")[1] for e in PEER_ENGINES}
     versions["pnnx"] = peers.PNNX_WHEEL.split("==")[1]
     meta = {
-        "target": spec.name, "core": tvm_core.core.model, "qemu_cpu": tvm_core.core.qemu_cpu, "cores": spec.cores,
+        "target": spec.name, "core": tvm_core.core.model, "core_model_version": tvm_core.core.version, "qemu_cpu": tvm_core.core.qemu_cpu, "cores": spec.cores,
         "threads": args.threads, "threads_note": peers.PEER_THREADS_NOTE + f"; {X4} is TVM at the board's "
                                                                              f"{spec.cores} cores",
         "input": "the emulated guest's deterministic fill of the input shape (the same for every engine); "
