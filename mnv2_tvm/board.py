@@ -544,6 +544,8 @@ for sig, t in ((signal.SIGTERM, wait), (signal.SIGKILL, wait)):
         break
     try:
         os.killpg(pgid, sig)
+        if sig == signal.SIGTERM:
+            os.killpg(pgid, signal.SIGCONT)  # a stopped member acts on SIGTERM only once continued
     except ProcessLookupError:
         break
     end = time.time() + t
@@ -563,13 +565,16 @@ def server_status(conn: BoardConnection, state: ServerState) -> str:
 
 def leader_status(conn: BoardConnection, state: ServerState) -> str:
     """``ALIVE`` while the server's own process (its group's leader, which listens and registers)
-    runs, else ``GONE``. A shell test of ``/proc``, no Python: the keeper asks this while a tuning
-    run waits, and an interpreter under emulation takes seconds to start."""
+    runs, ``STOPPED`` while it is stopped (SIGSTOP, a debugger: registered at the tracker, it
+    answers nothing), else ``GONE``. A shell test of ``/proc``, no Python: the keeper asks this
+    while a tuning run waits, and an interpreter under emulation takes seconds to start."""
     q = shlex.quote
     out = conn.check(f"s=$(sed 's/.*) //' /proc/{int(state.pgid)}/stat 2>/dev/null); set -- $s; "
-                     f"[ \"$1\" != Z ] && [ \"${{20:-}}\" = {q(state.start_time)} ] && echo ALIVE || echo GONE",
+                     f"if [ \"$1\" != Z ] && [ \"${{20:-}}\" = {q(state.start_time)} ]; then "
+                     f"case \"$1\" in T|t) echo STOPPED;; *) echo ALIVE;; esac; else echo GONE; fi",
                      "checking the RPC server", timeout=60)
-    return "ALIVE" if out.strip().endswith("ALIVE") else "GONE"
+    last = out.strip().rsplit("\n", 1)[-1] if out.strip() else "GONE"
+    return last if last in ("ALIVE", "STOPPED") else "GONE"
 
 
 def extra_runtime(conn: BoardConnection, info: dict[str, Any]) -> str | None:
@@ -994,6 +999,9 @@ KEEP_GRACE_S = 2.0
 KEEP_UNREGISTERED_S = 30.0
 #: Seconds between attempts while the board cannot be reached or the server does not start.
 KEEP_RETRY_S = 3.0
+#: Seconds between the keeper's looks at the registered server's process on the board: a stopped
+#: server stays registered at the tracker and hangs every session it is handed.
+KEEP_LOOK_S = 10.0
 
 
 class ServerKeeper:
@@ -1045,19 +1053,25 @@ class ServerKeeper:
 
     def _loop(self) -> None:
         missing_since: float | None = None
+        last_look = time.monotonic()
         while not self._stop.wait(KEEP_POLL_S):
             registered = self._registered()
             if registered is None:
                 continue
+            now = time.monotonic()
             if registered:
                 missing_since, self.problem = None, None
-                continue
-            now = time.monotonic()
-            missing_since = missing_since or now
-            if now - missing_since < KEEP_GRACE_S:
-                continue
+                if now - last_look < KEEP_LOOK_S:
+                    continue
+                last_look = now
+            else:
+                missing_since = missing_since or now
+                if now - missing_since < KEEP_GRACE_S:
+                    continue
             try:
-                if self._revive(now - missing_since):
+                if registered:
+                    self._unstick()
+                elif self._revive(now - missing_since):
                     missing_since = None
                 else:
                     self._stop.wait(KEEP_RETRY_S)  # alive, reconnecting to the tracker by itself
@@ -1070,6 +1084,14 @@ class ServerKeeper:
                               f"every {KEEP_RETRY_S:.0f} s")
                 self.problem = problem
                 self._stop.wait(KEEP_RETRY_S)
+
+    def _unstick(self) -> None:
+        """A registered server that is stopped is restarted: it would hang every session."""
+        held = self.held
+        if held.state is None or leader_status(held.conn, held.state) != "STOPPED":
+            return
+        self._stop_old()
+        self._restart("was stopped (SIGSTOP) and answered nothing")
 
     def _link_down(self) -> str | None:
         held = self.held

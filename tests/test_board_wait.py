@@ -163,14 +163,21 @@ def server_of(board: Board, pid: int) -> Path | None:
     return found[0] if found else None
 
 
-def kill_server(state_file: Path) -> int:
-    """SIGKILL the server's process group (the board shares this kernel), if its leader is still the
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def kill_server(state_file: Path, sig: int = signal.SIGKILL) -> int:
+    """Signal the server's process group (the board shares this kernel), if its leader is still the
     process the state file names; returns the group."""
     state = json.loads(state_file.read_text())
     pgid = int(state["pgid"])
     fields = Path(f"/proc/{pgid}/stat").read_text().rsplit(")", 1)[1].split()
     assert fields[19] == state["start_time"], "the server's pid was recycled"
-    os.killpg(pgid, signal.SIGKILL)
+    os.killpg(pgid, sig)
     return pgid
 
 
@@ -195,11 +202,17 @@ def ssh_of(board: Board) -> list[str]:
 
 
 @pytest.mark.slow
-def test_server_killed_during_tune_ssh_is_restarted_and_costs_no_trial(vboard: Board, tmp_path: Path) -> None:
-    """The board's RPC server is SIGKILLed mid-measurement: the tuner restarts it over SSH, measures
-    the candidate it had in flight again, and finishes: no record from the kill."""
+@pytest.mark.parametrize(("sig", "why"), [(signal.SIGKILL, "died"),
+                                          (signal.SIGSTOP, r"was stopped \(SIGSTOP\) and answered nothing")],
+                         ids=["killed", "stopped"])
+def test_server_killed_during_tune_ssh_is_restarted_and_costs_no_trial(vboard: Board, tmp_path: Path, sig: int,
+                                                                      why: str) -> None:
+    """The board's RPC server is SIGKILLed (or SIGSTOPped: still registered, it answers nothing)
+    mid-measurement: the tuner restarts it over SSH, measures the candidate it had in flight
+    again, and finishes: no record from the fault."""
     records, out = tmp_path / "records", tmp_path / "tune.out"
     ssh = ssh_of(vboard)
+    stopped = None
     proc = start_tune(records, ssh, out)
     try:
         wait_for(lambda: len(record_lines(records)) >= 4, proc, out, 900, "4 records")
@@ -208,12 +221,15 @@ def test_server_killed_during_tune_ssh_is_restarted_and_costs_no_trial(vboard: B
         wait_for(lambda: in_session(state), proc, out, 300, "measurement on the board")
         before = len(record_lines(records))
         t_kill = time.monotonic()
-        kill_server(state)
+        pgid = kill_server(state, sig)
+        stopped = (pgid, _start_time(pgid)) if sig == signal.SIGSTOP else None
         proc.wait(timeout=1800)
         wall = time.monotonic() - t_kill
     finally:
         if proc.poll() is None:
             stop_group(proc)
+        if stopped is not None and _start_time(stopped[0]) == stopped[1]:
+            os.killpg(stopped[0], signal.SIGKILL)  # a stopped group the tuner left behind (the test fails below)
     text = out.read_text()
     assert proc.returncode == 0, text[-3000:]
     assert "restarted 1 time(s)" in text, text[-3000:]
@@ -221,7 +237,8 @@ def test_server_killed_during_tune_ssh_is_restarted_and_costs_no_trial(vboard: B
     failed = [ln for ln in lines if is_failed(ln)]
     ok = len(lines) - len(failed)
     log = (records / "tune.log").read_text(errors="replace")
-    assert re.search(r"the RPC server on \S+ died: restarted it", log), log[-3000:]
+    assert re.search(rf"the RPC server on \S+ {why}: restarted it", log), log[-3000:]
+    assert not Path(f"/proc/{pgid}").exists()  # the stopped server's group is gone, not left behind
     # The candidate cut short by the kill was measured again, not recorded.
     # Whether a candidate was on the board at the kill depends on the machine's speed; when one was,
     # it was measured again (below: no record carries an infrastructure failure).
@@ -232,7 +249,7 @@ def test_server_killed_during_tune_ssh_is_restarted_and_costs_no_trial(vboard: B
     assert infrastructure == [], infrastructure
     assert ok >= 0.95 * TRIALS, (ok, len(lines))
     assert left_on(vboard.root, proc.pid) == []
-    print(f"\n[kill the board's server during tune --ssh] killed after {before} records; run ended {wall:.0f} s "
+    print(f"\n[{signal.Signals(sig).name} the board's server during tune --ssh] after {before} records; run ended {wall:.0f} s "
           f"later with {len(lines)} records: {ok} measured, {len(failed)} failed ({TRIALS} trials asked)")
 
 
