@@ -329,12 +329,26 @@ def render_page(found) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pi_summary(found, link_prefix: str) -> list[str]:
+    """The Raspberry Pi cores, modelled (``scripts/modelled_pi.py``): its table as it is, under a line
+    saying what the figures are and where they come from."""
+    lines: list[str] = []
+    for kind, path, data in found:
+        if kind != "tables" or not path.name.startswith("modelled-pi_"):
+            continue
+        meta, table = data["meta"], data["tables"][0]
+        lines += ["", f"{data['title']} ({meta['date']}; emulated cores, not boards): `{commands(meta)[0]}` "
+                      f"[data]({link_prefix}#{anchor(path)})", ""]
+        lines += md_table(table["columns"], table["rows"])
+    return lines
+
+
 def render_readme(found, text: str) -> str:
     if BEGIN not in text or END not in text:
         raise ResultError(f"README.md lacks the results block markers ({BEGIN} ... {END})")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    block = "\n".join(summary(found, "docs/results.md"))
+    block = "\n".join(summary(found, "docs/results.md") + pi_summary(found, "docs/results.md"))
     return f"{head}{BEGIN}\n{block}\n{END}{tail}"
 
 
