@@ -108,14 +108,13 @@ def cmd_tune(args: argparse.Namespace) -> None:
         raise UserError(f"--board-wait must be a positive number of seconds, not {args.board_wait:g}")
     from . import targets
 
-    targets.load(args.target).check_llvm_triple()
+    spec = targets.load(args.target)
+    spec.check_llvm_triple()
     if getattr(args, "ssh", None):
         _tune_over_ssh(args)
         return
-    from .tuning import tune_model
-
-    spec = targets.load(args.target)
     from .remote import parse_hostport
+    from .tuning import tune_model
 
     tracker = parse_hostport(args.rpc_tracker, "--rpc-tracker") if args.rpc_tracker else None
     _warn_exposed(tracker, "RPC tracker (and the boards behind it)")
