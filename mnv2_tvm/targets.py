@@ -79,11 +79,12 @@ class TargetSpec:
             return tvm.target.Target(spec)
 
         try:
-            target = make(self.target) if self.host is None else tvm.target.Target(make(self.target), host=make(self.host))
+            if self.host is None:
+                return make(self.target)
+            return tvm.target.Target(make(self.target), host=make(self.host))
         except Exception as e:  # TVM raises ValueError/TVMError with a C++ trace
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"{self.path}: field 'target' is not a valid TVM target: {msg}") from None
-        return target
 
     def check_llvm_triple(self) -> None:
         """TVM accepts any ``mtriple``; compiling for one its LLVM does not know fails inside TVM
@@ -94,9 +95,9 @@ class TargetSpec:
         target = self.tvm_target()
         known = [str(k) for k in codegen.llvm_get_targets()]
         for t in (target, target.host):
-            if t is None or t.kind.name != "llvm" or not str(t.attrs.get("mtriple", "") or ""):
+            triple = str(t.attrs.get("mtriple", "") or "") if t is not None and t.kind.name == "llvm" else ""
+            if not triple:
                 continue
-            triple = str(t.attrs["mtriple"])
             arch = triple.split("-", 1)[0]
             if not any(arch == k or arch.startswith(k) for k in known):
                 raise UserError(f"{self.path}: mtriple {triple!r} names an architecture this TVM's LLVM does not "

@@ -570,14 +570,15 @@ def loop_trips(blocks: dict[int, int], edges: list[tuple[int, int, int]], pcs: d
             continue
         back[cur] = back.get(cur, 0) + count
         span[cur] = max(span.get(cur, pc), pp)
+    # Edges by address, once: (from, to, count) of those whose both ends have one.
+    placed = [(pcs[p], pcs[c], n) for p, c, n in edges if pcs.get(p) is not None and pcs.get(c) is not None]
     loops = []
     for head, n_back in back.items():
         lo, hi = pcs[head], span[head]
         # Entries counted as exits (edges from the body to code outside it): the first iteration
         # may run in a block QEMU started before the head (code falling into the loop), so the
         # head's own executions can miss the entries. Without exits: the head's count.
-        exits = sum(n for p, c, n in edges if lo <= (pcs.get(p) or -1) <= hi
-                    and not lo <= (pcs.get(c) if pcs.get(c) is not None else lo) <= hi)
+        exits = sum(n for pp, pc, n in placed if lo <= pp <= hi and not lo <= pc <= hi)
         entries = exits if exits > 0 else max(blocks.get(head, 0) - n_back, 1)
         loops.append((lo, hi, (n_back + entries) / entries))
     loops.sort(key=lambda lp: lp[1] - lp[0])  # innermost (shortest) first
